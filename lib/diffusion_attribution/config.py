@@ -1,0 +1,171 @@
+"""Typed schema of ``params.yaml``: the one source of experiment settings and their defaults.
+
+Every profile in ``configs/`` has the same keys. :func:`load_config` validates a file and
+raises :class:`ConfigError` with one line per problem, each naming the offending key, e.g.
+``train.steps: Input should be greater than 0 (got -5)``. The command-line entry
+``python -m diffusion_attribution.config params.yaml`` prints that message without a
+traceback and exits with status 2, before anything is computed.
+
+Where a job runs (CPU or GPU, local processes or SLURM) is an execution setting, not an
+experiment setting: it lives in environment variables (see :mod:`diffusion_attribution.pipeline`),
+so moving to a cluster does not invalidate results.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegInt = Annotated[int, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+Probability = Annotated[float, Field(ge=0, lt=1)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Section):
+    """Training set (App. G.1). digits2/digits10 are the CPU analogues of CIFAR-2/CIFAR-10."""
+
+    dataset: Literal["digits2", "digits10", "cifar2", "cifar10"] = "digits2"
+    digits_classes: tuple[Annotated[int, Field(ge=0, le=9)], ...] = (3, 8)
+    cifar_archive: str = "data/cifar-10-binary.tar.gz"
+    cifar2_size: PositiveInt = 5000
+    seed: NonNegInt = 0
+
+    @model_validator(mode="after")
+    def _check_classes(self) -> DataConfig:
+        if self.dataset == "digits2" and len(set(self.digits_classes)) != 2:
+            raise ValueError("digits_classes: digits2 needs exactly two distinct classes")
+        return self
+
+
+class ModelConfig(_Section):
+    """U-Net of :mod:`diffusion_attribution.unet` (App. G.2)."""
+
+    base_channels: PositiveInt = 16
+    channel_mults: tuple[PositiveInt, ...] = (1, 2)
+    num_res_blocks: PositiveInt = 1
+    attn_resolutions: tuple[PositiveInt, ...] = (4,)
+    dropout: Probability = 0.0
+    norm_groups: PositiveInt = 8
+
+
+class DiffusionConfig(_Section):
+    """Noise schedule and reverse-process variance (Sec. 2.1; Ho et al. 2020)."""
+
+    num_timesteps: PositiveInt = 1000
+    beta_start: Annotated[float, Field(gt=0, lt=1)] = 1e-4
+    beta_end: Annotated[float, Field(gt=0, lt=1)] = 0.02
+    variance: Literal["fixed_large", "fixed_small"] = "fixed_large"
+
+    @model_validator(mode="after")
+    def _check_betas(self) -> DiffusionConfig:
+        if self.beta_start > self.beta_end:
+            raise ValueError("beta_start: must not exceed beta_end")
+        return self
+
+
+class TrainConfig(_Section):
+    """Training of the full model (App. G.5): AdamW, linear warm-up then cosine, EMA."""
+
+    steps: PositiveInt = 2000
+    batch_size: PositiveInt = 64
+    lr: PositiveFloat = 1e-3
+    warmup_steps: NonNegInt = 100
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    grad_clip: PositiveFloat = 1.0
+    ema_decay: Probability = 0.995
+    checkpoint_every: PositiveInt = 500
+    seed: NonNegInt = 0
+
+    @model_validator(mode="after")
+    def _check_warmup(self) -> TrainConfig:
+        if self.warmup_steps >= self.steps:
+            raise ValueError("warmup_steps: must be smaller than steps")
+        return self
+
+
+class SampleConfig(_Section):
+    """Generated samples whose training-data attribution is studied (App. G.2, 'Sampling')."""
+
+    num_samples: PositiveInt = 64
+    batch_size: PositiveInt = 64
+    seed: NonNegInt = 1
+
+
+class Config(_Section):
+    """The whole of ``params.yaml``."""
+
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    diffusion: DiffusionConfig = DiffusionConfig()
+    train: TrainConfig = TrainConfig()
+    sample: SampleConfig = SampleConfig()
+
+
+class ConfigError(ValueError):
+    """Invalid parameters; the message names every offending key."""
+
+
+def _format(err: ValidationError, source: str) -> str:
+    lines = [f"invalid parameters in {source}:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] != "missing" and "input" in e and not isinstance(e["input"], dict):
+            msg += f" (got {e['input']!r})"
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_config(raw: object, source: str = "params") -> Config:
+    """Validate a mapping (e.g. parsed YAML) against :class:`Config`."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"invalid parameters in {source}: expected a mapping at the top level")
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format(err, source)) from None
+
+
+def load_config(path: str | Path = "params.yaml") -> Config:
+    """Read and validate a parameters file; raises :class:`ConfigError` naming bad keys."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"parameters file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    return parse_config(raw, str(path))
+
+
+def dump_config(config: Config) -> str:
+    """YAML text of a config with every key spelled out (how ``configs/*.yaml`` are written)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m diffusion_attribution.config [params.yaml]``: validate, print errors, exit 2."""
+    args = sys.argv[1:] if argv is None else argv
+    path = args[0] if args else "params.yaml"
+    try:
+        load_config(path)
+    except ConfigError as err:
+        print(err, file=sys.stderr)
+        return 2
+    print(f"{path}: ok")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
