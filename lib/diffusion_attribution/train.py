@@ -205,8 +205,16 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> nn.Modul
 
 
 def fingerprint(*parts: object) -> str:
-    """Short stable hash of configs / tensors, naming a resumable checkpoint of that run."""
+    """Short stable hash naming a resumable checkpoint of one training run.
+
+    Hashes the given configs / tensors together with the source of the modules that define
+    the training (this file, ``ddpm.py``, ``unet.py``), so a checkpoint left by an interrupted
+    run is never resumed after the code that produced it has changed.
+    """
     h = hashlib.sha256()
+    here = Path(__file__).parent
+    for name in ("train.py", "ddpm.py", "unet.py"):
+        h.update((here / name).read_bytes())
     for p in parts:
         if isinstance(p, Tensor):
             h.update(p.detach().cpu().contiguous().numpy().tobytes())
