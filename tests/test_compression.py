@@ -11,14 +11,22 @@ def test_round_trip_error_at_most_half_a_step(bits):
     g = torch.Generator().manual_seed(0)
     sizes = (7, 30, 1, 12)
     # blocks with very different scales, as gradients of different layers have
-    x = torch.cat([torch.randn(5, n, generator=g) * s for n, s in zip(sizes, (1e-4, 1.0, 3.0, 1e2), strict=True)], 1)
+    x = torch.cat(
+        [
+            torch.randn(5, n, generator=g) * s
+            for n, s in zip(sizes, (1e-4, 1.0, 3.0, 1e2), strict=True)
+        ],
+        1,
+    )
     q = quantize(x, bits, sizes)
     err = (q.dequantize() - x).abs()
     half_step = torch.repeat_interleave(q.scales, torch.tensor(sizes), dim=1) / 2
     assert torch.all(err <= half_step * (1 + 1e-6) + 1e-12)
     qmax = 2 ** (bits - 1) - 1
     # the largest entry of each block is represented exactly (it defines the scale)
-    torch.testing.assert_close(q.scales, torch.stack([b.abs().amax(1) for b in torch.split(x, sizes, 1)], 1) / qmax)
+    torch.testing.assert_close(
+        q.scales, torch.stack([b.abs().amax(1) for b in torch.split(x, sizes, 1)], 1) / qmax
+    )
 
 
 def test_hand_worked_int8():

@@ -103,5 +103,7 @@ def test_smoke_profile_end_to_end(tmp_path):
     again = subprocess.run([*dvc, "repro"], cwd=repo, env=env, capture_output=True, text=True)
     assert again.returncode == 0 and "didn't change" in again.stdout, again.stdout
     # The pipeline's stages (data.dvc, the CIFAR-10 archive for paper scale, is absent offline).
-    status = subprocess.run([*dvc, "status", "dvc.yaml"], cwd=repo, env=env, capture_output=True, text=True)
+    status = subprocess.run(
+        [*dvc, "status", "dvc.yaml"], cwd=repo, env=env, capture_output=True, text=True
+    )
     assert "up to date" in status.stdout, status.stdout

@@ -66,7 +66,9 @@ def quantize(x: Tensor, bits: int = 8, block_sizes: Sequence[int] | None = None)
     qmax = _levels(bits)
     sizes = tuple(block_sizes) if block_sizes is not None else (x.shape[1],)
     if sum(sizes) != x.shape[1] or min(sizes) <= 0:
-        raise ValueError(f"block_sizes must be positive and sum to {x.shape[1]}, got sum {sum(sizes)}")
+        raise ValueError(
+            f"block_sizes must be positive and sum to {x.shape[1]}, got sum {sum(sizes)}"
+        )
     blocks = torch.split(x.float(), sizes, dim=1)
     scales = torch.stack([b.abs().amax(1) for b in blocks], dim=1) / qmax  # (Q, num_blocks)
     safe = torch.where(scales > 0, scales, torch.ones_like(scales))

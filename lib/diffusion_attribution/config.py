@@ -100,6 +100,40 @@ class SampleConfig(_Section):
     seed: NonNegInt = 1
 
 
+KFACVariant = Literal["mc_expand", "mc_reduce", "empirical_expand", "empirical_reduce"]
+
+
+class CurvatureConfig(_Section):
+    """K-FAC of GGN^model (MC Fisher, eqs. 10, 12) or GGN^loss (empirical Fisher, eq. 11), Sec. 3.1.
+
+    ``mc_expand`` is the paper's method; the other variants are the ablation of Fig. 4.
+    """
+
+    variants: tuple[KFACVariant, ...] = (
+        "mc_expand",
+        "mc_reduce",
+        "empirical_expand",
+        "empirical_reduce",
+    )
+    num_draws: PositiveInt = 8
+    batch_size: PositiveInt = 512
+    seed: NonNegInt = 2
+
+
+class InfluenceConfig(_Section):
+    """K-FAC influence scores (eq. 6) for the generated samples (Sec. 3.2, 3.3, App. C)."""
+
+    train_draws: PositiveInt = 256
+    query_draws: PositiveInt = 256
+    timesteps: tuple[PositiveInt, ...] = (10, 100, 250, 500, 750)
+    damping: PositiveFloat = 1e-8
+    damping_sweep: tuple[PositiveFloat, ...] = (1e-8, 1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+    compression: Literal["int8", "int4", "none"] = "int8"
+    svd_ranks: tuple[PositiveInt, ...] = (1, 4, 16)
+    batch_size: PositiveInt = 16
+    seed: NonNegInt = 3
+
+
 class Config(_Section):
     """The whole of ``params.yaml``."""
 
@@ -108,6 +142,17 @@ class Config(_Section):
     diffusion: DiffusionConfig = DiffusionConfig()
     train: TrainConfig = TrainConfig()
     sample: SampleConfig = SampleConfig()
+    curvature: CurvatureConfig = CurvatureConfig()
+    influence: InfluenceConfig = InfluenceConfig()
+
+    @model_validator(mode="after")
+    def _check_timesteps(self) -> Config:
+        bad = [t for t in self.influence.timesteps if t > self.diffusion.num_timesteps]
+        if bad:
+            raise ValueError(
+                f"influence.timesteps: {bad} exceed diffusion.num_timesteps = {self.diffusion.num_timesteps}"
+            )
+        return self
 
 
 class ConfigError(ValueError):
@@ -123,7 +168,8 @@ def _format(err: ValidationError, source: str) -> str:
             msg = "unknown key"
         elif e["type"] != "missing" and "input" in e and not isinstance(e["input"], dict):
             msg += f" (got {e['input']!r})"
-        lines.append(f"  {key}: {msg}")
+        # cross-section checks name their keys in the message itself
+        lines.append(f"  {key}: {msg}" if e["loc"] else f"  {msg}")
     return "\n".join(lines)
 
 

@@ -506,6 +506,16 @@ def load_dataset(
 # --------------------------------------------------------------------------------------
 
 
+def pixel_levels(name: str) -> int:
+    """Number of equally spaced pixel values of a dataset in [-1, 1] (the ELBO's decoder bins).
+
+    Digits take the 17 values 0..16, CIFAR the 256 values of a byte.
+    """
+    if name not in DATASET_NAMES:
+        raise ValueError(f"unknown dataset {name!r}; valid: {', '.join(DATASET_NAMES)}")
+    return 17 if name.startswith("digits") else 256
+
+
 def image_grid(images: Tensor, nrow: int, pad_value: float = 1.0) -> np.ndarray:
     """Tile images in ``[-1, 1]`` into one array in ``[0, 1]`` for ``plt.imshow``.
 

@@ -1,0 +1,244 @@
+"""Influence scores (paper eq. 6) with query batching and compressed queries (Sec. 3.2).
+
+Score convention (the one place it is stated; nothing downstream flips signs)
+-----------------------------------------------------------------------------
+For a measurement m (loss, ELBO, ...) of a query x_q and a training example x_j,
+
+    score[q, j] = (1 / N) * grad m(theta, x_q)^T (K + lambda I)^{-1} grad lbar(theta, x_j),
+
+where N is the number of training examples, lbar = l / D is the training loss of eq. 2 averaged
+(not summed) over the D pixels, K is the curvature (a GGN approximation) of the training
+objective in the same per-pixel-mean normalisation (what curvlinops' ``MSELoss(reduction=
+"mean")`` K-FAC fits; see :mod:`diffusion_attribution.curvature`) and lambda is the damping.
+Since grad^2 L_D = D K for L_D of eq. 3, this is exactly eq. 6 with epsilon = 1/N:
+
+    score[q, j] ~ m(theta_{-j}, x_q) - m(theta, x_q),
+
+the change of the measurement when example j is removed from the training set, and removing a
+set S of examples changes m by about sum_{j in S} score[q, j]. A positive score means that
+removing x_j would increase m (for the loss: x_j helped the model fit x_q).
+
+Query batching: the query gradients are preconditioned once, (K + lambda I)^{-1} grad m, stored
+compressed (int8 by default, App. C), and every training gradient is computed once and used
+for all queries and all measurements in one pass (:func:`influence_scores`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from .compression import Quantized, quantize
+from .measurements import Measurement
+
+Compression = Literal["none", "int8", "int4"]
+
+
+class Curvature(Protocol):
+    """Anything that applies a damped inverse to rows of flat parameter vectors."""
+
+    def inverse_apply(self, V: Tensor, damping: float) -> Tensor: ...
+
+
+def train_gradient_scale(num_pixels: int) -> float:
+    """Factor turning gradients of l (eq. 2, summed over pixels) into gradients of lbar = l / D."""
+    return 1.0 / num_pixels
+
+
+def precondition(
+    curvature: Curvature,
+    query_gradients: Tensor,
+    damping: float,
+    compression: Compression = "int8",
+    block_sizes: Sequence[int] | None = None,
+) -> Tensor | Quantized:
+    """(K + damping I)^{-1} grad m for each row of ``query_gradients`` (Q, P), then compressed.
+
+    ``block_sizes`` (the sizes of the parameter tensors) give each layer its own quantisation
+    scale. ``compression="none"`` returns the float32 matrix.
+    """
+    pre = curvature.inverse_apply(query_gradients, damping).float()
+    if not torch.isfinite(pre).all():
+        raise FloatingPointError(
+            f"preconditioned query gradients are not finite at damping {damping:g}"
+        )
+    if compression == "none":
+        return pre
+    if compression in ("int8", "int4"):
+        return quantize(pre, 8 if compression == "int8" else 4, block_sizes)
+    raise ValueError(f"unknown compression {compression!r}; expected 'none', 'int8' or 'int4'")
+
+
+def _rows(q: Tensor | Quantized) -> int:
+    return q.shape[0]
+
+
+def _dense(q: Tensor | Quantized, rows: slice) -> Tensor:
+    return q.dequantize(rows) if isinstance(q, Quantized) else q[rows].float()
+
+
+def influence_scores(
+    queries: Mapping[str, Tensor | Quantized],
+    train_gradients: Iterable[tuple[slice, Tensor]],
+    num_train: int,
+    *,
+    query_chunk: int = 256,
+) -> dict[str, Tensor]:
+    """Scores (Q, N) for every named set of preconditioned queries, in one pass over the train set.
+
+    ``train_gradients`` yields (slice of training ids, (b, P) gradients of lbar) batch by batch,
+    e.g. :func:`diffusion_attribution.gradients.per_example_gradients` with
+    ``scale=train_gradient_scale(D)``; each batch is used for every query set and then dropped,
+    so memory holds one batch of training gradients, one chunk of dequantised queries and the
+    score matrices.
+    """
+    scores = {name: torch.zeros(_rows(q), num_train) for name, q in queries.items()}
+    seen = torch.zeros(num_train, dtype=torch.bool)
+    for ids, grads in train_gradients:
+        g = grads.float()
+        for name, q in queries.items():
+            for start in range(0, _rows(q), query_chunk):
+                rows = slice(start, min(start + query_chunk, _rows(q)))
+                scores[name][rows, ids] = _dense(q, rows) @ g.T
+        seen[ids] = True
+    if not seen.all():
+        raise ValueError(f"training gradients covered {int(seen.sum())} of {num_train} examples")
+    for s in scores.values():
+        s /= num_train
+    return scores
+
+
+@dataclass(frozen=True)
+class ScoreSpec:
+    """One score matrix to compute: a curvature variant, a query measurement, a damping and a
+    compression of the preconditioned query gradients ("none", "int8", "int4" or "svd<r>")."""
+
+    variant: str
+    measurement: str
+    damping: float
+    compression: str = "int8"
+
+    @property
+    def key(self) -> str:
+        return f"{self.variant}/{self.measurement}/damping={self.damping:g}/{self.compression}"
+
+
+@dataclass
+class Timings:
+    """Seconds spent in each part of :func:`attribute` (for the overhead report)."""
+
+    query_gradients: float = 0.0
+    train_gradients: float = 0.0
+    precondition: float = 0.0
+    scoring: float = 0.0
+
+    @property
+    def gradients(self) -> float:
+        return self.query_gradients + self.train_gradients
+
+    @property
+    def overhead(self) -> float:
+        """Everything beyond the per-example gradient passes, relative to them."""
+        return (self.precondition + self.scoring) / self.gradients
+
+
+def _timed(
+    stream: Iterable[tuple[slice, Tensor]], timings: Timings
+) -> Iterator[tuple[slice, Tensor]]:
+    """Yield from ``stream``, adding the time spent producing each item to ``train_gradients``."""
+    it = iter(stream)
+    while True:
+        start = time.perf_counter()
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        timings.train_gradients += time.perf_counter() - start
+        yield item
+
+
+def attribute(
+    model: nn.Module,
+    params: Sequence[Tensor],
+    train_images: Tensor,
+    queries: Tensor,
+    measurements: Mapping[str, Measurement],
+    curvatures: Mapping[str, Curvature],
+    specs: Sequence[ScoreSpec],
+    *,
+    train_measurement: Measurement,
+    train_draws: int,
+    query_draws: int,
+    seed: int,
+    query_trajectories: Tensor | None = None,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> tuple[dict[str, Tensor], Timings]:
+    """Score matrices (Q, N), keyed by :attr:`ScoreSpec.key`, for all ``specs`` in one pass.
+
+    Query side: for each measurement named in ``specs``, the per-example gradients of the
+    ``Q`` queries (``query_draws`` draws each, seed ``seed + 1``) are computed once, then
+    preconditioned by every requested curvature / damping and compressed. Train side: the
+    gradients of ``train_measurement`` (the training loss, scaled to lbar = l / D;
+    ``train_draws`` draws each, seed ``seed``) are streamed once for all of them.
+    """
+    from tqdm.auto import tqdm
+
+    from .compression import svd_compress
+    from .gradients import gradient_matrix, per_example_gradients
+
+    timings = Timings()
+    shapes = [p.shape for p in params]
+    sizes = [p.numel() for p in params]
+    unknown = {s.variant for s in specs} - set(curvatures)
+    if unknown:
+        raise ValueError(f"no curvature fitted for variants {sorted(unknown)}")
+    missing = {s.measurement for s in specs} - set(measurements)
+    if missing:
+        raise ValueError(f"no measurement named {sorted(missing)}")
+    q_ids = torch.arange(len(queries))
+    pre: dict[str, Tensor | Quantized] = {}
+    for name in dict.fromkeys(s.measurement for s in specs):
+        m = measurements[name]
+        start = time.perf_counter()
+        draws = m.draw(queries, q_ids, query_draws, seed + 1, trajectories=query_trajectories)
+        grads = gradient_matrix(model, params, m, queries, draws, batch_size=batch_size)
+        if progress:
+            print(f"query gradients of {name}: {time.perf_counter() - start:.1f} s", flush=True)
+        timings.query_gradients += time.perf_counter() - start
+        start = time.perf_counter()
+        for spec in (s for s in specs if s.measurement == name):
+            if spec.compression.startswith("svd"):
+                full = precondition(curvatures[spec.variant], grads, spec.damping, "none")
+                pre[spec.key] = svd_compress(full, shapes, int(spec.compression[3:]))
+            else:
+                pre[spec.key] = precondition(
+                    curvatures[spec.variant], grads, spec.damping, spec.compression, sizes
+                )
+        timings.precondition += time.perf_counter() - start
+        del grads
+    n = len(train_images)
+    scale = train_gradient_scale(train_images[0].numel())
+
+    def train_stream() -> Iterator[tuple[slice, Tensor]]:
+        # draws made batch by batch (they depend only on (seed, index)), so memory is bounded
+        # by the batch, not by N
+        starts = range(0, n, batch_size)
+        for start in tqdm(starts, desc="train gradients", disable=not progress, mininterval=5):
+            ids = torch.arange(start, min(start + batch_size, n))
+            x = train_images[ids]
+            draws = train_measurement.draw(x, ids, train_draws, seed)
+            for sl, g in per_example_gradients(
+                model, params, train_measurement, x, draws, batch_size=batch_size, scale=scale
+            ):
+                yield slice(start + sl.start, start + sl.stop), g
+
+    start = time.perf_counter()
+    scores = influence_scores(pre, _timed(train_stream(), timings), n)
+    timings.scoring = time.perf_counter() - start - timings.train_gradients
+    return scores, timings
