@@ -128,3 +128,24 @@ def svd_nbytes(shapes: Sequence[torch.Size], rank: int, rows: int) -> int:
             r = min(rank, m, n)
             total += r * (m + n + 1)
     return 4 * total * rows
+
+
+def score_agreement(reference: Tensor, other: Tensor) -> dict[str, float]:
+    """How well compressed-query scores reproduce uncompressed ones (App. C, Fig. 6).
+
+    Pearson and Spearman correlation between the rows of ``reference`` and ``other`` (Q, N):
+    one correlation per query over the training examples; returns their mean and minimum.
+    """
+    from scipy.stats import pearsonr, spearmanr
+
+    if reference.shape != other.shape:
+        raise ValueError(f"shapes differ: {tuple(reference.shape)} vs {tuple(other.shape)}")
+    a, b = reference.double().numpy(), other.double().numpy()
+    pear = torch.tensor([pearsonr(x, y).statistic for x, y in zip(a, b, strict=True)])
+    spear = torch.tensor([spearmanr(x, y).statistic for x, y in zip(a, b, strict=True)])
+    return {
+        "pearson_mean": float(pear.mean()),
+        "pearson_min": float(pear.min()),
+        "spearman_mean": float(spear.mean()),
+        "spearman_min": float(spear.min()),
+    }

@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Literal, Protocol
 
 import torch
@@ -242,3 +243,55 @@ def attribute(
     scores = influence_scores(pre, _timed(train_stream(), timings), n)
     timings.scoring = time.perf_counter() - start - timings.train_gradients
     return scores, timings
+
+
+def influence_specs(
+    variants: Sequence[str],
+    measurements: Sequence[str],
+    damping: float,
+    compression: str,
+    damping_sweep: Sequence[float] = (),
+    sweep_measurements: Sequence[str] = ("loss", "elbo"),
+    compression_ablation: Sequence[str] = (),
+    reference_variant: str = "mc_expand",
+) -> list[ScoreSpec]:
+    """The score matrices of the influence stage, without duplicates.
+
+    Every variant x measurement at the default damping and compression (the paper's method and
+    the Hessian ablation of Fig. 4); the damping sweep of Figs. 7 and 9 for
+    ``reference_variant``; and, for Fig. 6, ``reference_variant`` on the loss with each
+    compression in ``compression_ablation`` (``"none"``, ``"int4"``, ``"svd<r>"``).
+    """
+    specs = [ScoreSpec(v, m, damping, compression) for v in variants for m in measurements]
+    if reference_variant in variants:
+        specs += [
+            ScoreSpec(reference_variant, m, d, compression)
+            for d in damping_sweep
+            for m in sweep_measurements
+            if m in measurements
+        ]
+        if "loss" in measurements:
+            specs += [
+                ScoreSpec(reference_variant, "loss", damping, c) for c in compression_ablation
+            ]
+    return list(dict.fromkeys(specs))
+
+
+def save_scores(path: str | Path, scores: Mapping[str, Tensor], specs: Sequence[ScoreSpec]) -> None:
+    """Score matrices with their specs, loadable with ``torch.load(weights_only=True)``."""
+    from .train import atomic_save
+
+    atomic_save(
+        {
+            "convention": "score[q, j] ~ m(theta_{-j}, x_q) - m(theta, x_q)",
+            "specs": [asdict(s) for s in specs],
+            "scores": torch.stack([scores[s.key] for s in specs]),
+        },
+        path,
+    )
+
+
+def load_scores(path: str | Path) -> dict[ScoreSpec, Tensor]:
+    """Inverse of :func:`save_scores`: spec -> (Q, N) scores."""
+    state = torch.load(path, weights_only=True)
+    return {ScoreSpec(**d): s for d, s in zip(state["specs"], state["scores"], strict=True)}

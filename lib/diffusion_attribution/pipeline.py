@@ -36,6 +36,8 @@ STAGES: dict[str, Stage] = {
     "data": Stage("01_data.ipynb", ("data",)),
     "train": Stage("02_train.ipynb", ("model", "diffusion", "train")),
     "sample": Stage("03_sample.ipynb", ("diffusion", "sample")),
+    "curvature": Stage("04_curvature.ipynb", ("diffusion", "curvature", "influence")),
+    "influence": Stage("05_influence.ipynb", ("diffusion", "curvature", "influence")),
 }
 
 
