@@ -573,3 +573,17 @@ def test_tiny_digits_unet_smoke():
             X = K.inverse_apply(V, 1e-3 * K.mean_eigenvalue())
             assert X.shape == V.shape and X.dtype == torch.float32 and torch.isfinite(X).all()
     print("TINY_DIGITS fit times (N=16, S=2):", {k: f"{v:.2f}s" for k, v in times.items()})
+
+
+def test_inverse_apply_sweep_equals_separate_calls():
+    model = make(ConvAttnEps)
+    params = kfac_parameters(model)
+    K = fit_kfac(model, params, SCHEDULE, *draws(3, 2, shape=(1, 4, 4), seed=8))
+    V = torch.randn(3, K.num_params, dtype=F64, generator=torch.Generator().manual_seed(1))
+    sweep = K.inverse_apply_sweep(V, [1e-3, 1.0, 1e-3])
+    assert list(sweep) == [1e-3, 1.0]
+    for d, X in sweep.items():
+        assert_close(X, K.inverse_apply(V, d), rtol=1e-12)
+    dense = DenseCurvature(K.to_dense())
+    for d, X in dense.inverse_apply_sweep(V, [1e-3, 1.0]).items():
+        assert_close(X, K.inverse_apply(V, d), rtol=1e-8)

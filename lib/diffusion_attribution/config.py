@@ -126,6 +126,7 @@ class InfluenceConfig(_Section):
     train_draws: PositiveInt = 256
     query_draws: PositiveInt = 256
     timesteps: tuple[PositiveInt, ...] = (10, 100, 250, 500, 750)
+    ablation_measurements: tuple[str, ...] = ("loss", "elbo")
     damping: PositiveFloat = 1e-8
     damping_sweep: tuple[PositiveFloat, ...] = (1e-8, 1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
     compression: Literal["int8", "int4", "none"] = "int8"
@@ -151,6 +152,14 @@ class Config(_Section):
         if bad:
             raise ValueError(
                 f"influence.timesteps: {bad} exceed diffusion.num_timesteps = {self.diffusion.num_timesteps}"
+            )
+        names = {"loss", "elbo", "trajectory", "square_norm"} | {
+            f"l_t={t}" for t in self.influence.timesteps
+        }
+        unknown = sorted(set(self.influence.ablation_measurements) - names)
+        if unknown:
+            raise ValueError(
+                f"influence.ablation_measurements: unknown {unknown}; choose from {sorted(names)}"
             )
         return self
 

@@ -400,6 +400,10 @@ class Curvature:
         """``(K + damping I)^{-1} V`` for V of shape (P,) or (Q, P) (rows are vectors)."""
         raise NotImplementedError
 
+    def inverse_apply_sweep(self, V: Tensor, dampings: Sequence[float]) -> dict[float, Tensor]:
+        """:meth:`inverse_apply` for several dampings (subclasses share the work between them)."""
+        return {d: self.inverse_apply(V, d) for d in dict.fromkeys(dampings)}
+
     def to_dense(self) -> Tensor:
         """The (P, P) float64 matrix K."""
         raise NotImplementedError
@@ -534,6 +538,19 @@ class KroneckerBlock:
         Mt = self.QG.T @ M @ self.QA
         Mt = Mt / lam if inverse else Mt * lam
         return self.QG @ Mt @ self.QA.T
+
+    def inverse_sweep(self, M: Tensor, dampings: Sequence[float]) -> list[Tensor]:
+        """``(K + d I)^{-1} M`` for each damping d, rotating into the eigenbasis only once."""
+        Mt = self.QG.T @ M @ self.QA
+        out = []
+        for d in dampings:
+            lam = self.eigenvalues() + d
+            if bool((lam <= 0).any()):
+                raise FloatingPointError(
+                    f"layer {self.layer!r} ({self.kind}): K + {d} I is singular; use a positive damping"
+                )
+            out.append(self.QG @ (Mt / lam) @ self.QA.T)
+        return out
 
     def dense(self) -> Tensor:
         """The block as a dense (out*k, out*k) matrix in the order of ``flat_index().flatten()``."""
@@ -790,6 +807,24 @@ class KFAC(Curvature):
         if ``K + damping I`` is singular (``damping = 0`` with a zero eigenvalue).
         """
         return self._apply(V, damping, inverse=True)
+
+    def inverse_apply_sweep(self, V: Tensor, dampings: Sequence[float]) -> dict[float, Tensor]:
+        """:meth:`inverse_apply` for several dampings; each block rotates V into its
+        eigenbasis once, so a sweep of k dampings costs (k + 1) / 2 single applications."""
+        dampings = list(dict.fromkeys(dampings))
+        for d in dampings:
+            if d < 0 or not math.isfinite(d):
+                raise ValueError(f"damping must be finite and >= 0, got {d}")
+        M, vec = self._as_matrix(V)
+        M64 = M.to(self.device, torch.float64)
+        outs = [torch.empty_like(M64) for _ in dampings]
+        for b in self.blocks:
+            for out, res in zip(outs, b.inverse_sweep(b.gather(M64), dampings), strict=True):
+                b.scatter(out, res)
+        return {
+            d: (o.squeeze(0) if vec else o).to(V.device, V.dtype)
+            for d, o in zip(dampings, outs, strict=True)
+        }
 
     def to_dense(self) -> Tensor:
         """The (P, P) float64 matrix, assembled block by block from ``kron(Q_G, Q_A)`` (tests)."""

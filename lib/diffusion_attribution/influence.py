@@ -25,6 +25,7 @@ for all queries and all measurements in one pass (:func:`influence_scores`).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -34,7 +35,7 @@ from typing import Literal, Protocol
 import torch
 from torch import Tensor, nn
 
-from .compression import Quantized, quantize
+from .compression import Quantized, quantize, svd_compress
 from .measurements import Measurement
 
 Compression = Literal["none", "int8", "int4"]
@@ -45,34 +46,55 @@ class Curvature(Protocol):
 
     def inverse_apply(self, V: Tensor, damping: float) -> Tensor: ...
 
+    def inverse_apply_sweep(self, V: Tensor, dampings: Sequence[float]) -> dict[float, Tensor]: ...
+
 
 def train_gradient_scale(num_pixels: int) -> float:
     """Factor turning gradients of l (eq. 2, summed over pixels) into gradients of lbar = l / D."""
     return 1.0 / num_pixels
 
 
+def compress(
+    preconditioned: Tensor, compression: str, shapes: Sequence[torch.Size]
+) -> Tensor | Quantized:
+    """Compress preconditioned query gradients (Q, P): ``"none"`` (float32), ``"int8"`` /
+    ``"int4"`` (per-(row, parameter tensor) quantisation) or ``"svd<r>"`` (rank r per layer,
+    returned reconstructed, for the ablation of Fig. 6)."""
+    pre = preconditioned.float()
+    if compression == "none":
+        return pre
+    if compression in ("int8", "int4"):
+        return quantize(pre, 8 if compression == "int8" else 4, [math.prod(s) for s in shapes])
+    if compression.startswith("svd") and compression[3:].isdigit():
+        return svd_compress(pre, shapes, int(compression[3:]))
+    raise ValueError(
+        f"unknown compression {compression!r}; expected 'none', 'int8', 'int4' or 'svd<r>'"
+    )
+
+
 def precondition(
     curvature: Curvature,
     query_gradients: Tensor,
     damping: float,
-    compression: Compression = "int8",
-    block_sizes: Sequence[int] | None = None,
+    compression: str = "int8",
+    shapes: Sequence[torch.Size] | None = None,
 ) -> Tensor | Quantized:
     """(K + damping I)^{-1} grad m for each row of ``query_gradients`` (Q, P), then compressed.
 
-    ``block_sizes`` (the sizes of the parameter tensors) give each layer its own quantisation
-    scale. ``compression="none"`` returns the float32 matrix.
+    ``shapes`` (of the parameter tensors, default: one block) give each layer its own
+    quantisation scale.
     """
-    pre = curvature.inverse_apply(query_gradients, damping).float()
+    shapes = shapes if shapes is not None else [torch.Size([query_gradients.shape[-1]])]
+    pre = curvature.inverse_apply(query_gradients, damping)
+    _check_finite(pre, damping)
+    return compress(pre, compression, shapes)
+
+
+def _check_finite(pre: Tensor, damping: float) -> None:
     if not torch.isfinite(pre).all():
         raise FloatingPointError(
             f"preconditioned query gradients are not finite at damping {damping:g}"
         )
-    if compression == "none":
-        return pre
-    if compression in ("int8", "int4"):
-        return quantize(pre, 8 if compression == "int8" else 4, block_sizes)
-    raise ValueError(f"unknown compression {compression!r}; expected 'none', 'int8' or 'int4'")
 
 
 def _rows(q: Tensor | Quantized) -> int:
@@ -178,6 +200,7 @@ def attribute(
     seed: int,
     query_trajectories: Tensor | None = None,
     batch_size: int = 16,
+    draw_chunk: int | None = 64,
     progress: bool = False,
 ) -> tuple[dict[str, Tensor], Timings]:
     """Score matrices (Q, N), keyed by :attr:`ScoreSpec.key`, for all ``specs`` in one pass.
@@ -186,16 +209,15 @@ def attribute(
     ``Q`` queries (``query_draws`` draws each, seed ``seed + 1``) are computed once, then
     preconditioned by every requested curvature / damping and compressed. Train side: the
     gradients of ``train_measurement`` (the training loss, scaled to lbar = l / D;
-    ``train_draws`` draws each, seed ``seed``) are streamed once for all of them.
+    ``train_draws`` draws each, seed ``seed``) are streamed once for all of them. Memory is
+    bounded by ``batch_size`` examples x ``draw_chunk`` draws per forward pass.
     """
     from tqdm.auto import tqdm
 
-    from .compression import svd_compress
     from .gradients import gradient_matrix, per_example_gradients
 
     timings = Timings()
     shapes = [p.shape for p in params]
-    sizes = [p.numel() for p in params]
     unknown = {s.variant for s in specs} - set(curvatures)
     if unknown:
         raise ValueError(f"no curvature fitted for variants {sorted(unknown)}")
@@ -208,19 +230,22 @@ def attribute(
         m = measurements[name]
         start = time.perf_counter()
         draws = m.draw(queries, q_ids, query_draws, seed + 1, trajectories=query_trajectories)
-        grads = gradient_matrix(model, params, m, queries, draws, batch_size=batch_size)
+        grads = gradient_matrix(
+            model, params, m, queries, draws, batch_size=batch_size, draw_chunk=draw_chunk
+        )
         if progress:
             print(f"query gradients of {name}: {time.perf_counter() - start:.1f} s", flush=True)
         timings.query_gradients += time.perf_counter() - start
         start = time.perf_counter()
-        for spec in (s for s in specs if s.measurement == name):
-            if spec.compression.startswith("svd"):
-                full = precondition(curvatures[spec.variant], grads, spec.damping, "none")
-                pre[spec.key] = svd_compress(full, shapes, int(spec.compression[3:]))
-            else:
-                pre[spec.key] = precondition(
-                    curvatures[spec.variant], grads, spec.damping, spec.compression, sizes
-                )
+        mine = [s for s in specs if s.measurement == name]
+        for variant in dict.fromkeys(s.variant for s in mine):
+            # one rotation into each eigenbasis for all dampings of this variant
+            dampings = [s.damping for s in mine if s.variant == variant]
+            solved = curvatures[variant].inverse_apply_sweep(grads, dampings)
+            for spec in (s for s in mine if s.variant == variant):
+                _check_finite(solved[spec.damping], spec.damping)
+                pre[spec.key] = compress(solved[spec.damping], spec.compression, shapes)
+            del solved
         timings.precondition += time.perf_counter() - start
         del grads
     n = len(train_images)
@@ -235,7 +260,14 @@ def attribute(
             x = train_images[ids]
             draws = train_measurement.draw(x, ids, train_draws, seed)
             for sl, g in per_example_gradients(
-                model, params, train_measurement, x, draws, batch_size=batch_size, scale=scale
+                model,
+                params,
+                train_measurement,
+                x,
+                draws,
+                batch_size=batch_size,
+                draw_chunk=draw_chunk,
+                scale=scale,
             ):
                 yield slice(start + sl.start, start + sl.stop), g
 
@@ -254,15 +286,28 @@ def influence_specs(
     sweep_measurements: Sequence[str] = ("loss", "elbo"),
     compression_ablation: Sequence[str] = (),
     reference_variant: str = "mc_expand",
+    ablation_measurements: Sequence[str] | None = None,
 ) -> list[ScoreSpec]:
     """The score matrices of the influence stage, without duplicates.
 
-    Every variant x measurement at the default damping and compression (the paper's method and
-    the Hessian ablation of Fig. 4); the damping sweep of Figs. 7 and 9 for
-    ``reference_variant``; and, for Fig. 6, ``reference_variant`` on the loss with each
+    ``reference_variant`` (the paper's method) for every measurement and the other variants
+    for ``ablation_measurements`` (default: all), at the default damping and compression (the
+    Hessian ablation of Fig. 4); the damping sweep of Figs. 7 and 9 for ``reference_variant``
+    on ``sweep_measurements``; and, for Fig. 6, ``reference_variant`` on the loss with each
     compression in ``compression_ablation`` (``"none"``, ``"int4"``, ``"svd<r>"``).
     """
-    specs = [ScoreSpec(v, m, damping, compression) for v in variants for m in measurements]
+    ablation = list(measurements) if ablation_measurements is None else list(ablation_measurements)
+    unknown = set(ablation) - set(measurements)
+    if unknown:
+        raise ValueError(
+            f"ablation measurements {sorted(unknown)} are not among {list(measurements)}"
+        )
+    specs = [
+        ScoreSpec(v, m, damping, compression)
+        for v in variants
+        for m in measurements
+        if v == reference_variant or m in ablation
+    ]
     if reference_variant in variants:
         specs += [
             ScoreSpec(reference_variant, m, d, compression)
