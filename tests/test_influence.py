@@ -213,3 +213,13 @@ def test_precondition_rejects_unknown_compression_and_nonfinite():
     torch.testing.assert_close(
         precondition(D, torch.ones(1, 3, dtype=F64), 1.0, "none"), torch.full((1, 3), 0.5)
     )
+
+
+def test_scores_do_not_depend_on_how_training_gradients_are_chunked():
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(5, 7, generator=g)
+    batches = [(slice(i, i + 2), torch.randn(2, 7, generator=g)) for i in range(0, 10, 2)]
+    one = influence_scores({"q": q}, batches, 10, train_chunk_bytes=1)
+    many = influence_scores({"q": q}, batches, 10, train_chunk_bytes=2**30, query_chunk=2)
+    torch.testing.assert_close(one["q"], many["q"])
+    torch.testing.assert_close(one["q"], q @ torch.cat([b for _, b in batches]).T / 10)

@@ -135,6 +135,23 @@ class InfluenceConfig(_Section):
     seed: NonNegInt = 3
 
 
+class TrakConfig(_Section):
+    """TRAK / D-TRAK (Sec. 4, App. G.3.1) and similarity baselines.
+
+    Random projection to ``projection_dim`` (the paper uses 32768; 2048 here keeps the default
+    profile within minutes on a CPU and is what the pilot used). Dampings are relative to the
+    mean eigenvalue of the projected empirical Fisher; both float32 and float16 features are
+    scored (Fig. 18). Draw counts and seeds are those of ``influence``, so TRAK and K-FAC see
+    the same (t, eps) draws.
+    """
+
+    projection_dim: PositiveInt = 2048
+    projection: Literal["rademacher", "gaussian"] = "rademacher"
+    relative_dampings: tuple[PositiveFloat, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
+    query_measurements: tuple[str, ...] = ("loss", "elbo", "trajectory")
+    seed: NonNegInt = 4
+
+
 class Config(_Section):
     """The whole of ``params.yaml``."""
 
@@ -145,6 +162,7 @@ class Config(_Section):
     sample: SampleConfig = SampleConfig()
     curvature: CurvatureConfig = CurvatureConfig()
     influence: InfluenceConfig = InfluenceConfig()
+    trak: TrakConfig = TrakConfig()
 
     @model_validator(mode="after")
     def _check_timesteps(self) -> Config:

@@ -111,24 +111,40 @@ def influence_scores(
     num_train: int,
     *,
     query_chunk: int = 256,
+    train_chunk_bytes: int = 256 * 2**20,
 ) -> dict[str, Tensor]:
     """Scores (Q, N) for every named set of preconditioned queries, in one pass over the train set.
 
-    ``train_gradients`` yields (slice of training ids, (b, P) gradients of lbar) batch by batch,
-    e.g. :func:`diffusion_attribution.gradients.per_example_gradients` with
-    ``scale=train_gradient_scale(D)``; each batch is used for every query set and then dropped,
-    so memory holds one batch of training gradients, one chunk of dequantised queries and the
-    score matrices.
+    ``train_gradients`` yields (training ids, (b, P) gradients of lbar) batch by batch, e.g.
+    :func:`diffusion_attribution.gradients.per_example_gradients` with
+    ``scale=train_gradient_scale(D)``. Batches are gathered up to ``train_chunk_bytes`` of
+    float32 gradients, used for every query set (each dequantised ``query_chunk`` rows at a
+    time, so dequantisation is paid once per chunk, not per batch) and then dropped: memory
+    holds one chunk of training gradients, one chunk of dequantised queries and the scores.
     """
     scores = {name: torch.zeros(_rows(q), num_train) for name, q in queries.items()}
     seen = torch.zeros(num_train, dtype=torch.bool)
-    for ids, grads in train_gradients:
-        g = grads.float()
+    buffer: list[tuple[Tensor, Tensor]] = []
+
+    def flush() -> None:
+        ids = torch.cat([i for i, _ in buffer])
+        g = torch.cat([x for _, x in buffer]).float()
+        buffer.clear()
         for name, q in queries.items():
             for start in range(0, _rows(q), query_chunk):
                 rows = slice(start, min(start + query_chunk, _rows(q)))
                 scores[name][rows, ids] = _dense(q, rows) @ g.T
         seen[ids] = True
+
+    buffered = 0
+    for ids, grads in train_gradients:
+        buffer.append((torch.arange(num_train)[ids], grads))
+        buffered += grads.numel() * 4
+        if buffered >= train_chunk_bytes:
+            flush()
+            buffered = 0
+    if buffer:
+        flush()
     if not seen.all():
         raise ValueError(f"training gradients covered {int(seen.sum())} of {num_train} examples")
     for s in scores.values():

@@ -38,6 +38,7 @@ STAGES: dict[str, Stage] = {
     "sample": Stage("03_sample.ipynb", ("diffusion", "sample")),
     "curvature": Stage("04_curvature.ipynb", ("diffusion", "curvature", "influence")),
     "influence": Stage("05_influence.ipynb", ("diffusion", "curvature", "influence")),
+    "baselines": Stage("06_baselines.ipynb", ("diffusion", "influence", "trak")),
 }
 
 

@@ -1,0 +1,388 @@
+"""TRAK / D-TRAK (projected empirical Fisher), the seeded projector and similarity baselines."""
+
+import math
+
+import pytest
+import torch
+
+from diffusion_attribution.ddpm import NoiseSchedule
+from diffusion_attribution.gradients import gradient_matrix
+from diffusion_attribution.influence import train_gradient_scale
+from diffusion_attribution.measurements import make_measurement
+from diffusion_attribution.trak import (
+    BLOCK_ROWS,
+    Projector,
+    featurize,
+    gradient_cosine,
+    gradient_dot,
+    pixel_similarity,
+    trak_attribute,
+    trak_lambda,
+    trak_scores,
+    trak_scores_sweep,
+)
+from diffusion_attribution.unet import UNet, UNetConfig, kfac_parameters
+
+KINDS = ["rademacher", "gaussian"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny ops: several OpenMP threads only contend (60x slower beside a busy process)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def explicit_scores(q, phi, damping):
+    """(1/N) q (phi^T phi / N + damping I)^{-1} phi^T with an explicit float64 inverse."""
+    q, phi = q.double(), phi.double()
+    n, k = phi.shape
+    inv = torch.linalg.inv(phi.T @ phi / n + damping * torch.eye(k, dtype=torch.float64))
+    return q @ inv @ phi.T / n
+
+
+def rel_err(a, b):
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+
+
+# ------------------------------------------------------------------ projector
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_johnson_lindenstrauss(kind):
+    """Inner products survive projection to k = 4096 with errors of order |x||y| / sqrt(k)."""
+    p, k = 20_000, 4096
+    g = torch.Generator().manual_seed(0)
+    common = torch.randn(p, generator=g, dtype=torch.float64)
+    x = torch.randn(6, p, generator=g, dtype=torch.float64)
+    x[:3] += 1.5 * common  # some correlated pairs, some nearly orthogonal ones
+    x[4] *= 10.0  # and different norms
+    phi = Projector(p, k, seed=3, kind=kind).project(x)
+    exact, approx = x @ x.T, phi @ phi.T
+    norms = x.norm(dim=1)
+    # JL: std of the error of <phi x, phi y> is at most sqrt((|x|^2 |y|^2 + <x, y>^2) / k)
+    sd = ((norms[:, None] * norms[None, :]) ** 2 + exact**2).sqrt() / math.sqrt(k)
+    z = (approx - exact) / sd
+    assert z.abs().max() < 5.0
+    rms = float(z.pow(2).mean().sqrt())
+    assert 0.3 < rms < 1.6  # an actual random projection: errors of the predicted size
+    rel = (approx - exact).abs() / (norms[:, None] * norms[None, :])
+    assert rel.max() < 6 / math.sqrt(k)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_projection_is_a_function_of_the_seed_only(kind):
+    p, k = 1000, 48  # P not a multiple of the block, k not a multiple of 8
+    grads = torch.randn(7, p, generator=torch.Generator().manual_seed(1))
+    ref = Projector(p, k, seed=5, kind=kind, cache_bytes=0).project(grads)
+    assert ref.shape == (7, k) and ref.dtype == torch.float32
+    tol = {"rtol": 0, "atol": 1e-5 * float(ref.abs().max())}  # float32 summation order only
+    # batch-invariant ...
+    pr = Projector(p, k, seed=5, kind=kind, cache_bytes=0)
+    parts = torch.cat([pr.project(grads[i : i + 3]) for i in range(0, 7, 3)])
+    torch.testing.assert_close(parts, ref, **tol)
+    # ... chunk-invariant (chunk only sets how many rows are generated per step) ...
+    for chunk in (1, BLOCK_ROWS, 200, 5000):
+        other = Projector(p, k, seed=5, kind=kind, chunk=chunk, cache_bytes=0)
+        torch.testing.assert_close(other.project(grads), ref, **tol)
+    # ... and the same with the sketch cached
+    cached = Projector(p, k, seed=5, kind=kind, cache_bytes=1 << 30)
+    assert cached.caches
+    torch.testing.assert_close(cached.project(grads), ref, **tol)
+    torch.testing.assert_close(cached.project(grads[:2]), ref[:2], **tol)
+    # explicit: g @ R / sqrt(k)
+    torch.testing.assert_close(grads @ pr.matrix(), ref, **tol)
+    # a different seed gives a different sketch
+    diff = Projector(p, k, seed=6, kind=kind).project(grads)
+    assert (diff - ref).abs().max() > 0.1 * ref.abs().max()
+
+
+def test_sketch_entries():
+    r = Projector(3000, 64, seed=0).sketch_rows(0, 3000)
+    assert set(r.unique().tolist()) == {-1.0, 1.0}
+    assert abs(float(r.mean())) < 0.01
+    n = Projector(3000, 64, seed=0, kind="gaussian").sketch_rows(0, 3000)
+    assert abs(float(n.mean())) < 0.01 and abs(float(n.std()) - 1) < 0.01
+    # blocks are independent streams: no two blocks repeat
+    assert not torch.equal(r[:BLOCK_ROWS], r[BLOCK_ROWS : 2 * BLOCK_ROWS])
+
+
+def test_identity_projector_and_float64():
+    g = torch.randn(3, 10, dtype=torch.float64)
+    ident = Projector.identity(10)
+    assert torch.equal(ident.project(g), g)
+    pr = Projector(10, 4, seed=0)
+    assert pr.project(g).dtype == torch.float64
+    with pytest.raises(ValueError):
+        pr.project(torch.randn(3, 11))
+
+
+# ------------------------------------------------------------------ scores
+
+
+@pytest.mark.parametrize("n", [12, 50])  # N < k (Gram-matrix solve) and N > k (F solve)
+def test_identity_projection_gives_explicit_scores(n):
+    p, q_count, damping = 30, 4, 1e-2
+    g = torch.Generator().manual_seed(2)
+    train = torch.randn(n, p, generator=g, dtype=torch.float64)
+    query = torch.randn(q_count, p, generator=g, dtype=torch.float64)
+    ident = Projector.identity(p)
+    phi, q = ident.project(train), ident.project(query)
+    expected = explicit_scores(query, train, damping)
+    got = trak_scores(q, phi, damping, n, precision="float64")
+    assert got.shape == (q_count, n) and got.dtype == torch.float32
+    assert rel_err(got, expected) < 1e-6
+    assert rel_err(trak_scores(q, phi, damping, n), expected) < 1e-5  # float32 storage
+    # TRAK's unnormalised lambda: q (phi^T phi + N lambda I)^{-1} phi^T is the same matrix
+    lam = trak_lambda(damping, n)
+    trak_style = query @ torch.linalg.inv(train.T @ train + lam * torch.eye(p, dtype=torch.float64))
+    assert rel_err(got, trak_style @ train.T) < 1e-6
+
+
+def test_float16_degrades_float32_does_not():
+    """A wide dynamic range of the features and a small damping: float16 storage changes the
+    scores measurably (App. G.3.1, Fig. 18), float32 storage does not."""
+    n, k, q_count = 300, 48, 6  # N > k: every direction of F counts, however small
+    g = torch.Generator().manual_seed(3)
+    col_scale = torch.logspace(-7, 1, k, dtype=torch.float64)  # per-direction magnitudes
+    phi = torch.randn(n, k, generator=g, dtype=torch.float64) * col_scale
+    q = torch.randn(q_count, k, generator=g, dtype=torch.float64) * col_scale
+    damping = 1e-14
+    exact = explicit_scores(q, phi, damping)
+    s64 = trak_scores(q, phi, damping, precision="float64")
+    s32 = trak_scores(q, phi, damping, precision="float32")
+    s16 = trak_scores(q, phi, damping, precision="float16")
+    assert rel_err(s64, exact) < 1e-5
+    assert rel_err(s32, s64) < 1e-4
+    assert rel_err(s16, s64) > 1e-2  # measured: 3e-2
+    with pytest.raises(FloatingPointError):
+        trak_scores(q, phi * 1e6, 1.0, precision="float16")
+
+
+@pytest.mark.parametrize("n", [10, 40])
+def test_damping_sweep_equals_separate_calls(n):
+    k = 24
+    g = torch.Generator().manual_seed(4)
+    phi = torch.randn(n, k, generator=g)
+    q = torch.randn(5, k, generator=g)
+    dampings = [1e-4, 1e-2, 1.0, 100.0]
+    sweep = trak_scores_sweep(q, phi, dampings, n)
+    assert list(sweep) == dampings
+    for d in dampings:
+        assert rel_err(sweep[d], trak_scores(q, phi, d, n)) < 1e-5
+        assert rel_err(sweep[d], explicit_scores(q, phi, d)) < 1e-5
+
+
+def test_bad_arguments():
+    phi, q = torch.randn(5, 8), torch.randn(2, 8)
+    with pytest.raises(ValueError, match="damping"):
+        trak_scores(q, phi, 0.0)
+    with pytest.raises(ValueError, match="num_train"):
+        trak_scores(q, phi, 1.0, num_train=6)
+    with pytest.raises(ValueError, match="precision"):
+        trak_scores(q, phi, 1.0, precision="bfloat16")
+    with pytest.raises(ValueError):
+        Projector(10, 5, kind="sparse")
+
+
+# ------------------------------------------------------------------ featurize
+
+CFG = UNetConfig(
+    in_channels=1,
+    image_size=4,
+    base_channels=4,
+    channel_mults=(1,),
+    num_res_blocks=1,
+    attn_resolutions=(4,),
+    norm_groups=2,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    model = UNet(CFG).eval()
+    schedule = NoiseSchedule.linear(20, 1e-4, 0.3)
+    x = torch.rand(7, 1, 4, 4, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    return model, kfac_parameters(model), schedule, x
+
+
+@pytest.mark.parametrize("name", ["loss", "square_norm"])
+def test_featurize_streams_like_the_gradient_matrix(tiny, name):
+    model, params, schedule, x = tiny
+    meas = make_measurement(name, schedule)
+    draws = meas.draw(x, torch.arange(len(x)), 3, seed=1)
+    p = sum(t.numel() for t in params)
+    proj = Projector(p, 40, seed=2, cache_bytes=0)
+    scale = train_gradient_scale(16)
+    full = gradient_matrix(model, params, meas, x, draws, batch_size=7, scale=scale)
+    expected = proj.project(full)
+    timings = {}
+    got = featurize(
+        model,
+        params,
+        meas,
+        x,
+        draws,
+        proj,
+        batch_size=2,
+        scale=scale,
+        project_rows=3,
+        timings=timings,
+    )
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-7)
+    assert timings["gradients"] > 0 and timings["projection"] > 0
+    # one gradient batch per call (project_rows < batch_size) gives the same
+    got1 = featurize(model, params, meas, x, draws, proj, batch_size=4, scale=scale, project_rows=1)
+    torch.testing.assert_close(got1, expected, rtol=1e-4, atol=1e-7)
+
+
+def test_trak_attribute_matches_its_parts(tiny):
+    model, params, schedule, x = tiny
+    queries = x[:3] * 0.9
+    measurements = {n: make_measurement(n, schedule) for n in ("loss", "square_norm")}
+    p = sum(t.numel() for t in params)
+    proj = Projector(p, 32, seed=0)
+    for method, name in (("trak", "loss"), ("d-trak", "square_norm")):
+        scores, timings = trak_attribute(
+            model,
+            params,
+            x,
+            queries,
+            measurements,
+            proj,
+            [1e-3, 1.0],
+            method=method,
+            train_draws=2,
+            query_draws=3,
+            seed=7,
+            batch_size=3,
+            project_rows=4,
+        )
+        m = measurements[name]
+        qf = featurize(model, params, m, queries, m.draw(queries, torch.arange(3), 3, 8), proj)
+        tf = featurize(
+            model,
+            params,
+            m,
+            x,
+            m.draw(x, torch.arange(7), 2, 7),
+            proj,
+            scale=train_gradient_scale(16),
+        )
+        for d, s in scores.items():
+            assert s.shape == (3, 7)
+            assert rel_err(s, trak_scores(qf, tf, d)) < 1e-4
+        assert set(timings) >= {"gradients", "projection", "scoring"}
+    with pytest.raises(ValueError, match="square norm"):
+        trak_attribute(
+            model,
+            params,
+            x,
+            queries,
+            measurements,
+            proj,
+            [1.0],
+            method="d-trak",
+            query_measurement="loss",
+            train_draws=1,
+            query_draws=1,
+            seed=0,
+        )
+
+
+# ------------------------------------------------------------------ similarity baselines
+
+
+def test_pixel_similarity_by_hand():
+    # 1x1x2 "images": distances from q0 = (0, 0) are 0, 5, 1; from q1 = (3, 0) they are 3, 4, sqrt(10)
+    train = torch.tensor([[0.0, 0.0], [3.0, 4.0], [0.0, 1.0]]).reshape(3, 1, 1, 2)
+    queries = torch.tensor([[0.0, 0.0], [3.0, 0.0]]).reshape(2, 1, 1, 2)
+    got = pixel_similarity(queries, train, bandwidth=1.0)
+    d2 = torch.tensor([[0.0, 25.0, 1.0], [9.0, 16.0, 10.0]])
+    torch.testing.assert_close(got, torch.exp(-d2 / 2))
+    # default bandwidth: median of the six distances 0, 1, 3, sqrt(10), 4, 5 -> torch's lower
+    # median is 3
+    torch.testing.assert_close(pixel_similarity(queries, train), torch.exp(-d2 / 18))
+    assert pixel_similarity(queries, train).dtype == torch.float32
+
+
+def test_gradient_dot_and_cosine():
+    q = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    t = torch.tensor([[2.0, 0.0], [0.0, -3.0], [1.0, 1.0]])
+    torch.testing.assert_close(
+        gradient_dot(q, t), torch.tensor([[2.0, 0.0, 1.0], [2.0, -3.0, 2.0]]) / 3
+    )
+    r = 1 / math.sqrt(2)
+    torch.testing.assert_close(gradient_cosine(q, t), torch.tensor([[1.0, 0.0, r], [r, -r, 1.0]]))
+
+
+def test_baseline_scores_cover_every_method_in_the_score_format():
+    from diffusion_attribution.ddpm import NoiseSchedule
+    from diffusion_attribution.influence import ScoreSpec
+    from diffusion_attribution.measurements import ELBO, DiffusionLoss, SquareNorm
+    from diffusion_attribution.trak import Projector, baseline_scores, trak_scores
+    from diffusion_attribution.unet import UNet, UNetConfig, kfac_parameters
+
+    torch.manual_seed(0)
+    cfg = UNetConfig(
+        in_channels=1,
+        image_size=4,
+        base_channels=4,
+        channel_mults=(1,),
+        num_res_blocks=1,
+        attn_resolutions=(4,),
+        norm_groups=2,
+    )
+    net = UNet(cfg).eval()
+    params = kfac_parameters(net)
+    sched = NoiseSchedule.linear(20, 1e-3, 0.3)
+    ms = {
+        "loss": DiffusionLoss(sched),
+        "elbo": ELBO(sched, levels=17),
+        "square_norm": SquareNorm(sched),
+    }
+    g = torch.Generator().manual_seed(0)
+    train, queries = (
+        torch.rand(10, 1, 4, 4, generator=g) * 2 - 1,
+        torch.rand(3, 1, 4, 4, generator=g) * 2 - 1,
+    )
+    proj = Projector(sum(p.numel() for p in params), 32, seed=1)
+    scores, info = baseline_scores(
+        net,
+        params,
+        train,
+        queries,
+        ms,
+        proj,
+        [1e-2, 1.0],
+        query_measurements=["loss", "elbo"],
+        train_draws=2,
+        query_draws=2,
+        seed=0,
+    )
+    methods = {(s.variant, s.measurement, s.compression) for s in scores}
+    for prec in ("float32", "float16"):
+        assert {
+            ("trak", "loss", prec),
+            ("trak", "elbo", prec),
+            ("d-trak", "square_norm", prec),
+        } <= methods
+    assert {
+        ("grad_dot", "loss", "float32"),
+        ("grad_cos", "elbo", "float32"),
+        ("pixel", "none", "float32"),
+    } <= methods
+    assert all(s.shape == (3, 10) and torch.isfinite(s).all() for s in scores.values())
+    # dampings are relative to the mean eigenvalue of the projected empirical Fisher
+    eig = info["mean_eigenvalue_trak"]
+    damp = sorted(
+        s.damping
+        for s in scores
+        if s.variant == "trak" and s.measurement == "loss" and s.compression == "float32"
+    )
+    assert damp == pytest.approx([1e-2 * eig, eig])
+    assert isinstance(next(iter(scores)), ScoreSpec)
+    assert trak_scores is not None
