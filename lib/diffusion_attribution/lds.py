@@ -1,0 +1,114 @@
+"""Linear Data-modelling Score (paper Sec. 4, eq. 13; Park et al., 2023) and removal sets.
+
+For M random subsets D_i of the training set (each a fraction alpha of it, drawn without
+replacement) and K training seeds, the LDS of an attribution method for a query x is
+
+    spearman[ (a(D, D_i, x))_{i=1..M} ; (1/K sum_k m(theta_k(D_i), x))_{i=1..M} ]      (eq. 13)
+
+where a(D, D_i, x) is the method's predicted measurement for the model trained on D_i. With
+the library's score convention (``influence.py``: a score predicts the change of the
+measurement when that example is removed), the predicted change for D_i is the sum of the
+scores over the examples *not* in D_i; any additive constant (m(theta, x)) does not change a
+rank correlation. The LDS reported is the mean over queries, with the standard error of that
+mean over queries.
+
+The retraining ceiling replaces the attribution by exact retraining with one seed predicting
+the mean of the other K - 1 seeds: no attribution method that predicts the expectation over
+seeds can be expected to do much better.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.stats import spearmanr
+from torch import Tensor
+
+
+def subset_masks(num_train: int, num_subsets: int, fraction: float = 0.5, seed: int = 0) -> Tensor:
+    """(M, N) bool: row i marks the examples kept in subset D_i, exactly round(fraction * N)
+    of them, drawn without replacement from a generator seeded with ``seed``."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+    if num_subsets < 2:
+        raise ValueError(f"need at least 2 subsets for a rank correlation, got {num_subsets}")
+    keep = round(fraction * num_train)
+    g = torch.Generator().manual_seed(seed)
+    masks = torch.zeros(num_subsets, num_train, dtype=torch.bool)
+    for i in range(num_subsets):
+        masks[i, torch.randperm(num_train, generator=g)[:keep]] = True
+    return masks
+
+
+def predicted_changes(scores: Tensor, masks: Tensor) -> Tensor:
+    """(Q, M) predicted m(theta_{D_i}) - m(theta): the sum of each query's scores (Q, N) over
+    the examples removed from subset i (``masks`` (M, N), True = kept)."""
+    if scores.shape[1] != masks.shape[1]:
+        raise ValueError(f"scores cover {scores.shape[1]} examples, masks {masks.shape[1]}")
+    return scores.double() @ (~masks).double().T
+
+
+@dataclass(frozen=True)
+class LDSResult:
+    """Mean over queries of the per-query Spearman correlation, its standard error, and the
+    per-query values (NaN where a query's measurements or predictions are constant)."""
+
+    mean: float
+    stderr: float
+    per_query: Tensor
+
+    def __str__(self) -> str:
+        return f"{self.mean:.3f} +- {self.stderr:.3f}"
+
+
+def _summarise(per_query: np.ndarray) -> LDSResult:
+    finite = per_query[np.isfinite(per_query)]
+    if finite.size == 0:
+        return LDSResult(float("nan"), float("nan"), torch.as_tensor(per_query))
+    stderr = float(finite.std(ddof=1) / math.sqrt(finite.size)) if finite.size > 1 else float("nan")
+    return LDSResult(float(finite.mean()), stderr, torch.as_tensor(per_query))
+
+
+def _spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    out = np.full(a.shape[0], np.nan)
+    for q in range(a.shape[0]):
+        if np.ptp(a[q]) > 0 and np.ptp(b[q]) > 0:
+            out[q] = spearmanr(a[q], b[q]).statistic
+    return out
+
+
+def lds(predicted: Tensor, measured: Tensor) -> LDSResult:
+    """Eq. 13. ``predicted`` (Q, M); ``measured`` (Q, M, K) measurements of every query on the
+    model of every subset and seed (or (Q, M) already averaged over seeds)."""
+    target = measured.double().mean(-1) if measured.ndim == 3 else measured.double()
+    if predicted.shape != target.shape:
+        raise ValueError(f"predicted {tuple(predicted.shape)} vs measured {tuple(target.shape)}")
+    return _summarise(_spearman_rows(predicted.double().numpy(), target.numpy()))
+
+
+def retraining_ceiling(measured: Tensor) -> LDSResult:
+    """LDS of exact retraining: for each seed k, the Spearman correlation between the
+    measurements of seed k and the mean of the other seeds, averaged over k; ``measured``
+    (Q, M, K) with K >= 2."""
+    if measured.ndim != 3 or measured.shape[2] < 2:
+        raise ValueError(f"measured must be (Q, M, K) with K >= 2, got {tuple(measured.shape)}")
+    m = measured.double().numpy()
+    k = m.shape[2]
+    per_seed = []
+    for s in range(k):
+        others = np.delete(m, s, axis=2).mean(2)
+        per_seed.append(_spearman_rows(m[:, :, s], others))
+    return _summarise(np.nanmean(np.stack(per_seed), axis=0))
+
+
+def top_removal_sets(scores: Tensor, fraction: float) -> Tensor:
+    """(Q, n_remove) training ids with the largest scores for each query: the examples whose
+    removal is predicted to increase the measurement most (App. G.6), n_remove =
+    ceil(fraction * N)."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+    n_remove = math.ceil(fraction * scores.shape[1])
+    return scores.argsort(dim=1, descending=True)[:, :n_remove]
