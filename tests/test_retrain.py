@@ -1,0 +1,218 @@
+"""Retraining jobs: idempotent, deterministic, shared seeds, submitit fan-out, resumption."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffusion_attribution.config import DiffusionConfig, ModelConfig, TrainConfig
+from diffusion_attribution.data import ImageDataset
+from diffusion_attribution.retrain import RetrainJob, checkpoint_path, run_job, run_jobs
+from diffusion_attribution.train import load_model
+
+MODEL = ModelConfig(
+    base_channels=4, channel_mults=(1,), num_res_blocks=1, attn_resolutions=(), norm_groups=2
+)
+DIFFUSION = DiffusionConfig(num_timesteps=50)
+TRAIN = TrainConfig(steps=20, batch_size=8, warmup_steps=2, checkpoint_every=5)
+
+
+@pytest.fixture
+def data_path(tmp_path: Path) -> str:
+    g = torch.Generator().manual_seed(0)
+    ds = ImageDataset(
+        images=torch.rand(30, 1, 8, 8, generator=g) * 2 - 1,
+        labels=torch.zeros(30, dtype=torch.int64),
+        name="random",
+        class_names=("x",),
+    )
+    path = tmp_path / "data.pt"
+    ds.save(path)
+    return str(path)
+
+
+def make_job(
+    data_path: str, out: Path, keep: tuple[int, ...], seed: int = 0, **train
+) -> RetrainJob:
+    return RetrainJob(
+        name=out.stem,
+        data_path=data_path,
+        keep=keep,
+        seed=seed,
+        model=MODEL.model_dump(mode="json"),
+        diffusion=DIFFUSION.model_dump(mode="json"),
+        train=TRAIN.model_copy(update=train).model_dump(mode="json"),
+        output=str(out),
+    )
+
+
+def weights(path: str | Path) -> dict[str, torch.Tensor]:
+    return load_model(path).state_dict()
+
+
+def model_of(ckpt: Path) -> str:
+    """``k1.pt.<fingerprint>.ckpt`` -> ``k1.pt``."""
+    return ckpt.name.rsplit(".", 2)[0]
+
+
+def unfinished_ckpts(folder: Path) -> list[Path]:
+    """Checkpoints of models not yet saved (a kill can also land between the two)."""
+    return [c for c in sorted(folder.glob("*.ckpt")) if not (folder / model_of(c)).exists()]
+
+
+def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_run_job_idempotent_deterministic_shared_seeds(data_path: str, tmp_path: Path) -> None:
+    keep_a, keep_b = tuple(range(0, 30, 2)), tuple(range(1, 30, 2))
+    job = make_job(data_path, tmp_path / "m" / "a.pt", keep_a)
+    assert run_job(job) == job.output
+    out = Path(job.output)
+    model = load_model(out)
+    assert model(torch.zeros(2, 1, 8, 8), torch.tensor([1, 2])).shape == (2, 1, 8, 8)
+    assert not list(out.parent.glob("*.ckpt"))  # checkpoint removed once the model is saved
+
+    mtime, data = out.stat().st_mtime_ns, out.read_bytes()
+    time.sleep(0.01)
+    run_job(job)  # finished models are never retrained
+    assert out.stat().st_mtime_ns == mtime and out.read_bytes() == data
+
+    # the same job again (elsewhere) gives identical weights; another subset, same seed, differs
+    again = make_job(data_path, tmp_path / "m" / "a2.pt", keep_a)
+    other = make_job(data_path, tmp_path / "m" / "b.pt", keep_b)
+    run_job(again)
+    run_job(other)
+    assert same(weights(out), weights(again.output))
+    assert not same(weights(out), weights(other.output))
+
+    # the job's seed overrides the seed in its train config ("shared seeds")
+    ignored = make_job(data_path, tmp_path / "m" / "a3.pt", keep_a)
+    ignored = RetrainJob(**{**ignored.__dict__, "train": {**ignored.train, "seed": 7}})
+    assert ignored.train["seed"] == 7
+    run_job(ignored)
+    assert same(weights(out), weights(ignored.output))
+
+
+def test_run_job_ignores_stale_checkpoint(data_path: str, tmp_path: Path) -> None:
+    out = tmp_path / "c.pt"
+    stale = tmp_path / "c.pt.0123456789abcdef.ckpt"
+    stale.write_bytes(b"not a checkpoint")
+    run_job(make_job(data_path, out, tuple(range(10))))
+    assert out.exists() and not stale.exists()
+
+
+def test_run_jobs_inline_and_errors(data_path: str, tmp_path: Path, capsys) -> None:
+    jobs = [make_job(data_path, tmp_path / f"i{k}.pt", tuple(range(k, 30, 3))) for k in range(2)]
+    assert run_jobs(jobs, executor="inline", progress=False) == [j.output for j in jobs]
+    assert run_jobs(jobs, executor="inline", progress=False) == [j.output for j in jobs]
+    assert "2 of 2 models exist" in capsys.readouterr().out
+    bad = make_job(data_path, tmp_path / "bad.pt", (0, 99))
+    with pytest.raises(RuntimeError, match="'bad'"):
+        run_jobs([bad], executor="inline", progress=False)
+    with pytest.raises(ValueError, match="executor"):
+        run_jobs(jobs, executor="nope")
+
+
+def test_run_jobs_local_submitit(data_path: str, tmp_path: Path) -> None:
+    jobs = [make_job(data_path, tmp_path / f"l{k}.pt", tuple(range(k, 30, 3))) for k in range(3)]
+    outs = run_jobs(
+        jobs, executor="local", max_parallel=2, folder=str(tmp_path / "submitit"), progress=False
+    )
+    assert outs == [j.output for j in jobs]
+    for o in outs:
+        load_model(o)
+    assert not list(tmp_path.glob("*.ckpt"))
+    # a failing job names itself and its log
+    bad = make_job(data_path, tmp_path / "bad.pt", (0, 99))
+    with pytest.raises(RuntimeError, match=r"'bad'.*submitit log"):
+        run_jobs([bad], executor="local", folder=str(tmp_path / "submitit"), progress=False)
+
+
+@pytest.mark.parametrize("executor", ["inline", "local"])
+def test_kill_and_rerun_resumes(data_path: str, tmp_path: Path, executor: str) -> None:
+    out_dir = tmp_path / "out"
+    # longer runs with frequent checkpoints, so the kill likely lands mid-training
+    jobs = [
+        make_job(data_path, out_dir / f"k{k}.pt", tuple(range(k, 30, 2)), steps=60)
+        for k in range(4)
+    ]
+    for j in jobs:
+        assert j.train["checkpoint_every"] == 5
+    script = textwrap.dedent(
+        f"""
+        import pickle
+        from diffusion_attribution.retrain import run_jobs
+        jobs = pickle.loads({pickle.dumps(jobs)!r})
+        run_jobs(jobs, executor={executor!r}, max_parallel=1,
+                 folder={str(tmp_path / "submitit")!r}, progress=False)
+        """
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script],
+        start_new_session=True,  # its own process group, with submitit's workers
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        first = Path(jobs[0].output)
+        while not first.exists():
+            if proc.poll() is not None:
+                pytest.fail(f"runner exited early: {proc.stderr.read().decode()[-2000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail("no model finished within 60 s")
+            time.sleep(0.05)
+
+        # then until the next job has checkpointed, so the kill lands mid-training
+        while not unfinished_ckpts(out_dir) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # the whole group, workers included
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        proc.stderr.close()
+    time.sleep(0.2)
+
+    finished = {
+        j.output: (Path(j.output).stat().st_mtime_ns, Path(j.output).read_bytes())
+        for j in jobs
+        if Path(j.output).exists()
+    }
+    assert 1 <= len(finished) < len(jobs), "the kill should land before the last job finished"
+    ckpts = unfinished_ckpts(out_dir)
+    # exactly one job (max_parallel=1) was interrupted mid-training; its checkpoint is the
+    # one the rerun resumes from (same fingerprint)
+    resumed = {model_of(c) for c in ckpts}
+    assert len(resumed) == 1  # max_parallel=1: exactly one job was interrupted
+    assert resumed.isdisjoint(Path(o).name for o in finished)
+    (interrupted,) = [j for j in jobs if Path(j.output).name in resumed]
+    assert ckpts == [checkpoint_path(interrupted)]
+    assert torch.load(ckpts[0], weights_only=True)["step"] > 0
+
+    run_jobs(jobs, executor=executor, max_parallel=1, folder=str(tmp_path / "s2"), progress=False)
+    for j in jobs:
+        assert Path(j.output).exists()
+    for o, (mtime, data) in finished.items():
+        assert Path(o).stat().st_mtime_ns == mtime and Path(o).read_bytes() == data
+    assert not list(out_dir.glob("*.ckpt"))
+
+    # the interrupted job resumed from its checkpoint: it (and the jobs not yet started) end
+    # with the weights of an uninterrupted run
+    ref_dir = tmp_path / "ref"
+    for j in jobs:
+        if j.output in finished:
+            continue
+        ref = RetrainJob(**{**j.__dict__, "output": str(ref_dir / Path(j.output).name)})
+        run_job(ref)
+        assert same(weights(j.output), weights(ref.output)), j.name
