@@ -6,18 +6,11 @@ import torch
 from diffusion_attribution.ddpm import NoiseSchedule, sample
 from diffusion_attribution.gradients import flatten_params, gradient_matrix, per_example_gradients
 from diffusion_attribution.measurements import make_measurement, quantize
+from diffusion_attribution.testing import TINY_4X4
 from diffusion_attribution.unet import UNet, UNetConfig, kfac_parameters
 
 T, N, S = 20, 5, 6
-CFG = UNetConfig(
-    in_channels=1,
-    image_size=4,
-    base_channels=4,
-    channel_mults=(1,),
-    num_res_blocks=1,
-    attn_resolutions=(4,),
-    norm_groups=2,
-)
+CFG = TINY_4X4
 NAMES = ["loss", "l_t=1", "l_t=13", "elbo", "trajectory", "square_norm"]
 
 

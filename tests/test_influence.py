@@ -17,7 +17,8 @@ from diffusion_attribution.influence import (
     train_gradient_scale,
 )
 from diffusion_attribution.measurements import DiffusionLoss, TimestepLoss
-from diffusion_attribution.unet import UNet, UNetConfig, kfac_parameters
+from diffusion_attribution.testing import TINY_4X4
+from diffusion_attribution.unet import UNet, kfac_parameters
 
 F64 = torch.float64
 SCHEDULE = NoiseSchedule.linear(20, 1e-3, 0.3)
@@ -98,15 +99,7 @@ def test_scores_predict_exact_retraining_on_a_convex_model():
 
 def tiny_unet():
     torch.manual_seed(0)
-    cfg = UNetConfig(
-        in_channels=1,
-        image_size=4,
-        base_channels=4,
-        channel_mults=(1,),
-        num_res_blocks=1,
-        attn_resolutions=(4,),
-        norm_groups=2,
-    )
+    cfg = TINY_4X4
     return UNet(cfg).double().eval()
 
 

@@ -9,6 +9,7 @@ from diffusion_attribution.ddpm import NoiseSchedule
 from diffusion_attribution.gradients import gradient_matrix
 from diffusion_attribution.influence import train_gradient_scale
 from diffusion_attribution.measurements import make_measurement
+from diffusion_attribution.testing import TINY_4X4
 from diffusion_attribution.trak import (
     BLOCK_ROWS,
     Projector,
@@ -21,7 +22,7 @@ from diffusion_attribution.trak import (
     trak_scores,
     trak_scores_sweep,
 )
-from diffusion_attribution.unet import UNet, UNetConfig, kfac_parameters
+from diffusion_attribution.unet import UNet, kfac_parameters
 
 KINDS = ["rademacher", "gaussian"]
 
@@ -189,15 +190,7 @@ def test_bad_arguments():
 
 # ------------------------------------------------------------------ featurize
 
-CFG = UNetConfig(
-    in_channels=1,
-    image_size=4,
-    base_channels=4,
-    channel_mults=(1,),
-    num_res_blocks=1,
-    attn_resolutions=(4,),
-    norm_groups=2,
-)
+CFG = TINY_4X4
 
 
 @pytest.fixture(scope="module")
@@ -324,18 +317,10 @@ def test_baseline_scores_cover_every_method_in_the_score_format():
     from diffusion_attribution.influence import ScoreSpec
     from diffusion_attribution.measurements import ELBO, DiffusionLoss, SquareNorm
     from diffusion_attribution.trak import Projector, baseline_scores, trak_scores
-    from diffusion_attribution.unet import UNet, UNetConfig, kfac_parameters
+    from diffusion_attribution.unet import UNet, kfac_parameters
 
     torch.manual_seed(0)
-    cfg = UNetConfig(
-        in_channels=1,
-        image_size=4,
-        base_channels=4,
-        channel_mults=(1,),
-        num_res_blocks=1,
-        attn_resolutions=(4,),
-        norm_groups=2,
-    )
+    cfg = TINY_4X4
     net = UNet(cfg).eval()
     params = kfac_parameters(net)
     sched = NoiseSchedule.linear(20, 1e-3, 0.3)
