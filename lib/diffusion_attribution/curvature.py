@@ -79,18 +79,17 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from diffusion_attribution.ddpm import NoiseSchedule, q_sample
+from diffusion_attribution.io import atomic_save
 
 if TYPE_CHECKING:  # curvlinops is imported lazily (it is slow to import and warns)
     from curvlinops import KFACLinearOperator
@@ -911,17 +910,7 @@ class KFAC(Curvature):
 
     def save(self, path: str | os.PathLike) -> None:
         """Write :meth:`state_dict` atomically (temporary file in the same folder, then rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(self.state_dict(), f)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_save(self.state_dict(), path)
 
     @classmethod
     def load(cls, path: str | os.PathLike, params: Sequence[Tensor] | None = None) -> KFAC:

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import operator
-import os
 import tarfile
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +25,8 @@ from typing import BinaryIO
 import numpy as np
 import torch
 from torch import Tensor
+
+from .io import atomic_save
 
 __all__ = [
     "CIFAR10_CLASSES",
@@ -153,8 +153,6 @@ class ImageDataset:
         directory and moved into place with :func:`os.replace`, so a crash never leaves a
         half-written file at ``path``.
         """
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         payload = {
             "format": _FORMAT,
             # clone: a view would otherwise drag its whole underlying storage into the file
@@ -163,16 +161,7 @@ class ImageDataset:
             "name": self.name,
             "class_names": list(self.class_names),
         }
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(payload, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_save(payload, path)
 
     @classmethod
     def load(cls, path: str | Path) -> ImageDataset:

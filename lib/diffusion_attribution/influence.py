@@ -340,7 +340,7 @@ def influence_specs(
 
 def save_scores(path: str | Path, scores: Mapping[str, Tensor], specs: Sequence[ScoreSpec]) -> None:
     """Score matrices with their specs, loadable with ``torch.load(weights_only=True)``."""
-    from .train import atomic_save
+    from .io import atomic_save
 
     atomic_save(
         {

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,21 +28,8 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from .config import ModelConfig, TrainConfig
 from .ddpm import NoiseSchedule, q_sample, sample_timesteps
+from .io import atomic_save
 from .unet import UNet, UNetConfig
-
-
-def atomic_save(obj: object, path: str | Path) -> None:
-    """torch.save to a temporary file in the same directory, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def lr_lambda(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
