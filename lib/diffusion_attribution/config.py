@@ -152,6 +152,61 @@ class TrakConfig(_Section):
     seed: NonNegInt = 4
 
 
+class RetrainConfig(_Section):
+    """Ground truth for the LDS (eq. 13, App. G.4): models retrained on random subsets.
+
+    ``num_subsets`` (M) subsets, each a ``fraction`` of the training set drawn without
+    replacement from ``seed``, and ``num_seeds`` (K) training seeds per subset. Seed k is the
+    same for every subset ("shared seeds", :mod:`diffusion_attribution.retrain`). Every other
+    training setting is ``train``'s, except ``steps``: the paper trains subset models for half
+    the full model's steps (the same number of epochs on half the data); the default trains
+    them for fewer epochs to fit the default profile's time budget (README).
+    """
+
+    num_subsets: Annotated[int, Field(ge=2)] = 32
+    fraction: Annotated[float, Field(gt=0, lt=1)] = 0.5
+    num_seeds: Annotated[int, Field(ge=2)] = 2
+    steps: PositiveInt = 500
+    seed: NonNegInt = 5
+
+
+class MeasureConfig(_Section):
+    """Ground-truth measurements on every retrained model (Sec. 4; App. G.4).
+
+    The first ``num_queries`` generated samples are measured with the loss, the ELBO and the
+    trajectory log-probability from ``draws`` pre-drawn (t, eps) per sample, and with l_t at
+    each of ``influence.timesteps`` from ``timestep_draws`` eps per sample; the same draws for
+    every model (common random numbers), from ``seed``.
+    """
+
+    num_queries: PositiveInt = 32
+    draws: PositiveInt = 256
+    timestep_draws: PositiveInt = 64
+    batch_size: PositiveInt = 1024
+    seed: NonNegInt = 6
+
+
+CounterfactualMethod = Literal["kfac", "trak", "d-trak", "random"]
+
+
+class CounterfactualConfig(_Section):
+    """Retraining without the top influences (Fig. 3, App. G.6).
+
+    For each of the first ``num_queries`` samples and each method, the ``fractions`` of the
+    training set with the largest scores for that sample's loss are removed and a model is
+    retrained; ``random`` removes random examples (the control). TRAK and D-TRAK use their best
+    damping on the loss LDS benchmark, as in the paper. All models, and a reference trained on
+    the full set, use ``steps`` and the training seed ``seed`` (common random numbers), so the
+    change in loss isolates the removed data.
+    """
+
+    fractions: tuple[Annotated[float, Field(gt=0, lt=1)], ...] = (0.02, 0.1)
+    num_queries: PositiveInt = 3
+    methods: tuple[CounterfactualMethod, ...] = ("kfac", "trak", "d-trak", "random")
+    steps: PositiveInt = 600
+    seed: NonNegInt = 0
+
+
 class Config(_Section):
     """The whole of ``params.yaml``."""
 
@@ -163,6 +218,9 @@ class Config(_Section):
     curvature: CurvatureConfig = CurvatureConfig()
     influence: InfluenceConfig = InfluenceConfig()
     trak: TrakConfig = TrakConfig()
+    retrain: RetrainConfig = RetrainConfig()
+    measure: MeasureConfig = MeasureConfig()
+    counterfactual: CounterfactualConfig = CounterfactualConfig()
 
     @model_validator(mode="after")
     def _check_timesteps(self) -> Config:
@@ -179,6 +237,28 @@ class Config(_Section):
             raise ValueError(
                 f"influence.ablation_measurements: unknown {unknown}; choose from {sorted(names)}"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _check_evaluation(self) -> Config:
+        if self.measure.num_queries > self.sample.num_samples:
+            raise ValueError(
+                f"measure.num_queries: {self.measure.num_queries} exceeds sample.num_samples = "
+                f"{self.sample.num_samples}"
+            )
+        if self.counterfactual.num_queries > self.measure.num_queries:
+            raise ValueError(
+                f"counterfactual.num_queries: {self.counterfactual.num_queries} exceeds "
+                f"measure.num_queries = {self.measure.num_queries}"
+            )
+        for key, steps in (
+            ("retrain.steps", self.retrain.steps),
+            ("counterfactual.steps", self.counterfactual.steps),
+        ):
+            if steps <= self.train.warmup_steps:
+                raise ValueError(
+                    f"{key}: {steps} must exceed train.warmup_steps = {self.train.warmup_steps}"
+                )
         return self
 
 

@@ -12,6 +12,13 @@ scores over the examples *not* in D_i; any additive constant (m(theta, x)) does 
 rank correlation. The LDS reported is the mean over queries, with the standard error of that
 mean over queries.
 
+Proxies. A score matrix for one measurement can be evaluated against the measured change of
+another (Fig. 2 "(m. loss)", Fig. 11). The sign is fixed by what the functions are, never by
+looking at the result: loss-like scores (the loss, l_t, D-TRAK's square norm, pixel similarity)
+predict a loss-like target as they are, and predict a likelihood (the ELBO, the trajectory
+log-probability, both of the form -sum_t w_t l_t + const) with a minus sign
+(:func:`proxy_sign`).
+
 The retraining ceiling replaces the attribution by exact retraining with one seed predicting
 the mean of the other K - 1 seeds: no attribution method that predicts the expectation over
 seeds can be expected to do much better.
@@ -20,6 +27,7 @@ seeds can be expected to do much better.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -112,3 +120,85 @@ def top_removal_sets(scores: Tensor, fraction: float) -> Tensor:
         raise ValueError(f"fraction must be in (0, 1), got {fraction}")
     n_remove = math.ceil(fraction * scores.shape[1])
     return scores.argsort(dim=1, descending=True)[:, :n_remove]
+
+
+def random_removal_sets(num_train: int, fraction: float, num_queries: int, seed: int) -> Tensor:
+    """(Q, n_remove) random training ids per query, n_remove = ceil(fraction * N): the
+    control for :func:`top_removal_sets` (removing *some* data also changes the loss)."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+    n_remove = math.ceil(fraction * num_train)
+    g = torch.Generator().manual_seed(seed)
+    return torch.stack(
+        [torch.randperm(num_train, generator=g)[:n_remove] for _ in range(num_queries)]
+    )
+
+
+LOSS_LIKE = ("loss", "square_norm", "none")
+LIKELIHOODS = ("elbo", "trajectory")
+
+
+def proxy_sign(score_measurement: str, target: str) -> int | None:
+    """+1 or -1: the sign with which scores computed for ``score_measurement`` predict the change
+    of ``target``; ``None`` for pairs not evaluated.
+
+    Same measurement: +1. l_t' for l_t (Fig. 11): +1. Loss-like scores ("loss", D-TRAK's
+    "square_norm", the pixel baseline's "none") for the loss: +1; for a likelihood (ELBO,
+    trajectory log-probability), whose per-timestep terms are *minus* weighted l_t, -1
+    (Fig. 2b "(m. loss)").
+    """
+    if score_measurement == target:
+        return 1
+    if score_measurement.startswith("l_t=") and target.startswith("l_t="):
+        return 1
+    if score_measurement in LOSS_LIKE:
+        if target == "loss":
+            return 1
+        if target in LIKELIHOODS:
+            return -1
+    return None
+
+
+def lds_table(
+    scores: Mapping[object, Tensor], measured: Mapping[str, Tensor], masks: Tensor
+) -> list[dict]:
+    """LDS of every score matrix against every target it can predict (:func:`proxy_sign`).
+
+    ``scores`` maps :class:`~diffusion_attribution.influence.ScoreSpec` to (Q_s, N) with Q_s >=
+    Q; ``measured`` maps target names to (Q, M, K); ``masks`` (M, N). Returns one dict per
+    (spec, target): the spec's fields, ``target``, ``sign``, ``lds``, ``stderr`` and
+    ``per_query`` (Q,) for protocols that split the queries or subsets.
+    """
+    rows = []
+    for spec, s in scores.items():
+        for target, m in measured.items():
+            sign = proxy_sign(spec.measurement, target)
+            if sign is None:
+                continue
+            pred = sign * predicted_changes(s[: m.shape[0]], masks)
+            r = lds(pred, m)
+            rows.append(
+                {
+                    "variant": spec.variant,
+                    "measurement": spec.measurement,
+                    "damping": spec.damping,
+                    "compression": spec.compression,
+                    "target": target,
+                    "sign": sign,
+                    "lds": r.mean,
+                    "stderr": r.stderr,
+                    "per_query": r.per_query,
+                }
+            )
+    return rows
+
+
+def paired_difference(a: Tensor, b: Tensor) -> LDSResult:
+    """Mean over queries of the per-query LDS difference a - b, with the standard error of
+    that mean: the right error bar for "method A beats method B" on the same queries (much
+    smaller than the two methods' own standard errors when their errors are correlated).
+    Queries where either value is NaN are left out."""
+    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
+    if a.shape != b.shape:
+        raise ValueError(f"per-query LDS of different shapes: {tuple(a.shape)} vs {tuple(b.shape)}")
+    return _summarise((a - b).numpy())

@@ -39,6 +39,13 @@ STAGES: dict[str, Stage] = {
     "curvature": Stage("04_curvature.ipynb", ("diffusion", "curvature", "influence")),
     "influence": Stage("05_influence.ipynb", ("diffusion", "curvature", "influence")),
     "baselines": Stage("06_baselines.ipynb", ("diffusion", "influence", "trak")),
+    "retrain": Stage("07_retrain.ipynb", ("model", "diffusion", "train", "retrain")),
+    "measure": Stage("08_measure.ipynb", ("diffusion", "influence", "measure")),
+    "evaluate": Stage("09_evaluate.ipynb", ("curvature", "influence")),
+    "counterfactual": Stage(
+        "10_counterfactual.ipynb",
+        ("model", "diffusion", "train", "influence", "measure", "counterfactual"),
+    ),
 }
 
 

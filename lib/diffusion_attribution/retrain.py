@@ -105,6 +105,92 @@ def checkpoint_path(job: RetrainJob) -> Path:
     return _checkpoint_path(Path(job.output), *_configs(job), data.images)
 
 
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file's bytes (the training set a job's ``keep`` ids refer to)."""
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def make_job(
+    name: str,
+    data_path: str | Path,
+    keep: Sequence[int],
+    seed: int,
+    model: ModelConfig,
+    diffusion: DiffusionConfig,
+    train: TrainConfig,
+    out_dir: str | Path,
+    data_digest: str | None = None,
+) -> RetrainJob:
+    """A job whose output file name carries a fingerprint of everything that defines the model
+    (the training set's content, configs, kept ids, seed, training code):
+    ``<out_dir>/<name>-<fingerprint>.pt``. ``data_digest`` (:func:`file_digest` of
+    ``data_path``, computed here when not given) lets many jobs share one hash of the data.
+
+    A model left in ``out_dir`` by other settings or code therefore never passes for this
+    one, so ``out_dir`` can persist across runs (DVC ``persist: true``) and a rerun after an
+    interrupt skips exactly the finished models; :func:`prune` removes the stale ones.
+    """
+    keep = tuple(int(i) for i in keep)
+    digest = data_digest or file_digest(data_path)
+    fp = fingerprint(digest, model, diffusion, train, keep, int(seed))
+    return RetrainJob(
+        name=name,
+        data_path=str(data_path),
+        keep=keep,
+        seed=int(seed),
+        model=model.model_dump(mode="json"),
+        diffusion=diffusion.model_dump(mode="json"),
+        train=train.model_dump(mode="json"),
+        output=str(Path(out_dir) / f"{name}-{fp}.pt"),
+    )
+
+
+def subset_jobs(
+    data_path: str | Path,
+    masks: torch.Tensor,
+    num_seeds: int,
+    model: ModelConfig,
+    diffusion: DiffusionConfig,
+    train: TrainConfig,
+    out_dir: str | Path,
+) -> list[list[RetrainJob]]:
+    """``jobs[i][k]``: the model of subset i (``masks[i]``, True = kept) with shared seed k
+    (App. G.4; shared seeds: module docstring)."""
+    digest = file_digest(data_path)
+    return [
+        [
+            make_job(
+                f"subset{i:03d}_seed{k}",
+                data_path,
+                torch.nonzero(mask).flatten().tolist(),
+                k,
+                model,
+                diffusion,
+                train,
+                out_dir,
+                digest,
+            )
+            for k in range(num_seeds)
+        ]
+        for i, mask in enumerate(masks)
+    ]
+
+
+def prune(out_dir: str | Path, jobs: Sequence[RetrainJob]) -> list[Path]:
+    """Delete model files and checkpoints in ``out_dir`` that belong to none of ``jobs`` (left
+    by runs with other settings); returns what was deleted."""
+    wanted = {Path(j.output).name for j in jobs}
+    removed = []
+    for f in sorted(Path(out_dir).glob("*.pt*")):
+        owner = f.name.split(".pt", 1)[0] + ".pt"
+        if owner not in wanted:
+            f.unlink()
+            removed.append(f)
+    return removed
+
+
 def run_job(job: RetrainJob) -> str:
     """Train ``job`` and save its EMA model to ``job.output``; returns ``job.output``.
 
