@@ -1,8 +1,11 @@
 """The pipeline's wiring: notebooks stripped and parameterised, dvc.yaml agrees with the runner,
 and the smoke profile runs end to end with `dvc repro` in a temporary copy of the repository."""
 
+import contextlib
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -70,10 +73,39 @@ def copy_repo(dst: Path) -> None:
             shutil.copy2(src, dst / f)
 
 
+def kill_retrain_half_way(repo: Path, env: dict, dvc: list[str]) -> dict[Path, tuple[int, bytes]]:
+    """Start `dvc repro retrain` (one job at a time), SIGKILL its whole process group once the
+    first retrained model is saved; returns the models finished by then (mtime, bytes)."""
+    models = repo / "outputs" / "retrain" / "models"
+    proc = subprocess.Popen(
+        [*dvc, "repro", "retrain"],
+        cwd=repo,
+        env={**env, "DA_MAX_PARALLEL": "1"},
+        start_new_session=True,  # its own process group: dvc, papermill's kernel, submitit jobs
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not list(models.glob("*.pt")):
+            assert proc.poll() is None, "dvc repro retrain exited before any model was saved"
+            assert time.monotonic() < deadline, "no retrained model within 300 s"
+            time.sleep(0.05)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    time.sleep(0.5)
+    finished = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in models.glob("*.pt")}
+    assert 1 <= len(finished) < 8, "the kill should land half-way through the retraining"
+    return finished
+
+
 @pytest.mark.slow
 def test_smoke_profile_end_to_end(tmp_path):
-    """`dvc repro` on the smoke profile: every output exists, every notebook ran cleanly,
-    and a second `dvc repro` finds everything up to date."""
+    """`dvc repro` on the smoke profile, after a first attempt killed half-way through the
+    retraining: no finished model is lost or retrained, every output exists, every notebook
+    ran cleanly, and a second `dvc repro` finds everything up to date."""
     repo = tmp_path / "repo"
     repo.mkdir()
     copy_repo(repo)
@@ -86,10 +118,18 @@ def test_smoke_profile_end_to_end(tmp_path):
     }
     dvc = [sys.executable, "-m", "dvc"]
     start = time.perf_counter()
+    finished = kill_retrain_half_way(repo, env, dvc)
     run = subprocess.run([*dvc, "repro"], cwd=repo, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - start
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
-    print(f"smoke dvc repro: {seconds:.1f} s")
+    print(f"smoke dvc repro (with a killed first attempt): {seconds:.1f} s")
+    # the rerun kept every model finished before the kill and retrained none of them
+    for path, (mtime, data) in finished.items():
+        assert path.stat().st_mtime_ns == mtime and path.read_bytes() == data, path.name
+    retrain = json.loads((repo / "metrics" / "retrain.json").read_text())
+    total = retrain["num_subsets"] * retrain["num_seeds"]
+    assert retrain["models_trained_this_run"] == total - len(finished)
+    assert len(list((repo / "outputs" / "retrain" / "models").glob("*.pt"))) == total
     for out in declared_outputs():
         assert (repo / out).exists(), f"declared output missing: {out}"
     for stage in STAGES.values():

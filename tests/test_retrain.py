@@ -216,3 +216,57 @@ def test_kill_and_rerun_resumes(data_path: str, tmp_path: Path, executor: str) -
         ref = RetrainJob(**{**j.__dict__, "output": str(ref_dir / Path(j.output).name)})
         run_job(ref)
         assert same(weights(j.output), weights(ref.output)), j.name
+
+
+def test_fingerprinted_jobs_and_prune(data_path: str, tmp_path: Path) -> None:
+    from diffusion_attribution import retrain
+    from diffusion_attribution.lds import subset_masks
+
+    out = tmp_path / "models"
+    masks = subset_masks(30, 3, 0.5, seed=0)
+    jobs = retrain.subset_jobs(data_path, masks, 2, MODEL, DIFFUSION, TRAIN, out)
+    assert [[j.name for j in row] for row in jobs][1] == ["subset001_seed0", "subset001_seed1"]
+    for i, row in enumerate(jobs):
+        for k, job in enumerate(row):
+            assert job.seed == k  # shared seeds: seed k for every subset
+            assert job.keep == tuple(torch.nonzero(masks[i]).flatten().tolist())
+            assert Path(job.output).parent == out and Path(job.output).name.startswith(job.name)
+    flat = [j for row in jobs for j in row]
+    assert len({Path(j.output).name for j in flat}) == 6
+
+    # the file name changes with anything that defines the model, and only then
+    base = retrain.make_job("m", data_path, range(10), 0, MODEL, DIFFUSION, TRAIN, out)
+    same_again = retrain.make_job("m", data_path, range(10), 0, MODEL, DIFFUSION, TRAIN, out)
+    assert base.output == same_again.output
+    variants = [
+        retrain.make_job("m", data_path, range(9), 0, MODEL, DIFFUSION, TRAIN, out),
+        retrain.make_job("m", data_path, range(10), 1, MODEL, DIFFUSION, TRAIN, out),
+        retrain.make_job(
+            "m",
+            data_path,
+            range(10),
+            0,
+            MODEL,
+            DIFFUSION,
+            TRAIN.model_copy(update={"steps": 21}),
+            out,
+        ),
+    ]
+    other_data = tmp_path / "other.pt"
+    ds = ImageDataset.load(data_path)
+    ImageDataset(ds.images.flip(0), ds.labels, ds.name, ds.class_names).save(other_data)
+    variants.append(retrain.make_job("m", other_data, range(10), 0, MODEL, DIFFUSION, TRAIN, out))
+    assert len({base.output, *(v.output for v in variants)}) == 5
+
+    # prune keeps the wanted models and their checkpoints, removes everything else
+    out.mkdir()
+    wanted = flat[:2]
+    for j in wanted:
+        Path(j.output).write_bytes(b"model")
+        Path(j.output + ".0123456789abcdef.ckpt").write_bytes(b"ckpt")
+    stale = [out / "subset000_seed0-ffffffffffffffff.pt", out / "x.pt.0123456789abcdef.ckpt"]
+    for f in stale:
+        f.write_bytes(b"old")
+    removed = retrain.prune(out, wanted)
+    assert sorted(removed) == sorted(stale)
+    assert len(list(out.iterdir())) == 4

@@ -97,19 +97,32 @@ def lds(predicted: Tensor, measured: Tensor) -> LDSResult:
     return _summarise(_spearman_rows(predicted.double().numpy(), target.numpy()))
 
 
+def retraining_proxy(proxy: Tensor, target: Tensor) -> LDSResult:
+    """LDS of exact retraining used as the attribution: for each seed k, the Spearman
+    correlation over subsets between the *proxy* measurement of seed k's model and the mean of
+    the *target* measurement over the other seeds, averaged over k. ``proxy`` and ``target``
+    are (Q, M, K), K >= 2. With proxy = target this is the retraining ceiling; with l_t' for
+    l_t it is Fig. 12 (retraining in place of the influence approximation)."""
+    if proxy.ndim != 3 or proxy.shape[2] < 2 or proxy.shape != target.shape:
+        raise ValueError(
+            f"proxy and target must both be (Q, M, K) with K >= 2, got {tuple(proxy.shape)} "
+            f"and {tuple(target.shape)}"
+        )
+    p, m = proxy.double().numpy(), target.double().numpy()
+    per_seed = []
+    for s in range(m.shape[2]):
+        others = np.delete(m, s, axis=2).mean(2)
+        per_seed.append(_spearman_rows(p[:, :, s], others))
+    return _summarise(np.nanmean(np.stack(per_seed), axis=0))
+
+
 def retraining_ceiling(measured: Tensor) -> LDSResult:
     """LDS of exact retraining: for each seed k, the Spearman correlation between the
     measurements of seed k and the mean of the other seeds, averaged over k; ``measured``
     (Q, M, K) with K >= 2."""
     if measured.ndim != 3 or measured.shape[2] < 2:
         raise ValueError(f"measured must be (Q, M, K) with K >= 2, got {tuple(measured.shape)}")
-    m = measured.double().numpy()
-    k = m.shape[2]
-    per_seed = []
-    for s in range(k):
-        others = np.delete(m, s, axis=2).mean(2)
-        per_seed.append(_spearman_rows(m[:, :, s], others))
-    return _summarise(np.nanmean(np.stack(per_seed), axis=0))
+    return retraining_proxy(measured, measured)
 
 
 def top_removal_sets(scores: Tensor, fraction: float) -> Tensor:
@@ -202,3 +215,50 @@ def paired_difference(a: Tensor, b: Tensor) -> LDSResult:
     if a.shape != b.shape:
         raise ValueError(f"per-query LDS of different shapes: {tuple(a.shape)} vs {tuple(b.shape)}")
     return _summarise((a - b).numpy())
+
+
+@dataclass(frozen=True)
+class HeldOutResult:
+    """Damping chosen on held-out subsets (:func:`heldout_damping`)."""
+
+    chosen: tuple[float, float]  # damping chosen on fold 0 (used on fold 1) and on fold 1
+    heldout: LDSResult  # LDS with the damping chosen on the *other* fold, cross-fitted
+    best_of_sweep: LDSResult  # LDS with each fold's own best damping (tuned on the test set)
+
+
+def heldout_damping(
+    scores: Mapping[float, Tensor], measured: Tensor, masks: Tensor
+) -> HeldOutResult:
+    """Choose the damping without looking at the subsets it is evaluated on.
+
+    The M subsets are split into two folds (first and second half). On each fold, the damping
+    with the highest LDS is chosen, and the LDS is evaluated on the *other* fold with that
+    damping; the per-query LDS of the two evaluation folds is averaged (cross-fitting), so
+    every subset is used for evaluation once and never for its own choice. ``best_of_sweep``
+    is the same two-fold LDS with each fold's own best damping: the paper's protocol (App. D),
+    optimistic because it tunes on the test set, computed on the same folds for a fair
+    comparison. ``scores`` maps damping -> (Q_s, N) scores; ``measured`` (Q, M, K) or (Q, M).
+    """
+    if not scores:
+        raise ValueError("no damping values to choose from")
+    m = masks.shape[0]
+    if m < 4:
+        raise ValueError(f"need at least 4 subsets to split into two folds, got {m}")
+    folds = (torch.arange(m) < m // 2, torch.arange(m) >= m // 2)
+    q = measured.shape[0]
+    per_fold: list[dict[float, LDSResult]] = []
+    for fold in folds:
+        per_fold.append(
+            {
+                d: lds(predicted_changes(s[:q], masks[fold]), measured[:, fold])
+                for d, s in scores.items()
+            }
+        )
+    best = [max(r, key=lambda d, r=r: r[d].mean) for r in per_fold]
+    heldout = (per_fold[1][best[0]].per_query + per_fold[0][best[1]].per_query) / 2
+    oracle = (per_fold[0][best[0]].per_query + per_fold[1][best[1]].per_query) / 2
+    return HeldOutResult(
+        chosen=(best[0], best[1]),
+        heldout=_summarise(heldout.numpy()),
+        best_of_sweep=_summarise(oracle.numpy()),
+    )

@@ -42,6 +42,7 @@ STAGES: dict[str, Stage] = {
     "retrain": Stage("07_retrain.ipynb", ("model", "diffusion", "train", "retrain")),
     "measure": Stage("08_measure.ipynb", ("diffusion", "influence", "measure")),
     "evaluate": Stage("09_evaluate.ipynb", ("curvature", "influence")),
+    "observations": Stage("11_observations.ipynb", ("curvature", "influence")),
     "counterfactual": Stage(
         "10_counterfactual.ipynb",
         ("model", "diffusion", "train", "influence", "measure", "counterfactual"),
