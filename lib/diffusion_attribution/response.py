@@ -14,7 +14,7 @@ slope at eps = 0,
 
 and the influence-function prediction for removing x_j is the linear extrapolation
 theta*(0) + d theta*/d eps (eq. 6 with the measurement theta itself). Everything is float64 and
-exact up to Newton's tolerance, so the gap between the curve and its tangent at eps = 1 is the
+exact up to the root finder's tolerance, so the gap between the curve and its tangent at eps = 1 is the
 linearisation error, nothing else.
 """
 
@@ -51,18 +51,17 @@ def extended_loss(x: np.ndarray, j: int, eps: float, theta: float | np.ndarray) 
     return np.atleast_2d(loss(x, theta)) @ _weights(len(x), j, eps)
 
 
-def optimum(x: np.ndarray, j: int, eps: float, *, tol: float = 1e-13) -> float:
-    """theta*(eps) by Newton's method from the mean of the data (L is convex for eps <= 1)."""
+def optimum(x: np.ndarray, j: int, eps: float, *, tol: float = 1e-14) -> float:
+    """theta*(eps): the root of dL/dtheta = sum_n w_n tanh(theta - x_n), which increases in
+    theta for eps <= 1 (all weights w_n >= 0; eps < 0 up-weights x_j), found by Brent's method
+    inside the data's range."""
+    from scipy.optimize import brentq
+
     x = np.asarray(x, dtype=np.float64)
+    if eps > 1.0:
+        raise ValueError(f"eps must be <= 1 (1 removes x_j), got {eps}")
     w = _weights(len(x), j, eps)
-    theta = float(np.median(x))
-    for _ in range(200):
-        g, h = float(w @ _grad(x, theta)), float(w @ _hess(x, theta))
-        step = g / h
-        theta -= step
-        if abs(step) < tol:
-            return theta
-    raise RuntimeError("Newton's method did not converge")
+    return float(brentq(lambda t: float(w @ _grad(x, t)), x.min() - 1.0, x.max() + 1.0, xtol=tol))
 
 
 def influence_slope(x: np.ndarray, j: int) -> float:
