@@ -32,7 +32,7 @@ def test_params_yaml_is_the_schema_default():
 
 def test_profiles_exist_and_spell_out_every_key():
     names = {p.stem for p in PROFILES}
-    assert {"smoke", "cifar2", "cifar10"} <= names
+    assert {"smoke", "digits10", "cifar2", "cifar10"} <= names
     full = keys(Config().model_dump())
     for p in PROFILES:
         raw = yaml.safe_load(p.read_text())
@@ -64,6 +64,11 @@ def test_paper_profiles_follow_the_paper():
         ({"model": {"dropout": 1.5}}, "model.dropout", "less than 1"),
         ({"diffusion": {"beta_start": 0.5, "beta_end": 0.1}}, "beta_start", "beta_end"),
         ({"train": {"warmup_steps": 5000}}, "warmup_steps", "smaller than steps"),
+        ({"measure": {"num_queries": 65}}, "measure.num_queries", "sample.num_samples"),
+        ({"counterfactual": {"num_queries": 33}}, "counterfactual.num_queries", "measure.num_queries"),
+        ({"retrain": {"steps": 50}}, "retrain.steps", "train.warmup_steps"),
+        ({"retrain": {"num_seeds": 1}}, "retrain.num_seeds", "greater than or equal to 2"),
+        ({"counterfactual": {"methods": ["kfac", "lasso"]}}, "counterfactual.methods", "random"),
     ],
 )
 def test_bad_values_name_the_key(patch, key, words):

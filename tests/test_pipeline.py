@@ -43,7 +43,7 @@ def test_dvc_stages_match_the_runner():
         spec = stages[name]
         assert spec["cmd"] == f"python -m diffusion_attribution.pipeline {name}"
         assert f"notebooks/{stage.notebook}" in spec["deps"]
-        assert sorted(spec["params"]) == sorted(stage.sections), name
+        assert sorted(spec.get("params", [])) == sorted(stage.sections), name
         outs = [o if isinstance(o, str) else next(iter(o)) for o in spec["outs"]]
         assert f"reports/notebooks/{stage.notebook}" in outs
         assert not any(d.startswith("reports/") for d in spec["deps"]), (

@@ -47,6 +47,7 @@ STAGES: dict[str, Stage] = {
         "10_counterfactual.ipynb",
         ("model", "diffusion", "train", "influence", "measure", "counterfactual"),
     ),
+    "claims": Stage("12_claims.ipynb", ()),
 }
 
 
