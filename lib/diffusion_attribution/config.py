@@ -147,7 +147,18 @@ class TrakConfig(_Section):
 
     projection_dim: PositiveInt = 2048
     projection: Literal["rademacher", "gaussian"] = "rademacher"
-    relative_dampings: tuple[PositiveFloat, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
+    relative_dampings: tuple[PositiveFloat, ...] = (
+        1e-6,
+        1e-5,
+        1e-4,
+        1e-3,
+        1e-2,
+        1e-1,
+        1.0,
+        10.0,
+        100.0,
+        1000.0,
+    )
     query_measurements: tuple[str, ...] = ("loss", "elbo", "trajectory")
     seed: NonNegInt = 4
 
