@@ -87,8 +87,13 @@ def measure(
 
 
 def _cache_key(settings: Mapping[str, object], model_path: Path) -> str:
+    """Hash of the settings, the model file and the code that computes a measurement, so a
+    cached value is never served after any of them changed."""
     h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
     h.update(model_path.read_bytes())
+    here = Path(__file__).parent
+    for name in ("ground_truth.py", "measurements.py", "ddpm.py", "unet.py", "train.py"):
+        h.update((here / name).read_bytes())
     return h.hexdigest()[:16]
 
 
@@ -122,8 +127,8 @@ def measure_models(
     """:func:`measure` on every model file (``{label: path}``); returns ``{label: {name: (Q,)}}``.
 
     Each model's values are cached in ``cache_dir/<label>.pt`` under a key that hashes the
-    model file, the measurements, the draws, the seed and the queries; a cached entry with the
-    right key is reused, any other is recomputed. ``workers`` processes (default: the core
+    model file, the measurements, the draws, the seed, the queries and the measurement code; a
+    cached entry with the right key is reused, any other is recomputed. ``workers`` processes (default: the core
     count) each measure whole models with one torch thread. With ``prune``, cached entries of
     labels not in ``models`` are deleted.
     """
