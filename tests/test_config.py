@@ -65,7 +65,11 @@ def test_paper_profiles_follow_the_paper():
         ({"diffusion": {"beta_start": 0.5, "beta_end": 0.1}}, "beta_start", "beta_end"),
         ({"train": {"warmup_steps": 5000}}, "warmup_steps", "smaller than steps"),
         ({"measure": {"num_queries": 65}}, "measure.num_queries", "sample.num_samples"),
-        ({"counterfactual": {"num_queries": 33}}, "counterfactual.num_queries", "measure.num_queries"),
+        (
+            {"counterfactual": {"num_queries": 33}},
+            "counterfactual.num_queries",
+            "measure.num_queries",
+        ),
         ({"retrain": {"steps": 50}}, "retrain.steps", "train.warmup_steps"),
         ({"retrain": {"num_seeds": 1}}, "retrain.num_seeds", "greater than or equal to 2"),
         ({"counterfactual": {"methods": ["kfac", "lasso"]}}, "counterfactual.methods", "random"),

@@ -31,6 +31,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 import torch
 from scipy.stats import spearmanr
 from torch import Tensor
@@ -262,3 +263,28 @@ def heldout_damping(
         heldout=_summarise(heldout.numpy()),
         best_of_sweep=_summarise(oracle.numpy()),
     )
+
+
+def select(
+    table: pd.DataFrame,
+    target: str,
+    variant: str,
+    measurement: str,
+    *,
+    damping: float | None = None,
+    compression: str | None = None,
+) -> pd.Series | None:
+    """One row of a table of :func:`lds_table` rows: the score matrix (``variant``,
+    ``measurement``, ``compression``) evaluated for ``target``, at ``damping`` (relative
+    tolerance 1e-6) or, without it, the damping with the best LDS ("*", best of the sweep).
+    ``None`` when no row matches."""
+    t = table[
+        (table.target == target) & (table.variant == variant) & (table.measurement == measurement)
+    ]
+    if compression is not None:
+        t = t[t.compression == compression]
+    if damping is not None:
+        t = t[np.isclose(t.damping, damping, rtol=1e-6, atol=0)]
+    if t.empty:
+        return None
+    return t.loc[t.lds.idxmax()]
