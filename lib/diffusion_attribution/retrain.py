@@ -191,6 +191,30 @@ def prune(out_dir: str | Path, jobs: Sequence[RetrainJob]) -> list[Path]:
     return removed
 
 
+def _die_with_parent() -> None:
+    """Linux: have the kernel send SIGTERM to this process when its parent dies.
+
+    A job started by the local executor is a child of the process running :func:`run_jobs`
+    (for the pipeline, a Jupyter kernel in a session of its own). If that process is killed,
+    the job would otherwise train on as an orphan beside the rerun. Its checkpoints are written
+    atomically, so dying at any point loses at most the steps since the last one.
+    """
+    import ctypes
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except OSError:
+        return
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def run_job(job: RetrainJob) -> str:
     """Train ``job`` and save its EMA model to ``job.output``; returns ``job.output``.
 
@@ -202,6 +226,8 @@ def run_job(job: RetrainJob) -> str:
     if output.exists():
         _remove_checkpoints(output)  # one left by a kill between saving and cleaning up
         return job.output
+    if os.environ.get("SUBMITIT_EXECUTOR") == "local":
+        _die_with_parent()
     model_cfg, diff_cfg, train_cfg = _configs(job)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
