@@ -4,7 +4,14 @@ import json
 
 import pytest
 
-from diffusion_attribution.claims import claim, collect, to_markdown, verdict
+from diffusion_attribution.claims import (
+    claim,
+    collect,
+    to_markdown,
+    verdict,
+    verdict_all,
+    verdict_matches,
+)
 
 
 def test_verdict_rule():
@@ -30,3 +37,14 @@ def test_collect_and_table(tmp_path):
         collect([tmp_path / "one.json", tmp_path / "one.json"])
     with pytest.raises(ValueError, match="verdict"):
         claim("c", "x", "y", "z", "probably")
+
+
+def test_verdict_all_and_matches():
+    assert verdict_all([(0.3, 0.1), (0.5, 0.1)]) == "holds"
+    assert verdict_all([(0.3, 0.1), (-0.3, 0.1)]).startswith("does not hold (1 of 2")
+    assert verdict_all([(0.3, 0.1), (0.1, 0.1)]).startswith("inconclusive (1 of 2")
+    with pytest.raises(ValueError):
+        verdict_all([])
+    assert verdict_matches(-0.006, 0.027) == "holds"  # -0.06 > -0.1
+    assert verdict_matches(-0.2, 0.05) == "does not hold"
+    assert verdict_matches(-0.05, 0.04).startswith("inconclusive")  # -0.13 < -0.1, not < -0.08

@@ -96,7 +96,7 @@ def kill_retrain_half_way(repo: Path, env: dict, dvc: list[str]) -> dict[Path, t
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
     # The notebook's kernel runs in a session of its own; it exits within a second of losing
-    # its parent, and the training job it started dies with it (retrain._die_with_parent).
+    # its parent, and the training job it started exits with it (retrain.exit_with_owner).
     time.sleep(3)
     finished = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in models.glob("*.pt")}
     time.sleep(2)

@@ -270,3 +270,40 @@ def test_fingerprinted_jobs_and_prune(data_path: str, tmp_path: Path) -> None:
     removed = retrain.prune(out, wanted)
     assert sorted(removed) == sorted(stale)
     assert len(list(out.iterdir())) == 4
+
+
+def test_job_exits_when_its_owner_is_killed(tmp_path: Path) -> None:
+    """A job outlives neither a SIGKILLed run_jobs process nor its orphaned controller."""
+    child = "from diffusion_attribution.retrain import exit_with_owner; import time; exit_with_owner(0.05); time.sleep(60)"
+    parent = textwrap.dedent(
+        f"""
+        import os, subprocess, sys, time
+        env = {{**os.environ, "DA_RETRAIN_OWNER": str(os.getpid())}}
+        p = subprocess.Popen([sys.executable, "-c", {child!r}], env=env, start_new_session=True)
+        print(p.pid, flush=True)
+        time.sleep(60)
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True)
+    pid = int(proc.stdout.readline())
+
+    def alive(p: int) -> bool:
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    try:
+        time.sleep(1.0)
+        assert alive(pid), "the job must keep running while its owner lives"
+        proc.kill()
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not alive(pid), "the job outlived its owner"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        proc.stdout.close()

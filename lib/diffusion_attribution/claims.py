@@ -27,6 +27,34 @@ def verdict(mean: float, stderr: float, z: float = 2.0) -> str:
     return f"inconclusive (within {z:g} standard errors of 0)"
 
 
+def verdict_all(differences: Iterable[tuple[float, float]], z: float = 2.0) -> str:
+    """For a claim that must hold in several comparisons (e.g. MC beats empirical Fisher with
+    K-FAC expand *and* reduce, for the loss *and* the ELBO), each a (mean, stderr) difference:
+    "holds" when every one holds by :func:`verdict`, "does not hold" when any is significantly
+    reversed, otherwise "inconclusive"."""
+    results = [verdict(m, s, z) for m, s in differences]
+    if not results:
+        raise ValueError("no comparisons")
+    if all(r == "holds" for r in results):
+        return "holds"
+    reversed_ = sum(r == "does not hold" for r in results)
+    if reversed_:
+        return f"does not hold ({reversed_} of {len(results)} comparisons significantly reversed)"
+    held = sum(r == "holds" for r in results)
+    return f"inconclusive ({held} of {len(results)} comparisons hold, none is reversed)"
+
+
+def verdict_matches(mean: float, stderr: float, margin: float = 0.1, z: float = 2.0) -> str:
+    """For a claim "A matches or beats B", measured as A - B: "holds" when A - B > -margin with
+    z standard errors to spare, "does not hold" when A is significantly worse (A - B < -z se),
+    otherwise "inconclusive" (too few samples to tell a tie from a loss)."""
+    if mean - z * stderr > -margin:
+        return "holds"
+    if mean < -z * stderr:
+        return "does not hold"
+    return f"inconclusive (not significantly worse, but not within {margin:g} either)"
+
+
 def claim(key: str, text: str, figure: str, evidence: str, result: str) -> dict[str, str]:
     """One claim: an id, the paper's statement, its figure, this run's number(s), the verdict."""
     if not result.startswith(VERDICTS):

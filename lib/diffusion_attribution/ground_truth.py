@@ -97,17 +97,40 @@ def _cache_key(settings: Mapping[str, object], model_path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+# What every job of one measure_models call shares: sent to each worker process once.
+_SHARED: dict = {}
+
+
+def _share(shared: dict) -> None:
+    _SHARED.clear()
+    _SHARED.update(shared)
+
+
 def _measure_one(job: tuple) -> dict[str, Tensor]:
-    (model_path, cache_path, key, measurements, queries, num_draws, seed, traj, batch_size) = job
+    model_path, cache_path, key = job
     from .train import load_model
 
     torch.set_num_threads(1)
     model = load_model(model_path, device=os.environ.get("DA_DEVICE", "cpu"))
     values = measure(
-        model, measurements, queries, num_draws, seed, trajectories=traj, batch_size=batch_size
+        model,
+        _SHARED["measurements"],
+        _SHARED["queries"],
+        _SHARED["num_draws"],
+        _SHARED["seed"],
+        trajectories=_SHARED["trajectories"],
+        batch_size=_SHARED["batch_size"],
     )
     atomic_save({"key": key, "values": values}, cache_path)
     return values
+
+
+def describe(m: Measurement) -> dict[str, object]:
+    """What defines a measurement's values: its class, every plain setting and a hash of the
+    noise schedule (a cache key must change with any of them)."""
+    plain = {k: v for k, v in vars(m).items() if isinstance(v, (int, float, str, bool, type(None)))}
+    betas = hashlib.sha256(m.schedule.betas.double().numpy().tobytes()).hexdigest()[:16]
+    return {"class": type(m).__name__, "schedule": betas, **plain}
 
 
 def measure_models(
@@ -140,7 +163,7 @@ def measure_models(
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     settings = {
-        "measurements": {k: repr(m) for k, m in measurements.items()},
+        "measurements": {k: describe(m) for k, m in measurements.items()},
         "draws": dict(num_draws),
         "seed": seed,
         "batch": batch_size,
@@ -166,31 +189,30 @@ def measure_models(
             if saved.get("key") == key:
                 results[label] = saved["values"]
                 continue
-        todo.append(
-            (
-                label,
-                (
-                    path,
-                    cache,
-                    key,
-                    measurements,
-                    queries,
-                    num_draws,
-                    seed,
-                    trajectories,
-                    batch_size,
-                ),
-            )
-        )
+        todo.append((label, (path, cache, key)))
     if todo:
+        shared = {
+            "measurements": measurements,
+            "queries": queries,
+            "num_draws": dict(num_draws),
+            "seed": seed,
+            "trajectories": trajectories,
+            "batch_size": batch_size,
+        }
         workers = min(workers or os.cpu_count() or 1, len(todo))
         bar = tqdm(total=len(todo), desc="measuring models", disable=not progress)
         if workers == 1:
-            for label, job in todo:
-                results[label] = _measure_one(job)
-                bar.update(1)
+            threads = torch.get_num_threads()
+            _share(shared)
+            try:
+                for label, job in todo:
+                    results[label] = _measure_one(job)
+                    bar.update(1)
+            finally:
+                torch.set_num_threads(threads)
         else:
-            with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+            ctx = get_context("spawn")
+            with ProcessPoolExecutor(workers, ctx, initializer=_share, initargs=(shared,)) as pool:
                 futures = {pool.submit(_measure_one, job): label for label, job in todo}
                 for fut in as_completed(futures):
                     results[futures[fut]] = fut.result()

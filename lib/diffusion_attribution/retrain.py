@@ -105,6 +105,15 @@ def checkpoint_path(job: RetrainJob) -> Path:
     return _checkpoint_path(Path(job.output), *_configs(job), data.images)
 
 
+def _job_code() -> str:
+    """Source of the code that turns a job into a model besides ``train.py``, ``ddpm.py`` and
+    ``unet.py`` (which :func:`~diffusion_attribution.train.fingerprint` hashes): how a job's
+    configs and seed are made, how it trains, and how its subset is cut (batch order)."""
+    import inspect
+
+    return "".join(inspect.getsource(f) for f in (_configs, run_job, ImageDataset.subset))
+
+
 def file_digest(path: str | Path) -> str:
     """SHA-256 of a file's bytes (the training set a job's ``keep`` ids refer to)."""
     import hashlib
@@ -124,7 +133,7 @@ def make_job(
     data_digest: str | None = None,
 ) -> RetrainJob:
     """A job whose output file name carries a fingerprint of everything that defines the model
-    (the training set's content, configs, kept ids, seed, training code):
+    (the training set's content, configs, kept ids, seed, training code, :func:`_job_code`):
     ``<out_dir>/<name>-<fingerprint>.pt``. ``data_digest`` (:func:`file_digest` of
     ``data_path``, computed here when not given) lets many jobs share one hash of the data.
 
@@ -134,7 +143,7 @@ def make_job(
     """
     keep = tuple(int(i) for i in keep)
     digest = data_digest or file_digest(data_path)
-    fp = fingerprint(digest, model, diffusion, train, keep, int(seed))
+    fp = fingerprint(digest, _job_code(), model, diffusion, train, keep, int(seed))
     return RetrainJob(
         name=name,
         data_path=str(data_path),
@@ -178,6 +187,40 @@ def subset_jobs(
     ]
 
 
+def reference_jobs(
+    data_path: str | Path,
+    num_train: int,
+    num_seeds: int,
+    steps: int,
+    model: ModelConfig,
+    diffusion: DiffusionConfig,
+    train: TrainConfig,
+    out_dir: str | Path,
+) -> list[RetrainJob]:
+    """``jobs[k]``: a model on the *full* training set with shared seed k for ``steps`` steps.
+
+    The reference a subset model's measurement is compared with (Figs. 13-15): with ``steps``
+    = subset steps / fraction it has seen each example as often as a subset model has seen each
+    of its own (the paper's epoch-matched design, App. G.5) and shares its seed, so m(subset
+    model) - m(reference) reflects the removed data, not shorter training or another seed."""
+    digest = file_digest(data_path)
+    ref_train = train.model_copy(update={"steps": int(steps)})
+    return [
+        make_job(
+            f"reference_seed{k}",
+            data_path,
+            range(num_train),
+            k,
+            model,
+            diffusion,
+            ref_train,
+            out_dir,
+            digest,
+        )
+        for k in range(num_seeds)
+    ]
+
+
 def prune(out_dir: str | Path, jobs: Sequence[RetrainJob]) -> list[Path]:
     """Delete model files and checkpoints in ``out_dir`` that belong to none of ``jobs`` (left
     by runs with other settings); returns what was deleted."""
@@ -191,28 +234,47 @@ def prune(out_dir: str | Path, jobs: Sequence[RetrainJob]) -> list[Path]:
     return removed
 
 
-def _die_with_parent() -> None:
-    """Linux: have the kernel send SIGTERM to this process when its parent dies.
+#: Environment variable through which :func:`run_jobs` tells local jobs its process id.
+OWNER_ENV = "DA_RETRAIN_OWNER"
 
-    A job started by the local executor is a child of the process running :func:`run_jobs`
-    (for the pipeline, a Jupyter kernel in a session of its own). If that process is killed,
-    the job would otherwise train on as an orphan beside the rerun. Its checkpoints are written
-    atomically, so dying at any point loses at most the steps since the last one.
+
+def exit_with_owner(poll_s: float = 0.5) -> None:
+    """End this process as soon as the process named by ``DA_RETRAIN_OWNER`` is gone.
+
+    A local job is started by a submitit controller that is meant to outlive the process that
+    submitted it. If :func:`run_jobs` is killed (for the pipeline: the notebook's kernel, which
+    runs in a session of its own), its jobs would otherwise train on as orphans beside a rerun.
+    A daemon thread polls the owner's pid; checkpoints are written atomically, so exiting at any
+    point loses at most the steps since the last checkpoint. No-op without the variable.
     """
-    import ctypes
-    import signal
-    import sys
+    import threading
 
-    if not sys.platform.startswith("linux"):
+    owner = os.environ.get(OWNER_ENV)
+    if not owner:
         return
-    parent = os.getppid()
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
-    except OSError:
-        return
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os.kill(os.getpid(), signal.SIGTERM)
+    pid = int(owner)
+
+    def alive() -> bool:
+        try:
+            with open(f"/proc/{pid}/stat") as f:  # a zombie counts as gone
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+        except OSError:  # no /proc: ask the kernel
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return False
+            except PermissionError:
+                pass
+            return True
+
+    def watch() -> None:
+        while alive():
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-owner", daemon=True).start()
 
 
 def run_job(job: RetrainJob) -> str:
@@ -226,8 +288,7 @@ def run_job(job: RetrainJob) -> str:
     if output.exists():
         _remove_checkpoints(output)  # one left by a kill between saving and cleaning up
         return job.output
-    if os.environ.get("SUBMITIT_EXECUTOR") == "local":
-        _die_with_parent()
+    exit_with_owner()
     model_cfg, diff_cfg, train_cfg = _configs(job)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -347,6 +408,9 @@ def _run_local(todo: list[RetrainJob], max_parallel: int, folder: str, bar: obje
 
     ex = submitit.LocalExecutor(folder=folder)
     ex.update_parameters(timeout_min=_LOCAL_TIMEOUT_MIN)
+    # Jobs inherit this environment: they exit when this process is gone (exit_with_owner).
+    previous = os.environ.get(OWNER_ENV)
+    os.environ[OWNER_ENV] = str(os.getpid())
     # The local executor sets CUDA_VISIBLE_DEVICES to its own GPU list (empty by default).
     gpus = torch.cuda.device_count() if os.environ.get("DA_DEVICE", "cpu").startswith("cuda") else 0
     pending, running, n = deque(todo), [], 0
@@ -370,6 +434,11 @@ def _run_local(todo: list[RetrainJob], max_parallel: int, folder: str, bar: obje
         for _, sjob in running:
             sjob.cancel(check=False)
         raise
+    finally:
+        if previous is None:
+            os.environ.pop(OWNER_ENV, None)
+        else:
+            os.environ[OWNER_ENV] = previous
 
 
 def _run_slurm(todo: list[RetrainJob], max_parallel: int, folder: str, bar: object) -> None:
