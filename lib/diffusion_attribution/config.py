@@ -214,7 +214,7 @@ class CounterfactualConfig(_Section):
     fractions: tuple[Annotated[float, Field(gt=0, lt=1)], ...] = (0.02, 0.1)
     num_queries: PositiveInt = 3
     methods: tuple[CounterfactualMethod, ...] = ("kfac", "trak", "d-trak", "random")
-    steps: PositiveInt = 600
+    steps: PositiveInt = 500
     seed: NonNegInt = 0
 
 
