@@ -3,7 +3,6 @@ draws, and the per-model cache resumes without recomputing and never serves stal
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -125,4 +124,3 @@ def test_stack_layout():
     m = stack(results, grid)["loss"]
     assert m.shape == (2, 3, 2)  # (Q, M, K)
     assert m[1, 2, 1] == 121.0 and m[0, 1, 0] == 10.0
-    assert os.cpu_count()

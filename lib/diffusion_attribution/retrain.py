@@ -39,6 +39,7 @@ not invalidate DVC results):
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections import deque
@@ -105,6 +106,7 @@ def checkpoint_path(job: RetrainJob) -> Path:
     return _checkpoint_path(Path(job.output), *_configs(job), data.images)
 
 
+@functools.cache
 def _job_code() -> str:
     """Source of the code that turns a job into a model besides ``train.py``, ``ddpm.py`` and
     ``unet.py`` (which :func:`~diffusion_attribution.train.fingerprint` hashes): how a job's
