@@ -34,8 +34,9 @@ def child(args: argparse.Namespace) -> dict:
     from diffusion_attribution.curvature import fit_kfac
     from diffusion_attribution.data import load_dataset
     from diffusion_attribution.ddpm import NoiseSchedule
-    from diffusion_attribution.influence import ScoreSpec, attribute
+    from diffusion_attribution.influence import attribute
     from diffusion_attribution.measurements import DiffusionLoss
+    from diffusion_attribution.scores import ScoreKey
     from diffusion_attribution.train import build_model, load_model
     from diffusion_attribution.unet import kfac_parameters
 
@@ -68,7 +69,7 @@ def child(args: argparse.Namespace) -> dict:
     )
     del d
     fit = time.perf_counter() - start
-    spec = ScoreSpec("mc_expand", "loss", 1e-8, "int8")
+    spec = ScoreKey("kfac", "loss", "mc_expand", 1e-8, "int8")
     _, timings = attribute(
         net,
         params,

@@ -5,8 +5,9 @@ of the digits-2 training set (sklearn digits 3 and 8, N = 357) and Q generated q
 each projection dimension k this runs, each in its own process (so each peak RSS is that
 path's own, model and imports included):
 
-* ours: :func:`diffusion_attribution.trak.featurize` with :class:`~diffusion_attribution.trak.
-  Projector` (Rademacher, regenerated chunk by chunk, gradients buffered per call);
+* ours: :func:`diffusion_attribution.projection.featurize` with
+  :class:`~diffusion_attribution.projection.Projector` (Rademacher, regenerated chunk by chunk,
+  gradients buffered per call);
 * traker: :class:`trak.projectors.BasicProjector` (``proj_type`` normal -- what ``TRAKer``
   picks on CPU -- float32), called per batch of 32 gradients as ``TRAKer.featurize`` does with
   its default ``proj_max_batch_size``; its output is divided by sqrt(k) to match our scaling.
@@ -54,8 +55,9 @@ def load_setup(args: argparse.Namespace):
     from diffusion_attribution.data import load_digits
     from diffusion_attribution.ddpm import NoiseSchedule
     from diffusion_attribution.measurements import DiffusionLoss
+    from diffusion_attribution.testing import TINY_DIGITS
     from diffusion_attribution.train import load_model
-    from diffusion_attribution.unet import TINY_DIGITS, UNet, kfac_parameters
+    from diffusion_attribution.unet import UNet, kfac_parameters
 
     if MODEL.exists() and not args.random_init:
         model, source = load_model(MODEL), str(MODEL)
@@ -85,7 +87,7 @@ def child(args: argparse.Namespace) -> dict:
     result = {"role": args.role, "k": args.dim, "P": num_params, "model": source}
 
     if args.role == "ours":
-        from diffusion_attribution.trak import Projector, featurize
+        from diffusion_attribution.projection import Projector, featurize
 
         proj = Projector(num_params, args.dim, seed=0, kind=args.our_kind)
         timings: dict[str, float] = {}
@@ -214,7 +216,7 @@ def mean_spearman(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def options(args: argparse.Namespace) -> None:
     """Projector design options on random gradients of the model's size (this process)."""
-    from diffusion_attribution.trak import Projector
+    from diffusion_attribution.projection import Projector
 
     torch.set_num_threads(args.threads)
     _, params, train, _, _ = load_setup(args)

@@ -127,3 +127,13 @@ def test_pipeline_runner_validates_before_running(tmp_path):
     assert proc.returncode == 2
     assert "sample.num_samples" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "reports").exists() and not (tmp_path / "outputs").exists()
+
+
+def test_params_yaml_is_the_schema_defaults_spelled_out():
+    """One source of defaults: the default profile is the schema's defaults, key for key (the
+    notebooks have none of their own; a test in test_pipeline checks that)."""
+    from diffusion_attribution.config import Config, dump_config
+
+    text = (Path(__file__).resolve().parents[1] / "params.yaml").read_text()
+    body = "\n".join(line for line in text.splitlines() if not line.startswith("#")) + "\n"
+    assert body == dump_config(Config())

@@ -25,7 +25,8 @@ from diffusion_attribution.curvature import (
     noisy_rows,
 )
 from diffusion_attribution.ddpm import NoiseSchedule
-from diffusion_attribution.unet import TINY_DIGITS, UNet, kfac_parameters
+from diffusion_attribution.testing import TINY_DIGITS
+from diffusion_attribution.unet import UNet, kfac_parameters
 
 T = 10
 SCHEDULE = NoiseSchedule.linear(T, 1e-3, 0.2)

@@ -63,8 +63,8 @@ def test_measure_models_caches_and_resumes(setup, tmp_path: Path, monkeypatch):
         path = tmp_path / f"m{k}.pt"
         save_model(path, build_model(MODEL, (1, 8, 8)), MODEL, (1, 8, 8))
         paths[f"m{k}"] = path
-    cache = tmp_path / "cache"
-    kw = dict(trajectories=out.trajectory, workers=1, progress=False)
+    cache, stale = tmp_path / "cache", tmp_path / "stale"
+    kw = dict(trajectories=out.trajectory, workers=1, progress=False, stale_dir=stale)
     first = measure_models(paths, measurements, out.x0, draws, 4, cache, **kw)
     assert list(first) == ["m0", "m1", "m2"]
     stamps = {f.name: f.stat().st_mtime_ns for f in cache.iterdir()}
@@ -83,18 +83,25 @@ def test_measure_models_caches_and_resumes(setup, tmp_path: Path, monkeypatch):
             assert torch.equal(again[label][name], first[label][name])
     monkeypatch.undo()
 
-    # a changed model file or other settings are measured again, never served from the cache
+    # a changed model file or other settings are measured again, never served from the cache;
+    # the superseded entry is moved aside, not overwritten
     torch.manual_seed(9)
     save_model(paths["m1"], build_model(MODEL, (1, 8, 8)), MODEL, (1, 8, 8))
     changed = measure_models(paths, measurements, out.x0, draws, 4, cache, **kw)
     assert not torch.equal(changed["m1"]["loss"], first["m1"]["loss"])
     assert torch.equal(changed["m0"]["loss"], first["m0"]["loss"])
+    (old_m1,) = stale.glob("*/m1.pt")
+    assert torch.equal(torch.load(old_m1, weights_only=True)["values"]["loss"], first["m1"]["loss"])
     reseeded = measure_models(paths, measurements, out.x0, draws, 5, cache, **kw)
     assert not torch.equal(reseeded["m0"]["loss"], first["m0"]["loss"])
+    assert len(list(stale.glob("*/*.pt"))) == 4  # m1 once, then every model for the new seed
 
-    # pruning drops cache entries of models no longer asked for
+    # pruning moves cache entries of models no longer asked for aside
     measure_models({"m0": paths["m0"]}, measurements, out.x0, draws, 5, cache, prune=True, **kw)
     assert sorted(f.name for f in cache.iterdir()) == ["m0.pt"]
+    assert len(list(stale.glob("*/*.pt"))) == 6
+    with pytest.raises(TypeError, match="stale_dir"):  # no default: nothing is lost by accident
+        measure_models(paths, measurements, out.x0, draws, 5, cache, prune=True)
 
     # the same values from worker processes
     parallel = measure_models(
@@ -107,11 +114,42 @@ def test_measure_models_caches_and_resumes(setup, tmp_path: Path, monkeypatch):
         trajectories=out.trajectory,
         workers=2,
         progress=False,
+        stale_dir=stale,
     )
     for label in paths:
         torch.testing.assert_close(parallel[label]["elbo"], changed[label]["elbo"])
     with pytest.raises(FileNotFoundError, match="m9"):
-        measure_models({"m9": tmp_path / "nope.pt"}, measurements, out.x0, draws, 4, cache)
+        measure_models(
+            {"m9": tmp_path / "nope.pt"}, measurements, out.x0, draws, 4, cache, stale_dir=stale
+        )
+
+
+def test_cache_key_ignores_comments_not_code(setup, tmp_path: Path, monkeypatch):
+    """The key covers the measurement code by meaning: a docstring edit keeps it."""
+    import diffusion_attribution.ground_truth as gt
+    from diffusion_attribution import identity
+
+    schedule, model, out, measurements, draws = setup
+    path = tmp_path / "m.pt"
+    save_model(path, model, MODEL, (1, 8, 8))
+    settings = gt.cache_settings(measurements, out.x0, draws, 4, out.trajectory)
+    key = gt.cache_key(settings, path)
+    assert key == gt.cache_key(dict(settings), path) and len(key) == 16
+    assert gt.cache_key({**settings, "seed": 5}, path) != key
+    real = identity.inspect.getsource
+
+    def edited(obj, replace: tuple[str, str]) -> str:
+        text = real(obj)
+        return text.replace(*replace) if obj is gt else text
+
+    monkeypatch.setattr(
+        identity.inspect, "getsource", lambda o: edited(o, ('"""Ground-truth', '"""Edited.'))
+    )
+    assert gt.cache_key(settings, path) == key
+    monkeypatch.setattr(
+        identity.inspect, "getsource", lambda o: edited(o, ("per = max(1,", "per = max(2,"))
+    )
+    assert gt.cache_key(settings, path) != key
 
 
 def test_stack_layout():

@@ -10,13 +10,13 @@ from torch import nn
 from diffusion_attribution.curvature import DenseCurvature, fit_kfac
 from diffusion_attribution.ddpm import NoiseSchedule
 from diffusion_attribution.influence import (
-    ScoreSpec,
     attribute,
     influence_scores,
     precondition,
     train_gradient_scale,
 )
 from diffusion_attribution.measurements import DiffusionLoss, TimestepLoss
+from diffusion_attribution.scores import ScoreKey
 from diffusion_attribution.testing import TINY_4X4
 from diffusion_attribution.unet import UNet, kfac_parameters
 
@@ -73,14 +73,14 @@ def test_scores_predict_exact_retraining_on_a_convex_model():
         queries,
         {"loss": loss},
         {"exact": K},
-        [ScoreSpec("exact", "loss", 1e-12, "none")],
+        [ScoreKey("kfac", "loss", "exact", 1e-12, "none")],
         train_measurement=loss,
         train_draws=s,
         query_draws=16,
         seed=1,
         batch_size=7,
     )
-    score = scores[ScoreSpec("exact", "loss", 1e-12, "none").key]
+    score = scores[ScoreKey("kfac", "loss", "exact", 1e-12, "none")]
     qdraws = loss.draw(queries, torch.arange(3), 16, seed=2)  # attribute uses seed + 1
     with torch.no_grad():
         base = loss(model, queries, qdraws)
@@ -122,7 +122,10 @@ def test_pipeline_equals_brute_force_with_explicit_inverse():
     H = A @ A.T  # any PSD matrix stands in for the curvature
     lam = 1e-2
     loss, l5 = DiffusionLoss(SCHEDULE), TimestepLoss(SCHEDULE, 5)
-    specs = [ScoreSpec("dense", "loss", lam, "none"), ScoreSpec("dense", "l_t=5", lam, "none")]
+    specs = [
+        ScoreKey("kfac", "loss", "dense", lam, "none"),
+        ScoreKey("kfac", "l_t=5", "dense", lam, "none"),
+    ]
     scores, timings = attribute(
         model,
         params,
@@ -162,7 +165,7 @@ def test_pipeline_equals_brute_force_with_explicit_inverse():
         )
         expected = Gq @ inv @ Gt.T / n
         torch.testing.assert_close(
-            scores[spec.key].double(), expected, rtol=1e-4, atol=1e-6 * float(expected.abs().max())
+            scores[spec].double(), expected, rtol=1e-4, atol=1e-6 * float(expected.abs().max())
         )
     assert timings.gradients > 0 and timings.overhead >= 0
 
@@ -176,13 +179,13 @@ def test_int8_keeps_the_ranking_and_runs_are_deterministic():
     loss = DiffusionLoss(SCHEDULE)
     d = loss.draw(x0, torch.arange(24), 2, seed=5)
     K = fit_kfac(model, params, SCHEDULE, x0, d["t"], d["eps"])
-    specs = [ScoreSpec("mc", "loss", 1e-3, c) for c in ("none", "int8", "int4")]
+    specs = [ScoreKey("kfac", "loss", "mc", 1e-3, c) for c in ("none", "int8", "int4")]
     kw = dict(train_measurement=loss, train_draws=4, query_draws=4, seed=3, batch_size=8)
     a, _ = attribute(model, params, x0, queries, {"loss": loss}, {"mc": K}, specs, **kw)
     b, _ = attribute(model, params, x0, queries, {"loss": loss}, {"mc": K}, specs, **kw)
     for spec in specs:
-        assert torch.equal(a[spec.key], b[spec.key])
-    full, int8, int4 = (a[s.key] for s in specs)
+        assert torch.equal(a[spec], b[spec])
+    full, int8, int4 = (a[s] for s in specs)
     for q in range(3):
         assert spearmanr(full[q], int8[q]).statistic > 0.99
         assert spearmanr(full[q], int4[q]).statistic > 0.8

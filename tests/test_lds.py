@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 
-from diffusion_attribution.influence import ScoreSpec
 from diffusion_attribution.lds import (
     heldout_damping,
     lds,
@@ -16,10 +15,10 @@ from diffusion_attribution.lds import (
     random_removal_sets,
     retraining_ceiling,
     retraining_proxy,
-    select,
     subset_masks,
     top_removal_sets,
 )
+from diffusion_attribution.scores import ScoreKey
 
 
 def test_subset_masks_exact_size_seeded():
@@ -104,8 +103,8 @@ def test_lds_table_hand_worked():
     # 1 query, 3 training examples, 4 subsets. Removed sets: {2}, {1}, {0}, {0, 1}.
     masks = torch.tensor([[1, 1, 0], [1, 0, 1], [0, 1, 1], [0, 0, 1]], dtype=torch.bool)
     scores = {
-        ScoreSpec("k", "loss", 1e-8): torch.tensor([[1.0, 2.0, 4.0], [9.0, 9.0, 9.0]]),
-        ScoreSpec("k", "elbo", 1e-8): torch.tensor([[1.0, 2.0, 4.0], [0.0, 0.0, 0.0]]),
+        ScoreKey("kfac", "loss", "k", 1e-8): torch.tensor([[1.0, 2.0, 4.0], [9.0, 9.0, 9.0]]),
+        ScoreKey("kfac", "elbo", "k", 1e-8): torch.tensor([[1.0, 2.0, 4.0], [0.0, 0.0, 0.0]]),
     }
     # predicted loss changes: [4, 2, 1, 3] -> ranks [4, 2, 1, 3]
     measured = {
@@ -167,23 +166,3 @@ def test_heldout_damping_never_uses_the_evaluation_fold():
     assert r2.heldout.mean < r2.best_of_sweep.mean
     with pytest.raises(ValueError, match="4 subsets"):
         heldout_damping(scores, measured[:, :3], masks[:3])
-
-
-def test_select_fixed_damping_or_best_of_sweep():
-    import pandas as pd
-
-    table = pd.DataFrame(
-        {
-            "variant": ["trak"] * 3 + ["kfac"],
-            "measurement": ["loss"] * 4,
-            "target": ["loss"] * 4,
-            "compression": ["float32", "float32", "float16", "int8"],
-            "damping": [1e-3, 1e-1, 1e-1, 1e-8],
-            "lds": [0.2, 0.5, 0.6, 0.4],
-        }
-    )
-    assert select(table, "loss", "trak", "loss", compression="float32").damping == 1e-1
-    assert select(table, "loss", "trak", "loss").compression == "float16"  # best over all
-    assert select(table, "loss", "trak", "loss", damping=1e-3 * (1 + 1e-9)).lds == 0.2
-    assert select(table, "loss", "kfac", "loss", damping=1e-8).lds == 0.4
-    assert select(table, "elbo", "kfac", "loss") is None

@@ -15,7 +15,8 @@ import nbformat
 import pytest
 import yaml
 
-from diffusion_attribution.pipeline import STAGES
+from diffusion_attribution import dvcgraph, stages
+from diffusion_attribution.pipeline import notebook
 
 ROOT = Path(__file__).resolve().parents[1]
 DVC_YAML = yaml.safe_load((ROOT / "dvc.yaml").read_text())
@@ -34,21 +35,88 @@ def test_committed_notebooks_carry_no_outputs(path):
             )
     tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
     assert len(tagged) == 1, f"{path.name} needs exactly one cell tagged 'parameters'"
+    # no experiment value of its own: papermill passes params.yaml, or it is read by hand
+    code = [
+        line for line in tagged[0].source.splitlines() if line.strip() and not line.startswith("#")
+    ]
+    assert code == ["params = None"], f"{path.name}: the parameters cell holds values"
+    # thin: one stage call, figures and prose; no logic of its own
+    lines = [
+        ln for c in nb.cells if c.cell_type == "code" for ln in c.source.splitlines() if ln.strip()
+    ]
+    assert len(lines) <= 40, f"{path.name}: {len(lines)} code lines"
+    assert not any(ln.lstrip().startswith(("def ", "class ", "for ", "while ")) for ln in lines), (
+        path.name
+    )
 
 
-def test_dvc_stages_match_the_runner():
-    stages = DVC_YAML["stages"]
-    assert set(STAGES) <= set(stages)
-    for name, stage in STAGES.items():
-        spec = stages[name]
+def test_dvc_yaml_is_derived_from_the_stages():
+    """dvc.yaml is what the stage modules imply: every library file a stage imports (followed
+    through imports), the params keys it reads, its notebook and outputs."""
+    assert (ROOT / "dvc.yaml").read_text() == dvcgraph.dvc_yaml(), (
+        "dvc.yaml is stale: run `python -m diffusion_attribution.dvcgraph > dvc.yaml`"
+    )
+    for name in stages.NAMES:
+        spec = DVC_YAML["stages"][name]
         assert spec["cmd"] == f"python -m diffusion_attribution.pipeline {name}"
-        assert f"notebooks/{stage.notebook}" in spec["deps"]
-        assert sorted(spec.get("params", [])) == sorted(stage.sections), name
-        outs = [o if isinstance(o, str) else next(iter(o)) for o in spec["outs"]]
-        assert f"reports/notebooks/{stage.notebook}" in outs
+        assert f"notebooks/{notebook(name)}" in spec["deps"]
+        assert f"lib/diffusion_attribution/stages/{name}.py" in spec["deps"]
         assert not any(d.startswith("reports/") for d in spec["deps"]), (
             "executed notebooks are never deps"
         )
+    deps = DVC_YAML["stages"]["curvature"]["deps"]
+    for lib in (
+        "curvature.py",
+        "curvlinops_adapter.py",
+        "kronecker.py",
+        "ddpm.py",
+        "unet.py",
+        "train.py",
+    ):
+        assert f"lib/diffusion_attribution/{lib}" in deps, lib
+    assert "lib/diffusion_attribution/influence.py" in DVC_YAML["stages"]["baselines"]["deps"]
+    # per key: editing influence.svd_ranks does not refit the curvature
+    assert "influence.damping" in DVC_YAML["stages"]["curvature"]["params"]
+    assert "influence.svd_ranks" not in DVC_YAML["stages"]["curvature"]["params"]
+
+
+def test_library_deps_follow_imports(tmp_path, monkeypatch):
+    """A module's dependencies are found through its imports, including imports inside
+    functions and ``from . import x``; a package module nobody imports is not one."""
+    pkg = tmp_path / "diffusion_attribution"
+    (pkg / "stages").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "stages" / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from . import b\n")
+    (pkg / "b.py").write_text("def f():\n    from .c import g\n")
+    (pkg / "c.py").write_text("import os\n")
+    (pkg / "unused.py").write_text("")
+    (pkg / "stages" / "s.py").write_text("from ..a import x\n")
+    monkeypatch.setattr(dvcgraph, "LIB", pkg)
+    dvcgraph.library_deps.cache_clear()
+    try:
+        found = {p.name for p in dvcgraph.library_deps("diffusion_attribution.stages.s")}
+    finally:
+        dvcgraph.library_deps.cache_clear()
+    assert found == {"s.py", "__init__.py", "a.py", "b.py", "c.py"}
+
+
+def test_params_read_per_key(tmp_path):
+    code = tmp_path / "stage.py"
+    code.write_text(
+        "def run(config, ws):\n"
+        "    icfg, m = config.influence, config.measure\n"
+        "    x = config.train.steps + icfg.damping\n"
+        "    f(config.model)\n"
+        "    g(m.model_dump())\n"
+    )
+    assert dvcgraph.params_read(code) == {"train.steps", "influence.damping", "model", "measure"}
+    code.write_text("def run(config, ws):\n    helper(config)\n")
+    with pytest.raises(ValueError, match="pass sections"):
+        dvcgraph.params_read(code)
+    code.write_text("def run(config, ws):\n    return config.trian\n")
+    with pytest.raises(ValueError, match="no section"):
+        dvcgraph.params_read(code)
 
 
 def declared_outputs():
@@ -136,12 +204,12 @@ def test_smoke_profile_end_to_end(tmp_path):
     assert len(list((repo / "outputs" / "retrain" / "models").glob("*.pt"))) == total
     for out in declared_outputs():
         assert (repo / out).exists(), f"declared output missing: {out}"
-    for stage in STAGES.values():
-        nb = nbformat.read(repo / "reports" / "notebooks" / stage.notebook, as_version=4)
+    for name in stages.NAMES:
+        nb = nbformat.read(repo / "reports" / "notebooks" / notebook(name), as_version=4)
         for cell in nb.cells:
             for o in cell.get("outputs", []):
                 assert o.get("output_type") != "error", (
-                    f"{stage.notebook}: {o.get('ename')}: {o.get('evalue')}"
+                    f"{notebook(name)}: {o.get('ename')}: {o.get('evalue')}"
                 )
     assert json.loads((repo / "metrics" / "train.json").read_text())["steps"] == 60
     again = subprocess.run([*dvc, "repro"], cwd=repo, env=env, capture_output=True, text=True)

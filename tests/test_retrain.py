@@ -258,18 +258,98 @@ def test_fingerprinted_jobs_and_prune(data_path: str, tmp_path: Path) -> None:
     variants.append(retrain.make_job("m", other_data, range(10), 0, MODEL, DIFFUSION, TRAIN, out))
     assert len({base.output, *(v.output for v in variants)}) == 5
 
-    # prune keeps the wanted models and their checkpoints, removes everything else
+    # prune keeps the wanted models and their checkpoints and moves everything else aside
     out.mkdir()
     wanted = flat[:2]
     for j in wanted:
         Path(j.output).write_bytes(b"model")
         Path(j.output + ".0123456789abcdef.ckpt").write_bytes(b"ckpt")
     stale = [out / "subset000_seed0-ffffffffffffffff.pt", out / "x.pt.0123456789abcdef.ckpt"]
-    for f in stale:
-        f.write_bytes(b"old")
-    removed = retrain.prune(out, wanted)
-    assert sorted(removed) == sorted(stale)
+    for i, f in enumerate(stale):
+        f.write_bytes(b"old %d" % i)
+    with pytest.raises(TypeError, match="stale_dir"):
+        retrain.prune(out, wanted)  # no default: nobody prunes by accident
+    moved = retrain.prune(out, wanted, stale_dir=tmp_path / "stale")
+    assert [src for src, _ in moved] == sorted(stale)
     assert len(list(out.iterdir())) == 4
+    for i, (src, dst) in enumerate(sorted(moved)):  # nothing deleted: all in the stale folder
+        assert dst.parent.parent == tmp_path / "stale" and dst.name == src.name
+        assert dst.read_bytes() == b"old %d" % i
+    assert retrain.prune(out, wanted, stale_dir=tmp_path / "stale") == []
+
+
+def copy_package(tmp_path: Path, name: str, edits: dict[str, tuple[str, str]]):
+    """Import a copy of the package as ``name``, with ``edits`` ({file: (old, new)}) applied."""
+    import importlib
+
+    import diffusion_attribution
+
+    src = Path(diffusion_attribution.__file__).parent
+    root = tmp_path / name
+    (root / name).mkdir(parents=True)
+    for f in src.glob("*.py"):
+        text = f.read_text()
+        if f.name in edits:
+            old, new = edits[f.name]
+            assert text.count(old) == 1, (f.name, old)
+            text = text.replace(old, new)
+        (root / name / f.name).write_text(text)
+    sys.path.insert(0, str(root))
+    try:
+        return importlib.import_module(f"{name}.retrain")
+    finally:
+        sys.path.remove(str(root))
+
+
+@pytest.fixture
+def copies():
+    """Forget the package copies imported by a test."""
+    yield
+    for name in [n for n in sys.modules if n.startswith("pkg_")]:
+        del sys.modules[name]
+
+
+def test_job_names_follow_code_not_comments(data_path: str, tmp_path: Path, copies) -> None:
+    """A docstring or comment edit in the training code renames no job; a code edit does."""
+    from diffusion_attribution import retrain
+
+    def name_of(module) -> str:
+        cfg = module.__name__.rsplit(".", 1)[0] + ".config"
+        cfg = sys.modules[cfg]
+        job = module.make_job(
+            "m",
+            data_path,
+            range(10),
+            0,
+            cfg.ModelConfig(**MODEL.model_dump()),
+            cfg.DiffusionConfig(**DIFFUSION.model_dump()),
+            cfg.TrainConfig(**TRAIN.model_dump()),
+            tmp_path / "out",
+        )
+        return Path(job.output).name
+
+    base = name_of(retrain)
+    docs = {
+        "ddpm.py": ('"""Denoising diffusion', '# a new comment\n"""Edited. Denoising diffusion'),
+        "train.py": (
+            "linear warm-up, then cosine to 0.",
+            "warm-up, then a cosine decay (edited).\n\n    More text.",
+        ),
+        "retrain.py": ("torch thread (several jobs run", "torch thread (edited: several jobs run"),
+        "data.py": ("Return the examples at", "The examples at"),
+    }
+    code = {
+        "train.py": ("0.5 * (1.0 + math.cos", "0.5 * (1.0 - math.cos"),
+        "retrain.py": ('{**job.train, "seed": job.seed}', '{**job.train, "seed": job.seed + 1}'),
+        "data.py": ("idx = torch.as_tensor(indices)", "idx = torch.as_tensor(indices).flip(0)"),
+    }
+    assert name_of(copy_package(tmp_path, "pkg_same", {})) == base  # the location does not count
+    assert name_of(copy_package(tmp_path, "pkg_docs", docs)) == base
+    renamed = {
+        name_of(copy_package(tmp_path, f"pkg_code_{f.removesuffix('.py')}", {f: edit}))
+        for f, edit in code.items()
+    }
+    assert len(renamed) == len(code) and base not in renamed
 
 
 def test_job_exits_when_its_owner_is_killed(tmp_path: Path) -> None:

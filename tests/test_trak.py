@@ -5,19 +5,18 @@ import math
 import pytest
 import torch
 
+from diffusion_attribution import projection, similarity, trak
 from diffusion_attribution.ddpm import NoiseSchedule
 from diffusion_attribution.gradients import gradient_matrix
 from diffusion_attribution.influence import train_gradient_scale
-from diffusion_attribution.measurements import make_measurement
+from diffusion_attribution.measurements import ELBO, DiffusionLoss, SquareNorm, make_measurement
+from diffusion_attribution.projection import BLOCK_ROWS, Projector, featurize
+from diffusion_attribution.scores import ScoreKey, ScoreSet
+from diffusion_attribution.similarity import gradient_cosine, gradient_dot, pixel_similarity
 from diffusion_attribution.testing import TINY_4X4
 from diffusion_attribution.trak import (
-    BLOCK_ROWS,
-    Projector,
-    featurize,
-    gradient_cosine,
-    gradient_dot,
-    pixel_similarity,
-    trak_attribute,
+    baseline_scores,
+    mean_eigenvalue,
     trak_lambda,
     trak_scores,
     trak_scores_sweep,
@@ -232,28 +231,32 @@ def test_featurize_streams_like_the_gradient_matrix(tiny, name):
     torch.testing.assert_close(got1, expected, rtol=1e-4, atol=1e-7)
 
 
-def test_trak_attribute_matches_its_parts(tiny):
+def test_baseline_scores_match_their_parts(tiny):
+    """TRAK and D-TRAK matrices of the orchestrator are trak_scores of independently computed
+    features (other batching and grouping), at dampings relative to their mean eigenvalue."""
     model, params, schedule, x = tiny
     queries = x[:3] * 0.9
     measurements = {n: make_measurement(n, schedule) for n in ("loss", "square_norm")}
     p = sum(t.numel() for t in params)
     proj = Projector(p, 32, seed=0)
+    relative = [1e-3, 1.0]
+    scores = baseline_scores(
+        model,
+        params,
+        x,
+        queries,
+        measurements,
+        proj,
+        relative,
+        query_measurements=["loss"],
+        train_draws=2,
+        query_draws=3,
+        seed=7,
+        batch_size=3,
+        project_rows=4,
+    )
+    assert isinstance(scores, ScoreSet)
     for method, name in (("trak", "loss"), ("d-trak", "square_norm")):
-        scores, timings = trak_attribute(
-            model,
-            params,
-            x,
-            queries,
-            measurements,
-            proj,
-            [1e-3, 1.0],
-            method=method,
-            train_draws=2,
-            query_draws=3,
-            seed=7,
-            batch_size=3,
-            project_rows=4,
-        )
         m = measurements[name]
         qf = featurize(model, params, m, queries, m.draw(queries, torch.arange(3), 3, 8), proj)
         tf = featurize(
@@ -265,12 +268,41 @@ def test_trak_attribute_matches_its_parts(tiny):
             proj,
             scale=train_gradient_scale(16),
         )
-        for d, s in scores.items():
+        eig = scores.meta["mean_eigenvalue"][method]
+        assert eig == pytest.approx(mean_eigenvalue(tf), rel=1e-4)
+        found = scores.find(method=method, measurement=name)
+        for precision in ("float32", "float16"):
+            rel = sorted(scores.relative_damping(k) for k in found if k.precision == precision)
+            assert rel == pytest.approx(relative)
+        assert len(found) == 2 * len(relative)
+        for key, s in found.items():
             assert s.shape == (3, 7)
-            assert rel_err(s, trak_scores(qf, tf, d)) < 1e-4
-        assert set(timings) >= {"gradients", "projection", "scoring"}
-    with pytest.raises(ValueError, match="square norm"):
-        trak_attribute(
+            assert key.curvature == "projected_empirical" and key.compression == "none"
+            exact = trak_scores(qf, tf, key.damping, precision=key.precision)
+            assert (
+                rel_err(s, exact) < {"float32": 1e-4, "float16": 1e-3}[key.precision]
+            )  # measured 8e-7, 2e-5
+        if method == "trak":
+            dot = scores[ScoreKey("grad_dot", "loss")]
+            assert rel_err(dot, gradient_dot(qf, tf)) < 1e-4
+    assert set(scores.meta["seconds"]) >= {"gradients", "projection", "scoring"}
+    # every measurement a method needs must be given, and the error names it
+    with pytest.raises(ValueError, match="square_norm"):
+        baseline_scores(
+            model,
+            params,
+            x,
+            queries,
+            {"loss": measurements["loss"]},
+            proj,
+            [1.0],
+            query_measurements=["loss"],
+            train_draws=1,
+            query_draws=1,
+            seed=0,
+        )
+    with pytest.raises(ValueError, match="elbo"):
+        baseline_scores(
             model,
             params,
             x,
@@ -278,8 +310,7 @@ def test_trak_attribute_matches_its_parts(tiny):
             measurements,
             proj,
             [1.0],
-            method="d-trak",
-            query_measurement="loss",
+            query_measurements=["elbo"],
             train_draws=1,
             query_draws=1,
             seed=0,
@@ -312,13 +343,7 @@ def test_gradient_dot_and_cosine():
     torch.testing.assert_close(gradient_cosine(q, t), torch.tensor([[1.0, 0.0, r], [r, -r, 1.0]]))
 
 
-def test_baseline_scores_cover_every_method_in_the_score_format():
-    from diffusion_attribution.ddpm import NoiseSchedule
-    from diffusion_attribution.influence import ScoreSpec
-    from diffusion_attribution.measurements import ELBO, DiffusionLoss, SquareNorm
-    from diffusion_attribution.trak import Projector, baseline_scores, trak_scores
-    from diffusion_attribution.unet import UNet, kfac_parameters
-
+def test_baseline_scores_cover_every_method_in_the_score_format(tmp_path):
     torch.manual_seed(0)
     cfg = TINY_4X4
     net = UNet(cfg).eval()
@@ -335,7 +360,7 @@ def test_baseline_scores_cover_every_method_in_the_score_format():
         torch.rand(3, 1, 4, 4, generator=g) * 2 - 1,
     )
     proj = Projector(sum(p.numel() for p in params), 32, seed=1)
-    scores, info = baseline_scores(
+    scores = baseline_scores(
         net,
         params,
         train,
@@ -348,7 +373,9 @@ def test_baseline_scores_cover_every_method_in_the_score_format():
         query_draws=2,
         seed=0,
     )
-    methods = {(s.variant, s.measurement, s.compression) for s in scores}
+    assert isinstance(scores, ScoreSet)
+    assert all(isinstance(k, ScoreKey) for k in scores)
+    methods = {(k.method, k.measurement, k.precision) for k in scores}
     for prec in ("float32", "float16"):
         assert {
             ("trak", "loss", prec),
@@ -362,12 +389,51 @@ def test_baseline_scores_cover_every_method_in_the_score_format():
     } <= methods
     assert all(s.shape == (3, 10) and torch.isfinite(s).all() for s in scores.values())
     # dampings are relative to the mean eigenvalue of the projected empirical Fisher
-    eig = info["mean_eigenvalue_trak"]
+    eig = scores.meta["mean_eigenvalue"]["trak"]
     damp = sorted(
-        s.damping
-        for s in scores
-        if s.variant == "trak" and s.measurement == "loss" and s.compression == "float32"
+        k.damping for k in scores.find(method="trak", measurement="loss", precision="float32")
     )
     assert damp == pytest.approx([1e-2 * eig, eig])
-    assert isinstance(next(iter(scores)), ScoreSpec)
-    assert trak_scores is not None
+    # exactly these keys: the ScoreKey fields of every method
+    ev = scores.meta["mean_eigenvalue"]
+    assert set(ev) == {"trak", "d-trak"}
+    expected = {
+        ScoreKey(
+            method,
+            m,
+            curvature="projected_empirical",
+            damping=r * ev[method],
+            compression="none",
+            precision=prec,
+        )
+        for method, m in (("trak", "loss"), ("trak", "elbo"), ("d-trak", "square_norm"))
+        for r in (1e-2, 1.0)
+        for prec in ("float32", "float16")
+    }
+    expected |= {
+        ScoreKey(method, m) for method in ("grad_dot", "grad_cos") for m in ("loss", "elbo")
+    }
+    expected.add(ScoreKey("pixel", "none"))
+    assert set(scores) == expected
+    for key in [k for k in scores if k.method in ("grad_dot", "grad_cos", "pixel")]:
+        assert (key.curvature, key.damping, key.compression, key.precision) == (
+            "none",
+            0.0,
+            "none",
+            "float32",
+        )
+    assert set(scores.meta["seconds"]) == {"gradients", "projection", "scoring"}
+    # the set round-trips through its file (meta is plain values)
+    scores.save(tmp_path / "scores.pt")
+    back = ScoreSet.load(tmp_path / "scores.pt")
+    assert list(back) == list(scores) and back.meta == scores.meta
+    assert all(torch.equal(back[k], scores[k]) for k in scores)
+
+
+def test_old_import_paths_still_work():
+    """The projector and the similarity baselines moved out of ``trak``; it re-exports them."""
+    for name in ("BLOCK_ROWS", "Projector", "featurize"):
+        assert getattr(trak, name) is getattr(projection, name) and name in trak.__all__
+    for name in ("pixel_similarity", "gradient_dot", "gradient_cosine"):
+        assert getattr(trak, name) is getattr(similarity, name) and name in trak.__all__
+    assert not hasattr(trak, "trak_attribute")

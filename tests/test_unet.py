@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
+from diffusion_attribution.testing import TINY_DIGITS
 from diffusion_attribution.unet import (
     HO_CIFAR10,
-    TINY_DIGITS,
     AttentionBlock,
     Downsample,
     ResBlock,

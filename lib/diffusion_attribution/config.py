@@ -103,6 +103,16 @@ class SampleConfig(_Section):
 KFACVariant = Literal["mc_expand", "mc_reduce", "empirical_expand", "empirical_reduce"]
 
 
+#: The paper's recommended variant (MC Fisher, K-FAC expand).
+MAIN_VARIANT: KFACVariant = "mc_expand"
+
+
+def main_variant(variants: tuple[str, ...]) -> str:
+    """The variant whose scores stand for K-FAC influence: the paper's (:data:`MAIN_VARIANT`)
+    when it is fitted, else the first one."""
+    return MAIN_VARIANT if MAIN_VARIANT in variants else variants[0]
+
+
 class CurvatureConfig(_Section):
     """K-FAC of GGN^model (MC Fisher, eqs. 10, 12) or GGN^loss (empirical Fisher, eq. 11), Sec. 3.1.
 

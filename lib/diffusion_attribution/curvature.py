@@ -7,6 +7,11 @@ block-diagonal Kronecker-factored approximation (K-FAC, eq. 12), fitted with cur
 plain float64 Kronecker factors with cached eigendecompositions, so that damped inverses are
 exact and a damping sweep costs no refit and no re-decomposition.
 
+Layout: :class:`KFAC` is assembled from ``kronecker`` (the blocks ``G (x) A`` and their
+eigendecompositions) and ``curvlinops_adapter`` (the noisy-row data, :func:`build_operator`
+and the reading of curvlinops' factors: the only module that imports curvlinops). The names
+that moved there are re-exported here.
+
 Conventions
 -----------
 **Rows.** The data are ``N`` examples ``x0`` with ``S`` pre-drawn ``(t, eps)`` each. Row
@@ -80,225 +85,45 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
-from diffusion_attribution.ddpm import NoiseSchedule, q_sample
+from diffusion_attribution.curvlinops_adapter import (
+    FisherKind,
+    FlatEps,
+    KFACKind,
+    NoisyBatches,
+    _fitting_mode,
+    build_operator,
+    noisy_rows,
+    read_factors,
+)
+from diffusion_attribution.ddpm import NoiseSchedule
 from diffusion_attribution.io import atomic_save
+from diffusion_attribution.kronecker import KroneckerBlock, check_blocks, kronecker_blocks
 
-if TYPE_CHECKING:  # curvlinops is imported lazily (it is slow to import and warns)
-    from curvlinops import KFACLinearOperator
+if TYPE_CHECKING:  # annotations only: no module but curvlinops_adapter imports curvlinops
+    from diffusion_attribution.curvlinops_adapter import KFACLinearOperator
 
-FisherKind = Literal["mc", "empirical", "type2"]
-"""``"mc"``: GGN^model via the MC Fisher of eq. 10 (``mc_samples`` draws per row, default 1);
-``"empirical"``: GGN^loss, the empirical Fisher of eq. 11; ``"type2"``: exact GGN^model
-(exact loss Hessian; D backward passes per batch — an oracle for tests)."""
-
-KFACKind = Literal["expand", "reduce"]
-"""K-FAC-expand (the paper's default) or K-FAC-reduce for weight-sharing layers
-(Eschenhagen et al., 2023)."""
+__all__ = [
+    "KFAC",
+    "Curvature",
+    "DenseCurvature",
+    "FisherKind",
+    "FlatEps",
+    "KFACKind",
+    "KroneckerBlock",
+    "NoisyBatches",
+    "build_operator",
+    "fit_kfac",
+    "noisy_rows",
+]
 
 _FORMAT = "diffusion_attribution.curvature.KFAC"
 _VERSION = 1
-
-
-# --------------------------------------------------------------------------------------------
-# Data: rows of noisy inputs, generated lazily
-# --------------------------------------------------------------------------------------------
-
-
-def _check_draws(x0: Tensor, t: Tensor, eps: Tensor, num_timesteps: int) -> tuple[int, int]:
-    if x0.ndim != 4:
-        raise ValueError(f"x0 must have shape (N, C, H, W), got {tuple(x0.shape)}")
-    if t.ndim != 2 or t.shape[0] != x0.shape[0]:
-        raise ValueError(f"t must have shape (N, S) with N={x0.shape[0]}, got {tuple(t.shape)}")
-    n, s = t.shape
-    if tuple(eps.shape) != (n, s, *x0.shape[1:]):
-        raise ValueError(f"eps must have shape {(n, s, *x0.shape[1:])}, got {tuple(eps.shape)}")
-    if t.dtype.is_floating_point or t.dtype == torch.bool:
-        raise ValueError(f"t must be an integer tensor, got {t.dtype}")
-    if n * s == 0:
-        raise ValueError("need at least one example and one draw")
-    if int(t.min()) < 1 or int(t.max()) > num_timesteps:
-        raise ValueError(f"timesteps must lie in 1..{num_timesteps}")
-    return n, s
-
-
-def noisy_rows(
-    schedule: NoiseSchedule,
-    x0: Tensor,
-    t: Tensor,
-    eps: Tensor,
-    start: int = 0,
-    stop: int | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Rows ``start..stop-1`` of the curvature data (row ``r = n * S + s``).
-
-    ``x0`` (N, C, H, W), ``t`` (N, S) int, ``eps`` (N, S, C, H, W). Returns the noisy inputs
-    ``x_t = sqrt(alpha_bar_t) x0[n] + sqrt(1 - alpha_bar_t) eps[n, s]`` (B, C, H, W) (eq. 1),
-    their timesteps (B,) and the regression targets ``eps[n, s].flatten()`` (B, D).
-    """
-    n, s = t.shape
-    stop = n * s if stop is None else min(stop, n * s)
-    rows = torch.arange(start, stop, device=t.device)
-    x0_r = x0[(rows // s).to(x0.device)]
-    t_r = t.reshape(-1)[rows]
-    eps_r = eps.reshape(n * s, *x0.shape[1:])[rows.to(eps.device)].to(x0_r.dtype)
-    return q_sample(schedule, x0_r, t_r, eps_r), t_r, eps_r.flatten(1)
-
-
-class NoisyBatches:
-    """Re-iterable, lazily generated batches ``({"x": x_t, "t": t}, eps.flatten(1))``.
-
-    Every iteration regenerates the same rows in the same order (the draws are given), so the
-    batches are deterministic; at most ``batch_size`` rows exist at a time. Batches are cast
-    to ``dtype`` and moved to ``device`` (curvlinops does not move dict inputs).
-    """
-
-    def __init__(
-        self,
-        schedule: NoiseSchedule,
-        x0: Tensor,
-        t: Tensor,
-        eps: Tensor,
-        batch_size: int,
-        dtype: torch.dtype,
-        device: torch.device,
-    ):
-        _check_draws(x0, t, eps, schedule.num_timesteps)
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.schedule, self.x0, self.t, self.eps = schedule, x0, t, eps
-        self.batch_size, self.dtype, self.device = batch_size, dtype, device
-        self.num_rows = t.numel()
-
-    def __len__(self) -> int:
-        return math.ceil(self.num_rows / self.batch_size)
-
-    def __iter__(self) -> Iterator[tuple[dict[str, Tensor], Tensor]]:
-        for start in range(0, self.num_rows, self.batch_size):
-            xt, tt, y = noisy_rows(
-                self.schedule, self.x0, self.t, self.eps, start, start + self.batch_size
-            )
-            x = xt.to(self.device, self.dtype)
-            yield {"x": x, "t": tt.to(self.device)}, y.to(self.device, self.dtype)
-
-
-def _batch_size(X: dict[str, Tensor]) -> int:
-    return X["x"].shape[0]
-
-
-class FlatEps(nn.Module):
-    """Wrap an eps-model for curvlinops: ``forward({"x": x_t, "t": t}) = eps_model(x_t, t).flatten(1)``.
-
-    curvlinops calls the model with one argument and needs a 2-D (B, D) output (EK-FAC
-    requires it); the wrapped model is registered as submodule ``model``.
-    """
-
-    def __init__(self, eps_model: nn.Module):
-        super().__init__()
-        self.model = eps_model
-
-    def forward(self, X: dict[str, Tensor]) -> Tensor:
-        return self.model(X["x"], X["t"]).flatten(1)
-
-
-@contextmanager
-def _fitting_mode(model: nn.Module, params: Sequence[Tensor]) -> Iterator[None]:
-    """Eval mode (no dropout: the factors must be deterministic), grads enabled for ``params``."""
-    was_training = model.training
-    requires = [p.requires_grad for p in params]
-    model.eval()
-    for p in params:
-        p.requires_grad_(True)
-    try:
-        with torch.enable_grad():
-            yield
-    finally:
-        model.train(was_training)
-        for p, r in zip(params, requires, strict=True):
-            p.requires_grad_(r)
-
-
-# --------------------------------------------------------------------------------------------
-# Fitting with curvlinops
-# --------------------------------------------------------------------------------------------
-
-
-def build_operator(
-    model: nn.Module,
-    params: Sequence[nn.Parameter],
-    schedule: NoiseSchedule,
-    x0: Tensor,
-    t: Tensor,
-    eps: Tensor,
-    *,
-    fisher: FisherKind = "mc",
-    kfac: KFACKind = "expand",
-    batch_size: int = 256,
-    mc_seed: int = 0,
-    mc_samples: int = 1,
-    ekfac: bool = False,
-    separate_weight_and_bias: bool = True,
-    progress: bool = False,
-    check_deterministic: bool = False,
-) -> KFACLinearOperator:
-    """The (not yet fitted) curvlinops (E)KFAC operator for the rows of ``(x0, t, eps)``.
-
-    Lower-level than :func:`fit_kfac` (which calls this and :meth:`KFAC.from_operator`); the
-    tests use it to compare with curvlinops' own ``operator @ v``. The factors are computed on
-    first use, in the model's mode at that time: call it in eval mode.
-
-    ``check_deterministic`` defaults to ``False``: curvlinops' check costs two extra passes
-    over the data plus a matvec, and determinism holds by construction here (pre-drawn
-    ``(t, eps)``, rows regenerated identically on every pass, MC noise from ``mc_seed``,
-    dropout off in :func:`fit_kfac`).
-    """
-    from curvlinops import EKFACLinearOperator, FisherType, KFACLinearOperator, KFACType
-
-    fisher_types = {
-        "mc": FisherType.MC,
-        "empirical": FisherType.EMPIRICAL,
-        "type2": FisherType.TYPE2,
-    }
-    kfac_types = {"expand": KFACType.EXPAND, "reduce": KFACType.REDUCE}
-    if fisher not in fisher_types:
-        raise ValueError(f"fisher must be one of {sorted(fisher_types)}, got {fisher!r}")
-    if kfac not in kfac_types:
-        raise ValueError(f"kfac must be one of {sorted(kfac_types)}, got {kfac!r}")
-    if mc_samples < 1 or (fisher != "mc" and mc_samples != 1):
-        raise ValueError(f"mc_samples must be >= 1, and 1 unless fisher='mc'; got {mc_samples}")
-    params = list(params)
-    if not params:
-        raise ValueError("params is empty")
-    dtypes, devices = {p.dtype for p in params}, {p.device for p in params}
-    if len(dtypes) != 1 or len(devices) != 1:
-        raise ValueError(f"params must share one dtype and device, got {dtypes}, {devices}")
-    data = NoisyBatches(
-        schedule, x0, t, eps, batch_size, dtype=params[0].dtype, device=params[0].device
-    )
-    cls = EKFACLinearOperator if ekfac else KFACLinearOperator
-    return cls(
-        FlatEps(model),
-        nn.MSELoss(reduction="mean"),
-        params,
-        data,
-        progressbar=progress,
-        check_deterministic=check_deterministic,
-        seed=mc_seed,
-        fisher_type=fisher_types[fisher],
-        mc_samples=mc_samples,
-        kfac_approx=kfac_types[kfac],
-        num_per_example_loss_terms=1,  # (B, D) outputs: one loss term (a row) per datum
-        separate_weight_and_bias=separate_weight_and_bias,
-        num_data=data.num_rows,
-        batch_size_fn=_batch_size,
-    )
 
 
 def fit_kfac(
@@ -462,143 +287,6 @@ class DenseCurvature(Curvature):
         return self._eigh()[0].clone()
 
 
-@dataclass
-class KroneckerBlock:
-    """One Kronecker block ``G (x) A`` (row-major) of a layer, acting on a ``(out, k)`` matrix.
-
-    The block's matrix ``M`` (out, k) is the concatenation along columns of its parameters
-    viewed as (out, cols): ``kind="weight"`` (the weight, ``k = d_in``), ``"bias"`` (``k = 1``,
-    ``A = [[1]]``) or ``"joint"`` (``[W | b]``, ``k = d_in + 1``). ``param_indices[i]`` is
-    the position in ``params`` of the i-th part and ``offsets[i]`` its flat offset.
-    ``G``/``A`` are the raw factors (float64, ``None`` where curvlinops does not keep them, as
-    for EK-FAC after its eigenvalue correction). ``QG``/``QA`` are orthonormal eigenvectors,
-    ``eig_g``/``eig_a`` the clamped eigenvalues (K-FAC) and ``eig`` the (out, k) corrected
-    eigenvalues (EK-FAC, replacing ``outer(eig_g, eig_a)``).
-    """
-
-    layer: str
-    kind: str
-    param_indices: tuple[int, ...]
-    offsets: tuple[int, ...]
-    cols: tuple[int, ...]
-    out: int
-    QG: Tensor
-    QA: Tensor
-    eig_g: Tensor | None = None
-    eig_a: Tensor | None = None
-    eig: Tensor | None = None
-    G: Tensor | None = None
-    A: Tensor | None = None
-    _index: Tensor | None = field(default=None, repr=False)
-
-    @property
-    def k(self) -> int:
-        return sum(self.cols)
-
-    def eigenvalues(self) -> Tensor:
-        """(out, k) eigenvalues of the block, entry (i, j) for eigenvector ``QG[:, i] (x) QA[:, j]``."""
-        if self.eig is not None:
-            return self.eig
-        return torch.outer(self.eig_g, self.eig_a)
-
-    def flat_index(self) -> Tensor:
-        """(out, k) int64: flat-layout position of each entry of the block's matrix ``M``."""
-        if self._index is None:
-            parts = [
-                off + torch.arange(self.out * c).reshape(self.out, c)
-                for off, c in zip(self.offsets, self.cols, strict=True)
-            ]
-            self._index = torch.cat(parts, dim=1)
-        return self._index
-
-    def gather(self, V: Tensor) -> Tensor:
-        """(Q, P) flat vectors -> (Q, out, k) block matrices."""
-        parts = [
-            V[:, off : off + self.out * c].reshape(-1, self.out, c)
-            for off, c in zip(self.offsets, self.cols, strict=True)
-        ]
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
-
-    def scatter(self, out: Tensor, M: Tensor) -> None:
-        """Write (Q, out, k) block matrices into the (Q, P) flat ``out``."""
-        start = 0
-        for off, c in zip(self.offsets, self.cols, strict=True):
-            out[:, off : off + self.out * c] = M[:, :, start : start + c].reshape(M.shape[0], -1)
-            start += c
-
-    def apply(self, M: Tensor, damping: float, inverse: bool) -> Tensor:
-        """``(K + damping I)^{+-1}`` on (Q, out, k) matrices via the eigendecomposition."""
-        lam = self.eigenvalues() + damping
-        if inverse and bool((lam <= 0).any()):
-            raise FloatingPointError(
-                f"layer {self.layer!r} ({self.kind}): K + {damping} I is singular "
-                f"(min eigenvalue {float(self.eigenvalues().min())}); use a positive damping"
-            )
-        Mt = self.QG.T @ M @ self.QA
-        Mt = Mt / lam if inverse else Mt * lam
-        return self.QG @ Mt @ self.QA.T
-
-    def inverse_sweep(self, M: Tensor, dampings: Sequence[float]) -> list[Tensor]:
-        """``(K + d I)^{-1} M`` for each damping d, rotating into the eigenbasis only once."""
-        Mt = self.QG.T @ M @ self.QA
-        out = []
-        for d in dampings:
-            lam = self.eigenvalues() + d
-            if bool((lam <= 0).any()):
-                raise FloatingPointError(
-                    f"layer {self.layer!r} ({self.kind}): K + {d} I is singular; use a positive damping"
-                )
-            out.append(self.QG @ (Mt / lam) @ self.QA.T)
-        return out
-
-    def dense(self) -> Tensor:
-        """The block as a dense (out*k, out*k) matrix in the order of ``flat_index().flatten()``."""
-        Q = torch.kron(self.QG, self.QA)
-        return (Q * self.eigenvalues().flatten()) @ Q.T
-
-    def scale(self, c: float) -> None:
-        """Multiply the block by ``c > 0`` (scales G and its eigenvalues, or the EK-FAC ones)."""
-        for name in ("G", "eig_g", "eig"):
-            value = getattr(self, name)
-            if value is not None:
-                setattr(self, name, value * c)
-
-    def tensors(self) -> dict[str, Tensor | None]:
-        return {
-            "QG": self.QG,
-            "QA": self.QA,
-            "eig_g": self.eig_g,
-            "eig_a": self.eig_a,
-            "eig": self.eig,
-            "G": self.G,
-            "A": self.A,
-        }
-
-
-def _check_finite(layer: str, what: str, x: Tensor | None) -> None:
-    if x is not None and not bool(torch.isfinite(x).all()):
-        raise FloatingPointError(f"non-finite values (NaN/Inf) in {what} of layer {layer!r}")
-
-
-def _psd_eigh(M: Tensor) -> tuple[Tensor, Tensor]:
-    """Eigendecomposition of the symmetric part of M in float64, eigenvalues clamped at 0."""
-    M = M.to(torch.float64)
-    evals, evecs = torch.linalg.eigh((M + M.T) / 2)
-    return evals.clamp_min(0.0), evecs
-
-
-def _orthonormalise(Q: Tensor) -> Tensor:
-    """Nearest-basis re-orthonormalisation in float64 (QR with positive diagonal of R).
-
-    EK-FAC eigenvectors come from curvlinops in the model's dtype (float32 for a float32
-    model), orthonormal only to ~1e-7; in float64 this makes ``Q diag(E) Q^T`` and its
-    damped inverse exact inverses of each other.
-    """
-    Q = Q.to(torch.float64)
-    q, r = torch.linalg.qr(Q)
-    return q * torch.sign(torch.diagonal(r)).where(torch.diagonal(r) != 0, 1.0)
-
-
 class KFAC(Curvature):
     """Block-diagonal Kronecker-factored curvature in the flat parameter layout (float64).
 
@@ -622,24 +310,8 @@ class KFAC(Curvature):
         self.blocks = list(blocks)
         self.param_shapes = [tuple(int(d) for d in s) for s in param_shapes]
         self.meta = dict(meta or {})
-        sizes = [math.prod(s) for s in self.param_shapes]
-        self.num_params = sum(sizes)
-        offsets = [sum(sizes[:i]) for i in range(len(sizes))]
-        covered = [0] * len(sizes)
-        for b in self.blocks:
-            if b.QG.shape != (b.out, b.out) or b.QA.shape != (b.k, b.k):
-                raise ValueError(f"layer {b.layer!r}: eigenvector shapes do not match the block")
-            for i, off, c in zip(b.param_indices, b.offsets, b.cols, strict=True):
-                if not 0 <= i < len(sizes) or off != offsets[i] or b.out * c != sizes[i]:
-                    raise ValueError(
-                        f"layer {b.layer!r}: part ({i}, offset {off}, {b.out}x{c}) does not "
-                        f"match the parameter shapes {self.param_shapes}"
-                    )
-                covered[i] += 1
-            for name, x in b.tensors().items():
-                _check_finite(b.layer, name, x)
-        if covered != [1] * len(sizes):
-            raise ValueError(f"every parameter must be in exactly one block, got {covered}")
+        self.num_params = sum(math.prod(s) for s in self.param_shapes)
+        check_blocks(self.blocks, self.param_shapes)
 
     # -- construction from curvlinops ---------------------------------------------------------
 
@@ -657,112 +329,20 @@ class KFAC(Curvature):
         empty). Module names lose the ``model.`` prefix of :class:`FlatEps`. Raises
         ``FloatingPointError`` naming the layer if a factor is not finite.
         """
-        from curvlinops import EKFACLinearOperator
-
         params = list(params)
-        if op.shape[1] != sum(p.numel() for p in params):
-            raise ValueError("params do not match the operator's parameter space")
-        ekfac = isinstance(op, EKFACLinearOperator)
-        mapping: dict[str, dict[str, int]] = op._mapping  # noqa: SLF001 (pinned curvlinops 3.0.1)
-        prefix = "model." if isinstance(op._model_func, FlatEps) else ""  # noqa: SLF001
-
-        def layer_name(mod: str) -> str:
-            return mod[len(prefix) :] if prefix and mod.startswith(prefix) else mod
-
-        def _check_factors(A_raw: dict[str, Tensor], G_raw: dict[str, Tensor]) -> None:
-            for mod in mapping:
-                _check_finite(layer_name(mod), "input covariance A", A_raw.get(mod))
-                _check_finite(layer_name(mod), "gradient covariance G", G_raw.get(mod))
-
-        state = op.state_dict()
-        done = state["corrected_eigenvalues"] if ekfac else state["gradient_covariances"]
-        A_raw: dict[str, Tensor] = {}
-        G_raw: dict[str, Tensor] = {}
-        if not done:
-            if not state["gradient_covariances"]:
-                op.compute_kronecker_factors()
-                state = op.state_dict()
-            A_raw = {k: v.detach().clone() for k, v in state["input_covariances"].items()}
-            G_raw = {k: v.detach().clone() for k, v in state["gradient_covariances"].items()}
-            if ekfac:  # check before curvlinops decomposes (and drops) the factors
-                _check_factors(A_raw, G_raw)
-                op.compute_eigenvalue_correction()
-                state = op.state_dict()
-        elif not ekfac:
-            A_raw, G_raw = state["input_covariances"], state["gradient_covariances"]
-        _check_factors(A_raw, G_raw)
-        separate = bool(state["separate_weight_and_bias"])
-
-        sizes = [p.numel() for p in params]
-        offsets = [sum(sizes[:i]) for i in range(len(sizes))]
-        f64 = torch.float64
-        blocks = []
-        for mod, pos in mapping.items():
-            name = layer_name(mod)
-            out = params[next(iter(pos.values()))].shape[0]
-            G = G_raw.get(mod)
-            A = A_raw.get(mod)
-            G = None if G is None else G.to(f64)
-            A = None if A is None else A.to(f64)
-            if ekfac:
-                QG_e = state["gradient_covariances_eigenvectors"][mod]
-                QA_e = state["input_covariances_eigenvectors"].get(mod)
-                corrected = state["corrected_eigenvalues"][mod]
-                for what, x in (("eigenvectors of G", QG_e), ("eigenvectors of A", QA_e)):
-                    _check_finite(name, what, x)
-                QG = _orthonormalise(QG_e)
-                QA = None if QA_e is None else _orthonormalise(QA_e)
-            else:
-                if G is None:
-                    raise ValueError(f"layer {name!r}: curvlinops kept no gradient covariance")
-                eig_g, QG = _psd_eigh(G)
-                eig_a, QA = (None, None) if A is None else _psd_eigh(A)
-            one = torch.ones(1, 1, dtype=f64, device=QG.device)
-
-            if not separate and "weight" in pos and "bias" in pos:
-                w, b = pos["weight"], pos["bias"]
-                parts = [(w, sizes[w] // out), (b, 1)]
-                blk = dict(kind="joint", A=A, QA=QA)
-                if ekfac:
-                    blk["eig"] = corrected.to(f64).reshape(out, -1)
-                else:
-                    blk["eig_a"] = eig_a
-                specs = [(parts, blk)]
-            else:
-                specs = []
-                for p_name, i in pos.items():
-                    if p_name == "weight":
-                        blk = dict(kind="weight", A=A, QA=QA)
-                        if not ekfac:
-                            blk["eig_a"] = eig_a
-                        parts = [(i, sizes[i] // out)]
-                    else:
-                        blk = dict(kind="bias", A=None, QA=one)
-                        if not ekfac:
-                            blk["eig_a"] = one[0]
-                        parts = [(i, 1)]
-                    if ekfac:
-                        blk["eig"] = corrected[i].to(f64).reshape(out, -1)
-                    specs.append((parts, blk))
-            for parts, blk in specs:
-                blocks.append(
-                    KroneckerBlock(
-                        layer=name,
-                        param_indices=tuple(i for i, _ in parts),
-                        offsets=tuple(offsets[i] for i, _ in parts),
-                        cols=tuple(c for _, c in parts),
-                        out=out,
-                        QG=QG,
-                        G=G,
-                        eig_g=None if ekfac else eig_g,
-                        **blk,
-                    )
-                )
+        factors = read_factors(op, params)
+        shapes = [tuple(p.shape) for p in params]
+        blocks = kronecker_blocks(
+            factors.layers,
+            shapes,
+            ekfac=factors.ekfac,
+            separate_weight_and_bias=factors.separate_weight_and_bias,
+        )
         meta = dict(meta or {})
-        meta.setdefault("ekfac", ekfac)
-        meta.setdefault("separate_weight_and_bias", separate)
-        meta.setdefault("num_rows", int(state["num_data"]))
-        return cls(blocks, [tuple(p.shape) for p in params], meta)
+        meta.setdefault("ekfac", factors.ekfac)
+        meta.setdefault("separate_weight_and_bias", factors.separate_weight_and_bias)
+        meta.setdefault("num_rows", factors.num_data)
+        return cls(blocks, shapes, meta)
 
     # -- linear algebra ------------------------------------------------------------------------
 

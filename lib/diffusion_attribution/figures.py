@@ -60,3 +60,119 @@ def plot_top_influences(
     for g, col in enumerate([0, 2, 3 + k, 4 + 2 * k]):
         axes[0, col].set_title(groups[g], fontsize=9, loc="left")
     return fig
+
+
+# ---- LDS figures (evaluate, observations) ----------------------------------------------------
+
+#: Colours of the groups of Figs. 2 and 17.
+LDS_COLORS = {
+    "correct measurement": "tab:blue",
+    "substituted measurement": "tab:orange",
+    "similarity (no Hessian / no model)": "tab:gray",
+    "exact retraining": "tab:green",
+}
+
+
+def lds_bars(bars: dict, title: str, shape: tuple[int, int, int]) -> plt.Figure:
+    """Figs. 2a, 2b, 17: one horizontal bar per method, ``bars`` = {label: {"lds", "stderr",
+    "group"}} (error bars: standard error over samples), coloured by group."""
+    import numpy as np
+
+    labels = list(bars)
+    means = [bars[k]["lds"] for k in labels]
+    errs = [bars[k]["stderr"] for k in labels]
+    groups = [bars[k]["group"] for k in labels]
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(labels) + 1.8))
+    y = np.arange(len(labels))[::-1]
+    ax.barh(y, means, xerr=errs, color=[LDS_COLORS[g] for g in groups], capsize=3)
+    for yi, m, e in zip(y, means, errs, strict=True):
+        ax.text(max(m, 0) + e + 0.01, yi, f"{m:.3f} ± {e:.3f}", va="center", fontsize=8)
+    ax.set_yticks(y, labels)
+    ax.axvline(0, color="k", lw=0.6)
+    Q, M, K = shape
+    ax.set(
+        xlabel=f"LDS ({Q} samples, M = {M} subsets, K = {K} seeds)",
+        title=title,
+        xlim=(min(0, min(means) - 0.05), 1.0),
+    )
+    used = [g for g in LDS_COLORS if g in set(groups)]
+    handles = [plt.Rectangle((0, 0), 1, 1, color=LDS_COLORS[g]) for g in used]
+    ax.legend(
+        handles,
+        used,
+        fontsize=7,
+        loc="upper center",
+        bbox_to_anchor=(0.45, -0.12 * 9 / len(labels) - 0.1),
+        ncol=2,
+    )
+    fig.tight_layout()
+    return fig
+
+
+def grouped_bars(
+    values: dict, groups: list[str], series: list[str], names: dict, title: str
+) -> plt.Figure:
+    """Fig. 4: bars of ``values[(group, series)] = (lds, stderr)``, one cluster per group."""
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    width = 0.8 / len(series)
+    for j, s in enumerate(series):
+        xs = [
+            i + (j - (len(series) - 1) / 2) * width
+            for i, g in enumerate(groups)
+            if (g, s) in values
+        ]
+        rs = [values[(g, s)] for g in groups if (g, s) in values]
+        ax.bar(xs, [r[0] for r in rs], width, yerr=[r[1] for r in rs], capsize=3, label=names[s])
+        for x, r in zip(xs, rs, strict=True):
+            ax.text(x, max(r[0], 0) + r[1] + 0.01, f"{r[0]:.2f}", ha="center", fontsize=7)
+    ax.set_xticks(range(len(groups)), [{"elbo": "ELBO"}.get(g, g) for g in groups])
+    ax.axhline(0, color="k", lw=0.6)
+    ax.set(ylabel="LDS", title=title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def damping_curves(curves: dict, xlabel: str, title: str, x: str = "damping") -> plt.Figure:
+    """Figs. 7, 8: LDS (with standard errors) against damping, one line per
+    ``curves[label] = (table rows, line style)``; rows need ``x``, ``lds`` and ``stderr``."""
+    fig, ax = plt.subplots(figsize=(6.5, 3.5))
+    for label, (t, style) in curves.items():
+        if len(t):
+            ax.errorbar(t[x], t.lds, yerr=t.stderr, marker="o", ls=style, capsize=3, label=label)
+    ax.set(xscale="log", xlabel=xlabel, ylabel="LDS", title=title)
+    ax.legend(fontsize=7 if len(curves) > 3 else 8)
+    fig.tight_layout()
+    return fig
+
+
+def heatmap(df, title: str) -> plt.Figure:
+    """Figs. 11, 12: a matrix of LDS values (rows: the predicted l_t; columns: the l_t' used)."""
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(5.2, 4.4))
+    im = ax.imshow(
+        df.to_numpy(), cmap="viridis", vmin=min(0.0, float(np.nanmin(df.to_numpy()))), vmax=1.0
+    )
+    for i in range(len(df)):
+        for k in range(len(df)):
+            ax.text(k, i, f"{df.iat[i, k]:.2f}", ha="center", va="center", color="w", fontsize=8)
+    ax.set_xticks(range(len(df)), [c.replace("l_t=", "") for c in df.columns])
+    ax.set_yticks(range(len(df)), [c.replace("l_t=", "") for c in df.index])
+    ax.set(
+        xlabel="t' of the substituted measurement l_t'",
+        ylabel="t of the predicted l_t",
+        title=title,
+    )
+    fig.colorbar(im, ax=ax, label="LDS")
+    fig.tight_layout()
+    return fig
+
+
+def predicted_vs_actual(ax: plt.Axes, predicted: Tensor, actual: Tensor, title: str) -> None:
+    """Figs. 13, 14: predicted against actual change per (sample, subset), one colour per sample."""
+    for q in range(len(predicted)):
+        ax.scatter(predicted[q], actual[q], s=6, color=plt.cm.tab20(q % 20))
+    ax.axhline(0, color="k", lw=0.5)
+    ax.axvline(0, color="k", lw=0.5)
+    ax.set(xlabel="predicted change (K-FAC influence)", ylabel="actual change", title=title)

@@ -12,7 +12,9 @@ at paper scale (200 samples x 5000 draws of 3 x 32 x 32 noise) they would take 1
 
 :func:`measure` evaluates one model; :func:`measure_models` many, in worker processes with one
 torch thread each, caching every model's values on disk so that an interrupted run resumes
-without measuring a finished model again.
+without measuring a finished model again. A cache entry is keyed by :func:`cache_key`; entries
+that no longer match are moved aside, never deleted, and entries keyed by the older scheme are
+re-keyed by :func:`~diffusion_attribution.migrate.adopt_legacy_measurements`.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from .ddpm import NoiseSchedule
+from .identity import code_digest, file_digest, fingerprint, move_aside
 from .io import atomic_save
 from .measurements import ELBO, DiffusionLoss, Measurement, TimestepLoss, TrajectoryLogProb
 
@@ -86,15 +89,46 @@ def measure(
     return out
 
 
-def _cache_key(settings: Mapping[str, object], model_path: Path) -> str:
-    """Hash of the settings, the model file and the code that computes a measurement, so a
-    cached value is never served after any of them changed."""
-    h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
-    h.update(model_path.read_bytes())
-    here = Path(__file__).parent
-    for name in ("ground_truth.py", "measurements.py", "ddpm.py", "unet.py", "train.py"):
-        h.update((here / name).read_bytes())
-    return h.hexdigest()[:16]
+def measurement_code() -> str:
+    """:func:`~diffusion_attribution.identity.code_digest` of the modules that compute a
+    measurement (this one, ``measurements``, ``ddpm``, ``unet``, ``train``): docstrings and
+    comments do not count."""
+    import sys
+
+    from . import ddpm, measurements, train, unet
+
+    return code_digest(sys.modules[__name__], measurements, ddpm, unet, train)
+
+
+def cache_settings(
+    measurements: Mapping[str, Measurement],
+    queries: Tensor,
+    num_draws: Mapping[str, int],
+    seed: int,
+    trajectories: Tensor | None = None,
+    batch_size: int = 1024,
+) -> dict[str, object]:
+    """What besides the model defines the cached values of a :func:`measure_models` call (the
+    measurements, draws, seed, batch size and hashes of the queries and trajectories), as
+    plain JSON-able values."""
+    return {
+        "measurements": {k: describe(m) for k, m in measurements.items()},
+        "draws": dict(num_draws),
+        "seed": seed,
+        "batch": batch_size,
+        "queries": hashlib.sha256(queries.numpy().tobytes()).hexdigest(),
+        "trajectories": None
+        if trajectories is None
+        else hashlib.sha256(trajectories.numpy().tobytes()).hexdigest(),
+    }
+
+
+def cache_key(settings: Mapping[str, object], model_path: str | Path) -> str:
+    """Fingerprint of the settings (:func:`cache_settings`), the model file's bytes and
+    :func:`measurement_code`, so a cached value is never served after any of them changed
+    (what it covers: :mod:`diffusion_attribution.identity`)."""
+    plain = json.dumps(settings, sort_keys=True, default=str)
+    return fingerprint(plain, file_digest(model_path), measurement_code())
 
 
 # What every job of one measure_models call shares: sent to each worker process once.
@@ -133,6 +167,13 @@ def describe(m: Measurement) -> dict[str, object]:
     return {"class": type(m).__name__, "schedule": betas, **plain}
 
 
+class MeasuredModels(dict):
+    """``{label: {name: (Q,)}}`` as :func:`measure_models` returns it, with ``measured``: the
+    labels measured by that call (the others came from the cache)."""
+
+    measured: tuple[str, ...] = ()
+
+
 def measure_models(
     models: Mapping[str, str | Path],
     measurements: Mapping[str, Measurement],
@@ -146,14 +187,20 @@ def measure_models(
     workers: int | None = None,
     progress: bool = True,
     prune: bool = False,
-) -> dict[str, dict[str, Tensor]]:
-    """:func:`measure` on every model file (``{label: path}``); returns ``{label: {name: (Q,)}}``.
+    stale_dir: str | Path,
+) -> MeasuredModels:
+    """:func:`measure` on every model file (``{label: path}``); returns ``{label: {name: (Q,)}}``
+    (a :class:`MeasuredModels`, which also says which labels were measured rather than cached).
 
-    Each model's values are cached in ``cache_dir/<label>.pt`` under a key that hashes the
-    model file, the measurements, the draws, the seed, the queries and the measurement code; a
-    cached entry with the right key is reused, any other is recomputed. ``workers`` processes (default: the core
+    Each model's values are cached in ``cache_dir/<label>.pt`` under :func:`cache_key`, which
+    hashes the model file, the measurements, the draws, the seed, the queries and the
+    measurement code; a cached entry with the right key is reused, any other is moved into
+    ``stale_dir/<UTC timestamp>/`` and recomputed. ``workers`` processes (default: the core
     count) each measure whole models with one torch thread. With ``prune``, cached entries of
-    labels not in ``models`` are deleted.
+    labels not in ``models`` are moved aside too. Nothing is deleted; ``stale_dir`` (required,
+    so that no caller loses a measurement by accident) should lie outside the DVC outputs,
+    e.g. ``.cache/stale/measure``. Entries of the older key scheme are recomputed unless
+    :func:`~diffusion_attribution.migrate.adopt_legacy_measurements` re-keyed them first.
     """
     from concurrent.futures import ProcessPoolExecutor, as_completed
     from multiprocessing import get_context
@@ -162,20 +209,8 @@ def measure_models(
 
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    settings = {
-        "measurements": {k: describe(m) for k, m in measurements.items()},
-        "draws": dict(num_draws),
-        "seed": seed,
-        "batch": batch_size,
-        "queries": hashlib.sha256(queries.numpy().tobytes()).hexdigest(),
-        "trajectories": None
-        if trajectories is None
-        else hashlib.sha256(trajectories.numpy().tobytes()).hexdigest(),
-    }
-    if prune:
-        for f in cache_dir.glob("*.pt"):
-            if f.stem not in models:
-                f.unlink()
+    settings = cache_settings(measurements, queries, num_draws, seed, trajectories, batch_size)
+    stale = sorted(f for f in cache_dir.glob("*.pt") if f.stem not in models) if prune else []
     results: dict[str, dict[str, Tensor]] = {}
     todo = []
     for label, path in models.items():
@@ -183,13 +218,17 @@ def measure_models(
         if not path.is_file():
             raise FileNotFoundError(f"model {label!r} not found: {path}")
         cache = cache_dir / f"{label}.pt"
-        key = _cache_key(settings, path)
+        key = cache_key(settings, path)
         if cache.is_file():
             saved = torch.load(cache, weights_only=True)
             if saved.get("key") == key:
                 results[label] = saved["values"]
                 continue
+            stale.append(cache)  # measured with other settings or code: kept aside
         todo.append((label, (path, cache, key)))
+    moved = move_aside(stale, stale_dir)
+    if moved:
+        print(f"measure: moved {len(moved)} stale cache entries to {moved[0][1].parent}")
     if todo:
         shared = {
             "measurements": measurements,
@@ -218,7 +257,9 @@ def measure_models(
                     results[futures[fut]] = fut.result()
                     bar.update(1)
         bar.close()
-    return {label: results[label] for label in models}
+    out = MeasuredModels({label: results[label] for label in models})
+    out.measured = tuple(label for label, _ in todo)
+    return out
 
 
 def stack(

@@ -28,8 +28,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import torch
@@ -37,6 +36,7 @@ from torch import Tensor, nn
 
 from .compression import Quantized, quantize, svd_compress
 from .measurements import Measurement
+from .scores import ScoreKey, ScoreSet
 
 Compression = Literal["none", "int8", "int4"]
 
@@ -106,13 +106,13 @@ def _dense(q: Tensor | Quantized, rows: slice) -> Tensor:
 
 
 def influence_scores(
-    queries: Mapping[str, Tensor | Quantized],
+    queries: Mapping[object, Tensor | Quantized],
     train_gradients: Iterable[tuple[slice, Tensor]],
     num_train: int,
     *,
     query_chunk: int = 256,
     train_chunk_bytes: int = 256 * 2**20,
-) -> dict[str, Tensor]:
+) -> dict[object, Tensor]:
     """Scores (Q, N) for every named set of preconditioned queries, in one pass over the train set.
 
     ``train_gradients`` yields (training ids, (b, P) gradients of lbar) batch by batch, e.g.
@@ -150,21 +150,6 @@ def influence_scores(
     for s in scores.values():
         s /= num_train
     return scores
-
-
-@dataclass(frozen=True)
-class ScoreSpec:
-    """One score matrix to compute: a curvature variant, a query measurement, a damping and a
-    compression of the preconditioned query gradients ("none", "int8", "int4" or "svd<r>")."""
-
-    variant: str
-    measurement: str
-    damping: float
-    compression: str = "int8"
-
-    @property
-    def key(self) -> str:
-        return f"{self.variant}/{self.measurement}/damping={self.damping:g}/{self.compression}"
 
 
 @dataclass
@@ -208,7 +193,7 @@ def attribute(
     queries: Tensor,
     measurements: Mapping[str, Measurement],
     curvatures: Mapping[str, Curvature],
-    specs: Sequence[ScoreSpec],
+    specs: Sequence[ScoreKey],
     *,
     train_measurement: Measurement,
     train_draws: int,
@@ -218,8 +203,9 @@ def attribute(
     batch_size: int = 16,
     draw_chunk: int | None = 64,
     progress: bool = False,
-) -> tuple[dict[str, Tensor], Timings]:
-    """Score matrices (Q, N), keyed by :attr:`ScoreSpec.key`, for all ``specs`` in one pass.
+) -> tuple[ScoreSet, Timings]:
+    """Score matrices (Q, N) for all ``specs`` (K-FAC keys: ``method="kfac"``, ``curvature`` a
+    key of ``curvatures``) in one pass, as a :class:`~diffusion_attribution.scores.ScoreSet`.
 
     Query side: for each measurement named in ``specs``, the per-example gradients of the
     ``Q`` queries (``query_draws`` draws each, seed ``seed + 1``) are computed once, then
@@ -234,14 +220,17 @@ def attribute(
 
     timings = Timings()
     shapes = [p.shape for p in params]
-    unknown = {s.variant for s in specs} - set(curvatures)
+    not_kfac = sorted({s.method for s in specs} - {"kfac"})
+    if not_kfac:
+        raise ValueError(f"attribute computes K-FAC influence only, got methods {not_kfac}")
+    unknown = {s.curvature for s in specs} - set(curvatures)
     if unknown:
         raise ValueError(f"no curvature fitted for variants {sorted(unknown)}")
     missing = {s.measurement for s in specs} - set(measurements)
     if missing:
         raise ValueError(f"no measurement named {sorted(missing)}")
     q_ids = torch.arange(len(queries))
-    pre: dict[str, Tensor | Quantized] = {}
+    pre: dict[ScoreKey, Tensor | Quantized] = {}
     for name in dict.fromkeys(s.measurement for s in specs):
         m = measurements[name]
         start = time.perf_counter()
@@ -254,13 +243,13 @@ def attribute(
         timings.query_gradients += time.perf_counter() - start
         start = time.perf_counter()
         mine = [s for s in specs if s.measurement == name]
-        for variant in dict.fromkeys(s.variant for s in mine):
+        for variant in dict.fromkeys(s.curvature for s in mine):
             # one rotation into each eigenbasis for all dampings of this variant
-            dampings = [s.damping for s in mine if s.variant == variant]
+            dampings = [s.damping for s in mine if s.curvature == variant]
             solved = curvatures[variant].inverse_apply_sweep(grads, dampings)
-            for spec in (s for s in mine if s.variant == variant):
+            for spec in (s for s in mine if s.curvature == variant):
                 _check_finite(solved[spec.damping], spec.damping)
-                pre[spec.key] = compress(solved[spec.damping], spec.compression, shapes)
+                pre[spec] = compress(solved[spec.damping], spec.compression, shapes)
             del solved
         timings.precondition += time.perf_counter() - start
         del grads
@@ -290,7 +279,7 @@ def attribute(
     start = time.perf_counter()
     scores = influence_scores(pre, _timed(train_stream(), timings), n)
     timings.scoring = time.perf_counter() - start - timings.train_gradients
-    return scores, timings
+    return ScoreSet(scores), timings
 
 
 def influence_specs(
@@ -303,8 +292,8 @@ def influence_specs(
     compression_ablation: Sequence[str] = (),
     reference_variant: str = "mc_expand",
     ablation_measurements: Sequence[str] | None = None,
-) -> list[ScoreSpec]:
-    """The score matrices of the influence stage, without duplicates.
+) -> list[ScoreKey]:
+    """The K-FAC score matrices of the influence stage, without duplicates.
 
     ``reference_variant`` (the paper's method) for every measurement and the other variants
     for ``ablation_measurements`` (default: all), at the default damping and compression (the
@@ -318,41 +307,23 @@ def influence_specs(
         raise ValueError(
             f"ablation measurements {sorted(unknown)} are not among {list(measurements)}"
         )
+
+    def key(variant: str, measurement: str, d: float, c: str) -> ScoreKey:
+        return ScoreKey("kfac", measurement, curvature=variant, damping=d, compression=c)
+
     specs = [
-        ScoreSpec(v, m, damping, compression)
+        key(v, m, damping, compression)
         for v in variants
         for m in measurements
         if v == reference_variant or m in ablation
     ]
     if reference_variant in variants:
         specs += [
-            ScoreSpec(reference_variant, m, d, compression)
+            key(reference_variant, m, d, compression)
             for d in damping_sweep
             for m in sweep_measurements
             if m in measurements
         ]
         if "loss" in measurements:
-            specs += [
-                ScoreSpec(reference_variant, "loss", damping, c) for c in compression_ablation
-            ]
+            specs += [key(reference_variant, "loss", damping, c) for c in compression_ablation]
     return list(dict.fromkeys(specs))
-
-
-def save_scores(path: str | Path, scores: Mapping[str, Tensor], specs: Sequence[ScoreSpec]) -> None:
-    """Score matrices with their specs, loadable with ``torch.load(weights_only=True)``."""
-    from .io import atomic_save
-
-    atomic_save(
-        {
-            "convention": "score[q, j] ~ m(theta_{-j}, x_q) - m(theta, x_q)",
-            "specs": [asdict(s) for s in specs],
-            "scores": torch.stack([scores[s.key] for s in specs]),
-        },
-        path,
-    )
-
-
-def load_scores(path: str | Path) -> dict[ScoreSpec, Tensor]:
-    """Inverse of :func:`save_scores`: spec -> (Q, N) scores."""
-    state = torch.load(path, weights_only=True)
-    return {ScoreSpec(**d): s for d, s in zip(state["specs"], state["scores"], strict=True)}

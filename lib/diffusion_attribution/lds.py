@@ -28,10 +28,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
-import pandas as pd
 import torch
 from scipy.stats import spearmanr
 from torch import Tensor
@@ -96,6 +95,11 @@ def lds(predicted: Tensor, measured: Tensor) -> LDSResult:
     if predicted.shape != target.shape:
         raise ValueError(f"predicted {tuple(predicted.shape)} vs measured {tuple(target.shape)}")
     return _summarise(_spearman_rows(predicted.double().numpy(), target.numpy()))
+
+
+#: :func:`lds` under its full name, as the package exports it (``diffusion_attribution.lds``
+#: is this module).
+linear_datamodelling_score = lds
 
 
 def retraining_proxy(proxy: Tensor, target: Tensor) -> LDSResult:
@@ -178,9 +182,9 @@ def lds_table(
 ) -> list[dict]:
     """LDS of every score matrix against every target it can predict (:func:`proxy_sign`).
 
-    ``scores`` maps :class:`~diffusion_attribution.influence.ScoreSpec` to (Q_s, N) with Q_s >=
+    ``scores`` maps :class:`~diffusion_attribution.scores.ScoreKey` to (Q_s, N) with Q_s >=
     Q; ``measured`` maps target names to (Q, M, K); ``masks`` (M, N). Returns one dict per
-    (spec, target): the spec's fields, ``target``, ``sign``, ``lds``, ``stderr`` and
+    (key, target): the key's fields, ``target``, ``sign``, ``lds``, ``stderr`` and
     ``per_query`` (Q,) for protocols that split the queries or subsets.
     """
     rows = []
@@ -193,10 +197,7 @@ def lds_table(
             r = lds(pred, m)
             rows.append(
                 {
-                    "variant": spec.variant,
-                    "measurement": spec.measurement,
-                    "damping": spec.damping,
-                    "compression": spec.compression,
+                    **asdict(spec),
                     "target": target,
                     "sign": sign,
                     "lds": r.mean,
@@ -263,28 +264,3 @@ def heldout_damping(
         heldout=_summarise(heldout.numpy()),
         best_of_sweep=_summarise(oracle.numpy()),
     )
-
-
-def select(
-    table: pd.DataFrame,
-    target: str,
-    variant: str,
-    measurement: str,
-    *,
-    damping: float | None = None,
-    compression: str | None = None,
-) -> pd.Series | None:
-    """One row of a table of :func:`lds_table` rows: the score matrix (``variant``,
-    ``measurement``, ``compression``) evaluated for ``target``, at ``damping`` (relative
-    tolerance 1e-6) or, without it, the damping with the best LDS ("*", best of the sweep).
-    ``None`` when no row matches."""
-    t = table[
-        (table.target == target) & (table.variant == variant) & (table.measurement == measurement)
-    ]
-    if compression is not None:
-        t = t[t.compression == compression]
-    if damping is not None:
-        t = t[np.isclose(t.damping, damping, rtol=1e-6, atol=0)]
-    if t.empty:
-        return None
-    return t.loc[t.lds.idxmax()]

@@ -21,6 +21,12 @@ configs, the subset's images and the training code, so a checkpoint is never res
 of them changed); an interrupted job resumes from its last checkpoint and ends with the same
 weights as an uninterrupted one. The checkpoint is removed once the model is saved.
 
+Nothing finished is deleted: :func:`prune` moves the models and checkpoints of other settings
+or code into a stale folder outside the DVC outputs
+(:func:`~diffusion_attribution.identity.move_aside`), and models named by the fingerprints of
+the legacy scheme are renamed by :func:`~diffusion_attribution.migrate.adopt_legacy_models`
+instead of being retrained.
+
 Execution settings are environment variables, never ``params.yaml`` (moving to a cluster must
 not invalidate DVC results):
 
@@ -52,6 +58,8 @@ import torch
 from .config import DiffusionConfig, ModelConfig, TrainConfig
 from .data import ImageDataset
 from .ddpm import NoiseSchedule
+from .identity import code_digest, move_aside
+from .identity import file_digest as file_digest
 from .train import build_model, fingerprint, save_model, train_ddpm
 
 EXECUTORS = ("local", "slurm", "inline")
@@ -106,21 +114,18 @@ def checkpoint_path(job: RetrainJob) -> Path:
     return _checkpoint_path(Path(job.output), *_configs(job), data.images)
 
 
+def _job_functions() -> tuple:
+    """The code that turns a job into a model besides the modules ``train``, ``ddpm`` and
+    ``unet`` (which :func:`~diffusion_attribution.train.fingerprint` covers): how a job's
+    configs and seed are made, how it trains, and how its subset is cut (batch order)."""
+    return (_configs, run_job, ImageDataset.subset)
+
+
 @functools.cache
 def _job_code() -> str:
-    """Source of the code that turns a job into a model besides ``train.py``, ``ddpm.py`` and
-    ``unet.py`` (which :func:`~diffusion_attribution.train.fingerprint` hashes): how a job's
-    configs and seed are made, how it trains, and how its subset is cut (batch order)."""
-    import inspect
-
-    return "".join(inspect.getsource(f) for f in (_configs, run_job, ImageDataset.subset))
-
-
-def file_digest(path: str | Path) -> str:
-    """SHA-256 of a file's bytes (the training set a job's ``keep`` ids refer to)."""
-    import hashlib
-
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    """:func:`~diffusion_attribution.identity.code_digest` of :func:`_job_functions` (once
+    per process): docstrings and comments do not count."""
+    return code_digest(*_job_functions())
 
 
 def make_job(
@@ -135,13 +140,15 @@ def make_job(
     data_digest: str | None = None,
 ) -> RetrainJob:
     """A job whose output file name carries a fingerprint of everything that defines the model
-    (the training set's content, configs, kept ids, seed, training code, :func:`_job_code`):
+    (the training set's content, configs, kept ids, seed, the training code and
+    :func:`_job_functions`, the code without docstrings and comments):
     ``<out_dir>/<name>-<fingerprint>.pt``. ``data_digest`` (:func:`file_digest` of
     ``data_path``, computed here when not given) lets many jobs share one hash of the data.
 
     A model left in ``out_dir`` by other settings or code therefore never passes for this
     one, so ``out_dir`` can persist across runs (DVC ``persist: true``) and a rerun after an
-    interrupt skips exactly the finished models; :func:`prune` removes the stale ones.
+    interrupt skips exactly the finished models; :func:`prune` moves the stale ones aside.
+    What the name covers and what it does not: :mod:`diffusion_attribution.identity`.
     """
     keep = tuple(int(i) for i in keep)
     digest = data_digest or file_digest(data_path)
@@ -223,17 +230,22 @@ def reference_jobs(
     ]
 
 
-def prune(out_dir: str | Path, jobs: Sequence[RetrainJob]) -> list[Path]:
-    """Delete model files and checkpoints in ``out_dir`` that belong to none of ``jobs`` (left
-    by runs with other settings); returns what was deleted."""
+def prune(
+    out_dir: str | Path, jobs: Sequence[RetrainJob], *, stale_dir: str | Path
+) -> list[tuple[Path, Path]]:
+    """Move the model files and checkpoints in ``out_dir`` that belong to none of ``jobs``
+    (left by runs with other settings or code) into ``stale_dir/<UTC timestamp>/``; returns
+    the ``(from, to)`` pairs. Nothing is deleted; ``stale_dir`` (required, so that no caller
+    loses a model by accident) should lie outside the DVC outputs, e.g.
+    ``.cache/stale/retrain``. Run :func:`~diffusion_attribution.migrate.adopt_legacy_models`
+    first, or models of the older naming scheme are moved aside and retrained."""
     wanted = {Path(j.output).name for j in jobs}
-    removed = []
-    for f in sorted(Path(out_dir).glob("*.pt*")):
-        owner = f.name.split(".pt", 1)[0] + ".pt"
-        if owner not in wanted:
-            f.unlink()
-            removed.append(f)
-    return removed
+    stale = [
+        f
+        for f in sorted(Path(out_dir).glob("*.pt*"))
+        if f.name.split(".pt", 1)[0] + ".pt" not in wanted
+    ]
+    return move_aside(stale, stale_dir)
 
 
 #: Environment variable through which :func:`run_jobs` tells local jobs its process id.

@@ -172,12 +172,11 @@ class ScoreSet(Mapping):
         return cls(dict(zip(keys, state["scores"], strict=True)), state.get("meta", {}))
 
 
-def select(table: pd.DataFrame, target: str, **query: object) -> pd.Series | None:
-    """One row of an LDS table (one row per (score key, target), the key's fields as
-    columns): the matrix matching ``query`` (:func:`matches`) evaluated for ``target``, the
-    one with the best LDS when several match (e.g. "*", best of a damping sweep). ``None``
-    when none matches."""
-    t = table[table.target == target]
+def rows(table: pd.DataFrame, target: str | None = None, **query: object) -> pd.DataFrame:
+    """The rows of an LDS table (one row per (score key, target), the key's fields as
+    columns) evaluated for ``target`` (all targets when ``None``) whose key matches ``query``
+    (:func:`matches`: the same rule as :meth:`ScoreSet.find`)."""
+    t = table if target is None else table[table.target == target]
     for name, want in query.items():
         if name not in KEY_FIELDS:
             raise ValueError(f"unknown score key field {name!r}; fields are {KEY_FIELDS}")
@@ -185,6 +184,13 @@ def select(table: pd.DataFrame, target: str, **query: object) -> pd.Series | Non
             t = t[np.isclose(t.damping, float(want), rtol=1e-6, atol=0)]
         else:
             t = t[t[name] == want]
+    return t
+
+
+def select(table: pd.DataFrame, target: str, **query: object) -> pd.Series | None:
+    """The row of :func:`rows` with the best LDS (e.g. "*", best of a damping sweep), or
+    ``None`` when no row matches."""
+    t = rows(table, target, **query)
     if t.empty:
         return None
     return t.loc[t.lds.idxmax()]

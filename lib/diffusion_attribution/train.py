@@ -14,7 +14,6 @@ and ends with the same weights as an uninterrupted one.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from collections.abc import Callable
@@ -22,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
@@ -190,21 +188,18 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> nn.Modul
 
 
 def fingerprint(*parts: object) -> str:
-    """Short stable hash naming a resumable checkpoint of one training run.
+    """Short stable hash naming a resumable checkpoint (or a model) of one training run.
 
-    Hashes the given configs / tensors together with the source of the modules that define
-    the training (this file, ``ddpm.py``, ``unet.py``), so a checkpoint left by an interrupted
-    run is never resumed after the code that produced it has changed.
+    :func:`~diffusion_attribution.identity.fingerprint` of the training recipe -- the
+    :func:`~diffusion_attribution.identity.code_digest` of the modules that define the
+    training (this one, ``ddpm``, ``unet``), docstrings and comments not included -- and the
+    given configs / tensors. So a checkpoint left by an interrupted run is never resumed after
+    the code that produced it has changed, while an edited comment or docstring renames
+    nothing (what an identity covers: :mod:`diffusion_attribution.identity`).
     """
-    h = hashlib.sha256()
-    here = Path(__file__).parent
-    for name in ("train.py", "ddpm.py", "unet.py"):
-        h.update((here / name).read_bytes())
-    for p in parts:
-        if isinstance(p, Tensor):
-            h.update(p.detach().cpu().contiguous().numpy().tobytes())
-        elif isinstance(p, BaseModel):
-            h.update(p.model_dump_json().encode())
-        else:
-            h.update(repr(p).encode())
-    return h.hexdigest()[:16]
+    import sys
+
+    from . import ddpm, identity, unet
+
+    recipe = identity.code_digest(sys.modules[__name__], ddpm, unet)
+    return identity.fingerprint(recipe, *parts)

@@ -1,4 +1,4 @@
-"""TRAK and D-TRAK for diffusion models, and simple similarity baselines (paper Sec. 3.1, 4).
+"""TRAK and D-TRAK for diffusion models (paper Sec. 3.1, 4, App. G.3.1).
 
 What TRAK is in the paper's framework
 -------------------------------------
@@ -29,322 +29,56 @@ features @ (X^T X + lambda I)^{-1} @ target^T, i.e. Q_j = 1), and neither has th
 traker also rescales (X^T X + lambda I)^{-1} by its mean absolute entry before going to
 float16; that multiplies all scores by one positive constant and is not done here.
 
-Random projection (:class:`Projector`)
---------------------------------------
-phi(g) = g @ R / sqrt(k) with R (P, k) of i.i.d. +-1 (Rademacher) or N(0, 1) entries, so that
-E[phi(g)^T phi(h)] = g^T h (Johnson-Lindenstrauss). R is never held whole unless it fits
-``cache_bytes``: its rows come in blocks of :data:`BLOCK_ROWS` rows, block b drawn from its own
-counter-based generator (Philox-4x64 keyed by the seed, counter (0, b, 0, 0) for +-1; a
-torch generator seeded from (seed, b) for Gaussian entries). The sketch is therefore a function
-of (seed, k, kind) only: the same whatever the batch of gradients projected at once and
-whatever ``chunk`` (rows generated and multiplied per step, a multiple of the block) is used.
-
-Measured design (``benchmarks/bench_trak.py --options``: tiny U-Net, P = 175,569, 357
-gradients, 1 torch thread on a busy 2-core AMD EPYC with AVX-512), seconds per 357 rows:
-
-    k      rows/call  +-1 regenerated  +-1 cached  Gaussian regenerated  one +-1 sketch pass
-    8192   357        12.8             (5.8 GB)    17.7                  0.48
-    8192   32         19.9             (5.8 GB)    81.2
-    2048   357        3.2              2.7         4.2                   0.21
-    2048   32         6.0              4.5         19.6
-
-The float32 GEMM (b x P x k, ~60-80 GFLOP/s per core) is the floor. +-1 entries from Philox
-bits (np.unpackbits, then uint8 -> float32 in ~4 MiB chunks that stay in cache) cost
-~3 G entries/s, against ~0.08 G/s for traker's ``bernoulli_`` and ~0.3 G/s for ``normal_``,
-which traker's CPU projector redraws for the whole sketch on every call (87 s against our
-18 s for the same gradients at k = 8192 in the benchmark). So: chunked regeneration by default;
-a cache (only when P * k * 4 bytes fits ``cache_bytes``) saves the generation, 15-35%; more
-rows per call help most, hence :func:`featurize` buffers ``project_rows`` gradients.
-Rejected: chunks of 512 rows at k = 8192 (16 MiB, out of cache: 31 s instead of 20 s at 32
-rows/call); bfloat16 GEMMs (2.4x faster here, but torch has no bf16 x bf16 -> float32 matmul
-on CPU, so the projected features would be rounded to 8 mantissa bits).
-
-Similarity baselines
+Where the rest lives
 --------------------
-:func:`pixel_similarity`, :func:`gradient_dot` and :func:`gradient_cosine` are *not* influence
-estimates: they do not predict m(theta_{-j}, x_q) - m(theta, x_q) and have no units of m. They
-are context ("does a method beat looking alike?"). They share the (Q, N) float32 format and
-the direction of the convention (larger = x_j more "responsible" for x_q, which for the loss
-measurement means removing x_j should increase the query's loss), but not its scale.
-:func:`gradient_dot` is the first-order score with the identity in place of the Hessian.
+The seeded random projection R and the streaming of per-example gradients through it are
+:mod:`diffusion_attribution.projection` (:class:`Projector`, :func:`featurize`); the similarity
+baselines scored alongside TRAK by :func:`baseline_scores` are
+:mod:`diffusion_attribution.similarity`. Both are re-exported here (``__all__``) so that
+``from diffusion_attribution.trak import Projector, featurize, pixel_similarity`` keeps working.
+:func:`baseline_scores` is the one orchestrator: every baseline matrix of a model, keyed by
+:class:`~diffusion_attribution.scores.ScoreKey`.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Literal
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from .measurements import Measurement
+from .projection import BLOCK_ROWS, PROJECT_BYTES, Projector, featurize
+from .scores import ScoreKey, ScoreSet
+from .similarity import gradient_cosine, gradient_dot, pixel_similarity
 
 __all__ = [
     "BLOCK_ROWS",
+    "TRAIN_MEASUREMENTS",
     "Projector",
+    "baseline_scores",
     "featurize",
     "gradient_cosine",
     "gradient_dot",
     "mean_eigenvalue",
     "pixel_similarity",
-    "trak_attribute",
+    "train_features",
     "trak_lambda",
     "trak_scores",
     "trak_scores_sweep",
 ]
 
-Kind = Literal["rademacher", "gaussian", "identity"]
 Precision = Literal["float16", "float32", "float64"]
 
-#: Rows of the sketch R drawn from one generator (the unit of the seed schedule).
-BLOCK_ROWS = 64
-#: Bytes of sketch generated and multiplied per step when ``chunk`` is not given (cache-sized).
-CHUNK_BYTES = 4 << 20
-#: Default bytes of gradients buffered per projection call in :func:`featurize`.
-PROJECT_BYTES = 128 << 20
-
-
-def _philox_key(seed: int) -> np.ndarray:
-    if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
-    return np.random.SeedSequence([int(seed), 0x7241]).generate_state(2, dtype=np.uint64)
-
-
-class Projector:
-    """Seeded Johnson-Lindenstrauss projection phi(g) = g @ R / sqrt(dim) (module docstring).
-
-    Args:
-        num_params: P, the length of the gradients (flat layout of ``gradients``).
-        dim: k, the projected dimension.
-        seed: the sketch depends only on (seed, dim, kind) (+-1 signs are the Philox words'
-            bits in little-endian byte order, as on x86/ARM).
-        kind: ``"rademacher"`` (+-1 entries, default) or ``"gaussian"`` (N(0, 1)).
-        chunk: rows of R generated and multiplied per step (rounded up to a multiple of
-            :data:`BLOCK_ROWS`); only speed and memory (O(chunk * dim)) depend on it.
-        cache_bytes: keep the whole R (float32) after its first use if P * dim * 4 bytes fit;
-            0 never caches.
-    """
-
-    def __init__(
-        self,
-        num_params: int,
-        dim: int,
-        seed: int = 0,
-        kind: Kind = "rademacher",
-        *,
-        chunk: int | None = None,
-        cache_bytes: int = 1 << 30,
-    ):
-        if num_params < 1 or dim < 1:
-            raise ValueError(f"need num_params >= 1 and dim >= 1, got {num_params}, {dim}")
-        if kind not in ("rademacher", "gaussian", "identity"):
-            raise ValueError(f"unknown kind {kind!r}; expected 'rademacher' or 'gaussian'")
-        if kind == "identity" and dim != num_params:
-            raise ValueError("the identity projection keeps dim == num_params")
-        self.num_params = int(num_params)
-        self.dim = int(dim)
-        self.seed = int(seed)
-        self.kind = kind
-        if chunk is None:
-            chunk = max(1, CHUNK_BYTES // (4 * self.dim))
-        if chunk < 1:
-            raise ValueError(f"chunk must be >= 1, got {chunk}")
-        self.chunk = -(-int(chunk) // BLOCK_ROWS) * BLOCK_ROWS
-        self.cache_bytes = int(cache_bytes)
-        self._key = _philox_key(self.seed) if kind == "rademacher" else None
-        self._cached: Tensor | None = None
-
-    @classmethod
-    def identity(cls, num_params: int) -> Projector:
-        """No projection (phi(g) = g), for tests and small models."""
-        return cls(num_params, num_params, kind="identity")
-
-    def __repr__(self) -> str:
-        return (
-            f"Projector(num_params={self.num_params}, dim={self.dim}, seed={self.seed}, "
-            f"kind={self.kind!r}, chunk={self.chunk}, cached={self._cached is not None})"
-        )
-
-    @property
-    def sketch_bytes(self) -> int:
-        """Bytes of the whole float32 sketch R (what caching would hold)."""
-        return self.num_params * self.dim * 4
-
-    @property
-    def caches(self) -> bool:
-        return self.kind != "identity" and self.sketch_bytes <= self.cache_bytes
-
-    def _block(self, b: int, rows: int, out: Tensor) -> None:
-        """Write rows 0..rows-1 of block ``b`` of R (unscaled) into ``out`` (rows, dim) float32."""
-        if self.kind == "rademacher":
-            counter = np.array([0, b, 0, 0], dtype=np.uint64)
-            bits = np.random.Philox(key=self._key, counter=counter).random_raw(
-                -(-BLOCK_ROWS * self.dim // 64)
-            )
-            u = np.unpackbits(bits.view(np.uint8), count=rows * self.dim)
-            out.copy_(torch.from_numpy(u).view(rows, self.dim))
-            out.mul_(2.0).sub_(1.0)
-        else:
-            g = torch.Generator().manual_seed(_mix(self.seed, b))
-            full = torch.empty(BLOCK_ROWS, self.dim).normal_(generator=g)
-            out.copy_(full[:rows])
-
-    def sketch_rows(self, start: int, stop: int, out: Tensor | None = None) -> Tensor:
-        """Rows ``start:stop`` of R (unscaled float32; ``start`` a multiple of BLOCK_ROWS)."""
-        if self.kind == "identity":
-            return torch.eye(self.num_params)[start:stop]
-        if start % BLOCK_ROWS:
-            raise ValueError(f"start must be a multiple of {BLOCK_ROWS}")
-        stop = min(stop, self.num_params)
-        out = torch.empty(stop - start, self.dim) if out is None else out[: stop - start]
-        for r in range(start, stop, BLOCK_ROWS):
-            rows = min(BLOCK_ROWS, stop - r)
-            self._block(r // BLOCK_ROWS, rows, out[r - start : r - start + rows])
-        return out
-
-    def matrix(self) -> Tensor:
-        """The whole sketch R / sqrt(dim) (P, dim) float32 -- for tests and small P only."""
-        if self.kind == "identity":
-            return torch.eye(self.num_params)
-        return self.sketch_rows(0, self.num_params) / math.sqrt(self.dim)
-
-    def project(self, grads: Tensor) -> Tensor:
-        """phi of each row of ``grads`` (b, P) -> (b, dim), in float32 (float64 stays float64)."""
-        if grads.ndim != 2 or grads.shape[1] != self.num_params:
-            raise ValueError(f"expected gradients (b, {self.num_params}), got {tuple(grads.shape)}")
-        dtype = torch.float64 if grads.dtype == torch.float64 else torch.float32
-        g = grads.to(dtype)
-        if self.kind == "identity":
-            return g.clone()
-        out = torch.zeros(g.shape[0], self.dim, dtype=dtype, device=g.device)
-        cache = self._cached
-        fill = cache is None and self.caches  # first call with caching: keep what is generated
-        if fill:
-            cache = torch.empty(self.num_params, self.dim)
-        buf = None if cache is not None else torch.empty(self.chunk, self.dim)
-        for start in range(0, self.num_params, self.chunk):
-            stop = min(start + self.chunk, self.num_params)
-            if cache is None:
-                r = self.sketch_rows(start, stop, buf)
-            elif fill:
-                r = self.sketch_rows(start, stop, cache[start:stop])
-            else:
-                r = cache[start:stop]
-            out.addmm_(g[:, start:stop], r.to(dtype=dtype, device=g.device))
-        if fill:
-            self._cached = cache
-        return out.mul_(1.0 / math.sqrt(self.dim))
-
-    __call__ = project
-
-
-def _mix(seed: int, block: int) -> int:
-    """A 63-bit seed for block ``block`` of the Gaussian sketch (splitmix64 of (seed, block))."""
-    z = (int(seed) * 0x9E3779B97F4A7C15 + int(block) + 0x632BE59BD9B4E019) & (2**64 - 1)
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & (2**64 - 1)
-    return (z ^ (z >> 31)) >> 1
+#: The curvature of TRAK / D-TRAK in a :class:`~diffusion_attribution.scores.ScoreKey`: the
+#: empirical Fisher GGN^loss of eq. 11 in the projected space (module docstring).
+CURVATURE = "projected_empirical"
 
 
 # --------------------------------------------------------------------------------------
-# Featurizing: per-example gradients streamed through the projector
-# --------------------------------------------------------------------------------------
-
-
-def featurize(
-    model: nn.Module,
-    params: Sequence[Tensor],
-    measurement: Measurement,
-    x0: Tensor,
-    draws: dict[str, Tensor],
-    projector: Projector,
-    *,
-    batch_size: int = 32,
-    scale: float = 1.0,
-    project_rows: int | None = None,
-    draw_chunk: int | None = None,
-    progress: bool = False,
-    timings: dict[str, float] | None = None,
-) -> Tensor:
-    """Projected per-example gradients (N, k) float32 of ``scale * measurement``.
-
-    Gradients come from :func:`~diffusion_attribution.gradients.per_example_gradients`
-    (``batch_size`` examples per pass) and are projected ``project_rows`` at a time (default:
-    as many as fit :data:`PROJECT_BYTES` = 128 MiB, at least ``batch_size``): more rows per call
-    amortise generating the sketch (at k = 8192 on the tiny U-Net: 32 rows per call cost ~1.5x
-    the time per row of 357 rows per call). Memory is that (project_rows, P) buffer, one
-    gradient batch and the (N, k) result, never the (N, P) gradient matrix unless
-    ``project_rows >= N``. ``timings``
-    (if given) accumulates seconds under ``"gradients"`` and ``"projection"``. For training
-    features pass ``scale=train_gradient_scale(D)`` (lbar = l / D, the influence convention).
-    """
-    from .gradients import per_example_gradients
-
-    n = x0.shape[0]
-    num_params = sum(p.numel() for p in params)
-    if project_rows is None:
-        project_rows = max(batch_size, PROJECT_BYTES // (4 * num_params))
-    rows = int(project_rows)
-    if rows < 1:
-        raise ValueError(f"project_rows must be >= 1, got {project_rows}")
-    rows = min(rows, n)
-    timings = {} if timings is None else timings
-    timings.setdefault("gradients", 0.0)
-    timings.setdefault("projection", 0.0)
-    out = torch.empty(n, projector.dim)
-    buf: Tensor | None = None
-    filled = 0  # rows of buf in use; they hold examples done - filled .. done - 1
-    done = 0
-
-    def flush() -> None:
-        nonlocal filled
-        start = time.perf_counter()
-        out[done - filled : done] = projector.project(buf[:filled]).float()
-        timings["projection"] += time.perf_counter() - start
-        filled = 0
-
-    stream = per_example_gradients(
-        model,
-        params,
-        measurement,
-        x0,
-        draws,
-        batch_size=batch_size,
-        draw_chunk=draw_chunk,
-        scale=scale,
-        progress=progress,
-    )
-    it = iter(stream)
-    while True:
-        start = time.perf_counter()
-        try:
-            ids, g = next(it)
-        except StopIteration:
-            break
-        timings["gradients"] += time.perf_counter() - start
-        if ids.start != done:
-            raise RuntimeError("per_example_gradients yielded batches out of order")
-        if buf is None:
-            buf = torch.empty(max(rows, g.shape[0]), g.shape[1], dtype=g.dtype)
-        b = g.shape[0]
-        if filled + b > buf.shape[0]:
-            flush()
-        buf[filled : filled + b] = g
-        filled += b
-        done += b
-        del g
-    if filled:
-        flush()
-    if done != n:
-        raise RuntimeError(f"gradients covered {done} of {n} examples")
-    return out
-
-
-# --------------------------------------------------------------------------------------
-# Scores
+# Scores from projected features
 # --------------------------------------------------------------------------------------
 
 
@@ -449,9 +183,10 @@ def trak_scores_sweep(
 
 
 # --------------------------------------------------------------------------------------
-# Everything for one model: TRAK or D-TRAK
+# Training features: TRAK (loss) or D-TRAK (square norm)
 # --------------------------------------------------------------------------------------
 
+#: The measurement whose gradients form each method's training features (and hence its F).
 TRAIN_MEASUREMENTS = {"trak": "loss", "d-trak": "square_norm"}
 
 
@@ -499,128 +234,8 @@ def train_features(
     return tf
 
 
-def trak_attribute(
-    model: nn.Module,
-    params: Sequence[Tensor],
-    train_images: Tensor,
-    queries: Tensor,
-    measurements: Mapping[str, Measurement],
-    projector: Projector,
-    dampings: Sequence[float],
-    *,
-    method: Literal["trak", "d-trak"] = "trak",
-    query_measurement: str | None = None,
-    train_draws: int,
-    query_draws: int,
-    seed: int,
-    precision: Precision = "float32",
-    batch_size: int = 16,
-    project_rows: int | None = None,
-    query_trajectories: Tensor | None = None,
-    progress: bool = False,
-) -> tuple[dict[float, Tensor], dict[str, float]]:
-    """TRAK / D-TRAK scores (Q, N) for every damping, and timings in seconds.
-
-    ``measurements`` maps names to measurements (as in
-    :func:`~diffusion_attribution.influence.attribute`). Training features: gradients of
-    ``TRAIN_MEASUREMENTS[method]`` (``"loss"`` or ``"square_norm"``) scaled to lbar = l / D,
-    ``train_draws`` draws each with seed ``seed`` (drawn group by group, so memory does not
-    grow with N). Query features: gradients of ``query_measurement`` (default: the same as the
-    training one; for D-TRAK it must stay ``"square_norm"``), ``query_draws`` draws with seed
-    ``seed + 1``, unscaled.
-    """
-
-    if method not in TRAIN_MEASUREMENTS:
-        raise ValueError(f"unknown method {method!r}; expected 'trak' or 'd-trak'")
-    train_name = TRAIN_MEASUREMENTS[method]
-    query_name = query_measurement or train_name
-    if method == "d-trak" and query_name != "square_norm":
-        raise ValueError("D-TRAK uses the square norm for the query gradients too")
-    for name in (train_name, query_name):
-        if name not in measurements:
-            raise ValueError(f"no measurement named {name!r}")
-    timings: dict[str, float] = {}
-    mq = measurements[query_name]
-    q_ids = torch.arange(len(queries))
-    q_draws = mq.draw(queries, q_ids, query_draws, seed + 1, trajectories=query_trajectories)
-    qf = featurize(
-        model,
-        params,
-        mq,
-        queries,
-        q_draws,
-        projector,
-        batch_size=batch_size,
-        project_rows=project_rows,
-        timings=timings,
-    )
-    n = len(train_images)
-    tf = train_features(
-        model,
-        params,
-        measurements[train_name],
-        train_images,
-        projector,
-        train_draws=train_draws,
-        seed=seed,
-        batch_size=batch_size,
-        project_rows=project_rows,
-        timings=timings,
-        progress=progress,
-    )
-    start = time.perf_counter()
-    scores = trak_scores_sweep(qf, tf, dampings, n, precision)
-    timings["scoring"] = time.perf_counter() - start
-    return scores, timings
-
-
 # --------------------------------------------------------------------------------------
-# Similarity baselines (context, not influence estimates)
-# --------------------------------------------------------------------------------------
-
-
-def _flat(x: Tensor) -> Tensor:
-    return x.reshape(x.shape[0], -1).double()
-
-
-def pixel_similarity(queries: Tensor, train: Tensor, bandwidth: float | None = None) -> Tensor:
-    """exp(-||x_q - x_j||^2 / (2 h^2)) (Q, N) float32: a model-free "looks alike" baseline.
-
-    ``bandwidth`` h defaults to the median of the Q x N query-train distances. Not an influence
-    estimate (module docstring).
-    """
-    d2 = torch.cdist(_flat(queries), _flat(train)).pow(2)
-    if bandwidth is None:
-        h = float(d2.sqrt().median())
-        if h == 0:
-            raise ValueError("median query-train distance is 0; pass a bandwidth")
-    else:
-        h = float(bandwidth)
-        if not h > 0:
-            raise ValueError(f"bandwidth must be > 0, got {bandwidth}")
-    return torch.exp(-d2 / (2 * h * h)).float()
-
-
-def gradient_dot(query: Tensor, train: Tensor, num_train: int | None = None) -> Tensor:
-    """(1/N) g_q^T g_j (Q, N) float32: eq. 6 with the identity in place of the Hessian.
-
-    Works on raw gradients or on projected features (then approximately, by JL). Context only:
-    the identity has the wrong scale to predict retraining (module docstring).
-    """
-    n = train.shape[0] if num_train is None else int(num_train)
-    return (_flat(query) @ _flat(train).T / n).float()
-
-
-def gradient_cosine(query: Tensor, train: Tensor, eps: float = 1e-30) -> Tensor:
-    """cos(g_q, g_j) (Q, N) float32 in [-1, 1]. Context only (module docstring)."""
-    q, t = _flat(query), _flat(train)
-    q = q / q.norm(dim=1, keepdim=True).clamp(min=eps)
-    t = t / t.norm(dim=1, keepdim=True).clamp(min=eps)
-    return (q @ t.T).float()
-
-
-# --------------------------------------------------------------------------------------
-# The baselines stage: every baseline score matrix in the influence stage's format
+# The baselines stage: every baseline score matrix of one model
 # --------------------------------------------------------------------------------------
 
 
@@ -640,67 +255,93 @@ def baseline_scores(
     precisions: Sequence[Precision] = ("float32", "float16"),
     query_trajectories: Tensor | None = None,
     batch_size: int = 16,
+    project_rows: int | None = None,
     progress: bool = False,
-) -> tuple[dict, dict[str, float]]:
-    """TRAK, D-TRAK and similarity scores keyed by :class:`~diffusion_attribution.influence.ScoreSpec`.
+) -> ScoreSet:
+    """TRAK, D-TRAK and similarity scores (Q, N) of one model, keyed by
+    :class:`~diffusion_attribution.scores.ScoreKey`.
 
-    Training features are computed once per method (loss for TRAK, square norm for D-TRAK) and
-    query features once per measurement, then scored for every damping and precision:
+    ``measurements`` maps names to measurements (as in
+    :func:`~diffusion_attribution.influence.attribute`); it must hold ``"loss"``,
+    ``"square_norm"`` and every name in ``query_measurements``. Training features
+    (:func:`train_features`) are computed once per method -- gradients of
+    ``TRAIN_MEASUREMENTS[method]`` (the loss for TRAK, the square norm for D-TRAK) scaled to
+    lbar = l / D, ``train_draws`` draws each with seed ``seed`` -- and query features once per
+    measurement (unscaled, ``query_draws`` draws with seed ``seed + 1``, ``query_trajectories``
+    for a trajectory measurement), then scored for every damping and precision:
 
-    - ``ScoreSpec("trak", m, damping, precision)`` for m in ``query_measurements``,
-    - ``ScoreSpec("d-trak", "square_norm", damping, precision)``,
-    - ``ScoreSpec("grad_dot" | "grad_cos", m, 0.0, "float32")`` on the projected loss features
-      (the identity in place of the Hessian), and ``ScoreSpec("pixel", "none", 0.0, "float32")``.
+    - ``ScoreKey("trak", m, curvature="projected_empirical", damping=d, compression="none",
+      precision=p)`` for m in ``query_measurements`` and p in ``precisions``,
+    - ``ScoreKey("d-trak", "square_norm", curvature="projected_empirical", damping=d,
+      precision=p)`` (D-TRAK's query gradients are of the square norm too),
+    - ``ScoreKey("grad_dot" | "grad_cos", m)`` on the projected query features of m and the
+      projected loss features (the identity in place of the Hessian; curvature ``"none"``,
+      damping 0, float32), and ``ScoreKey("pixel", "none")``.
 
-    Dampings are ``relative_dampings`` times the mean eigenvalue trace(F)/k of each method's
-    projected empirical Fisher F = Phi^T Phi / N (the absolute value, normalised by N as in
-    App. G.3.1, is the spec's ``damping``). Returns the scores and a dict with timings and the
-    mean eigenvalues.
+    Dampings d are ``relative_dampings`` times the mean eigenvalue trace(F)/k of each method's
+    projected empirical Fisher F = Phi^T Phi / N (:func:`mean_eigenvalue`; the absolute value,
+    normalised by N as in App. G.3.1, is the key's ``damping``). ``batch_size`` and
+    ``project_rows`` are passed to :func:`featurize` (speed and memory only).
+
+    Returns a :class:`~diffusion_attribution.scores.ScoreSet` with
+    ``meta = {"mean_eigenvalue": {"trak": ..., "d-trak": ...}, "seconds": {"gradients": ...,
+    "projection": ..., "scoring": ...}}``.
     """
-    from .influence import ScoreSpec
-
+    needed = dict.fromkeys([*TRAIN_MEASUREMENTS.values(), *query_measurements])
+    missing = [name for name in needed if name not in measurements]
+    if missing:
+        raise ValueError(f"no measurement named {missing}; have {sorted(measurements)}")
     timings: dict[str, float] = {}
-    info: dict[str, float] = {}
     n = len(train_images)
     kw = dict(
         train_draws=train_draws,
         seed=seed,
         batch_size=batch_size,
+        project_rows=project_rows,
         timings=timings,
         progress=progress,
     )
     train = {
-        "trak": train_features(model, params, measurements["loss"], train_images, projector, **kw),
-        "d-trak": train_features(
-            model, params, measurements["square_norm"], train_images, projector, **kw
-        ),
+        method: train_features(model, params, measurements[name], train_images, projector, **kw)
+        for method, name in TRAIN_MEASUREMENTS.items()
     }
     q_ids = torch.arange(len(queries))
     query = {}
-    for name in dict.fromkeys([*query_measurements, "square_norm"]):
+    for name in dict.fromkeys([*query_measurements, TRAIN_MEASUREMENTS["d-trak"]]):
         m = measurements[name]
         d = m.draw(queries, q_ids, query_draws, seed + 1, trajectories=query_trajectories)
         query[name] = featurize(
-            model, params, m, queries, d, projector, batch_size=batch_size, timings=timings
+            model,
+            params,
+            m,
+            queries,
+            d,
+            projector,
+            batch_size=batch_size,
+            project_rows=project_rows,
+            timings=timings,
         )
     start = time.perf_counter()
-    scores = {}
-    jobs = [("trak", m) for m in query_measurements] + [("d-trak", "square_norm")]
+    eigenvalues = {method: mean_eigenvalue(f) for method, f in train.items()}
+    scores: dict[ScoreKey, Tensor] = {}
+    jobs = [("trak", m) for m in query_measurements] + [("d-trak", TRAIN_MEASUREMENTS["d-trak"])]
     for method, name in jobs:
-        eig = mean_eigenvalue(train[method])
-        info[f"mean_eigenvalue_{method}"] = eig
-        dampings = [r * eig for r in relative_dampings]
+        dampings = [r * eigenvalues[method] for r in relative_dampings]
         for precision in precisions:
             sweep = trak_scores_sweep(query[name], train[method], dampings, n, precision)
             for d, s in sweep.items():
-                scores[ScoreSpec(method, name, d, precision)] = s
+                key = ScoreKey(
+                    method,
+                    name,
+                    curvature=CURVATURE,
+                    damping=d,
+                    compression="none",
+                    precision=precision,
+                )
+                scores[key] = s
     for name in query_measurements:
-        scores[ScoreSpec("grad_dot", name, 0.0, "float32")] = gradient_dot(
-            query[name], train["trak"], n
-        )
-        scores[ScoreSpec("grad_cos", name, 0.0, "float32")] = gradient_cosine(
-            query[name], train["trak"]
-        )
-    scores[ScoreSpec("pixel", "none", 0.0, "float32")] = pixel_similarity(queries, train_images)
+        scores[ScoreKey("grad_dot", name)] = gradient_dot(query[name], train["trak"], n)
+        scores[ScoreKey("grad_cos", name)] = gradient_cosine(query[name], train["trak"])
+    scores[ScoreKey("pixel", "none")] = pixel_similarity(queries, train_images)
     timings["scoring"] = time.perf_counter() - start
-    return scores, {**timings, **info}
+    return ScoreSet(scores, {"mean_eigenvalue": eigenvalues, "seconds": timings})

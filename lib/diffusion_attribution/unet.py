@@ -26,7 +26,8 @@ from torch import Tensor, nn
 
 @dataclass(frozen=True)
 class UNetConfig:
-    """Hyperparameters of :class:`UNet`.
+    """Hyperparameters of :class:`UNet` (no defaults: the pipeline's come from
+    :class:`~diffusion_attribution.config.ModelConfig`, the one place they are written).
 
     Level ``i`` of the U-Net works at resolution ``image_size / 2**i`` with
     ``base_channels * channel_mults[i]`` channels and ``num_res_blocks`` residual blocks on the
@@ -34,18 +35,15 @@ class UNetConfig:
     ``attn_resolutions`` are each followed by a self-attention block.
     """
 
-    in_channels: int = 1
-    image_size: int = 8
-    base_channels: int = 16
-    channel_mults: tuple[int, ...] = (1, 2)
-    num_res_blocks: int = 1
-    attn_resolutions: tuple[int, ...] = (4,)
-    dropout: float = 0.0
-    norm_groups: int = 8
+    in_channels: int
+    image_size: int
+    base_channels: int
+    channel_mults: tuple[int, ...]
+    num_res_blocks: int
+    attn_resolutions: tuple[int, ...]
+    dropout: float
+    norm_groups: int
 
-
-#: 8x8 one-channel digits (sklearn ``load_digits``): the CPU-sized default (176,849 parameters).
-TINY_DIGITS = UNetConfig()
 
 #: Ho et al. (2020)'s CIFAR-10 model (35.7 M parameters), as used by Mlodozieniec et al.
 HO_CIFAR10 = UNetConfig(

@@ -1,0 +1,104 @@
+"""Stage ``curvature``: K-FAC of GGN^model (MC Fisher) and GGN^loss (empirical Fisher),
+expand and reduce (Sec. 3.1, eqs. 9-12), fitted with curvlinops on the training set.
+
+Every variant approximates the curvature of the per-pixel-mean training loss
+(:mod:`diffusion_attribution.curvature`), so a damping value means the same for all of them.
+"""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import torch
+
+from ..config import Config
+from ..curvature import fit_kfac
+from ..measurements import DiffusionLoss
+from ..unet import kfac_parameters
+from ..workspace import Workspace, schedule_of
+from . import StageResult
+
+NOTEBOOK = "04_curvature.ipynb"
+INPUTS = ("outputs/data", "outputs/train")
+OUTS = ("outputs/curvature",)
+PERSIST: tuple[str, ...] = ()
+FIGURES = ("curvature_spectra.png",)
+METRICS = ("metrics/curvature.json",)
+
+
+def run(config: Config, ws: Workspace) -> StageResult:
+    """Fit every variant in ``curvature.variants``; save them with their spectra's summary."""
+    ccfg = config.curvature
+    damping = config.influence.damping
+    ds, net = ws.dataset, ws.model
+    params = kfac_parameters(net)
+    schedule = schedule_of(config.diffusion)
+    draws = DiffusionLoss(schedule).draw(
+        ds.images, torch.arange(len(ds)), ccfg.num_draws, ccfg.seed
+    )
+    print(
+        f"{len(ds)} examples x {ccfg.num_draws} draws = {len(ds) * ccfg.num_draws} rows; "
+        f"{sum(p.numel() for p in params):,} parameters in {len(params)} tensors"
+    )
+    rows, spectra = [], {}
+    for variant in ccfg.variants:
+        fisher, kfac = variant.split("_")
+        K = fit_kfac(
+            net,
+            params,
+            schedule,
+            ds.images.to(ws.device),
+            draws["t"].to(ws.device),
+            draws["eps"].to(ws.device),
+            fisher=fisher,
+            kfac=kfac,
+            batch_size=ccfg.batch_size,
+            mc_seed=ccfg.seed,
+        )
+        K.save(ws.path(ws.CURVATURE.format(variant=variant)))
+        ev = K.eigenvalues()
+        spectra[variant] = ev.sort(descending=True).values
+        rows.append(
+            {
+                "variant": variant,
+                "fit_seconds": round(K.meta["fit_seconds"], 2),
+                "mean_eigenvalue": float(ev.mean()),
+                "max_eigenvalue": float(ev.max()),
+                "fraction_below_damping": float((ev < damping).double().mean()),
+                "damping_over_mean_eigenvalue": damping / float(ev.mean()),
+            }
+        )
+    table = pd.DataFrame(rows).set_index("variant")
+    metrics = table.round(8).to_dict(orient="index")
+    ws.write_metrics("curvature", metrics)
+    mc = table.loc["mc_expand"] if "mc_expand" in table.index else table.iloc[0]
+    summary = (
+        f"**This run.** Fit times: {', '.join(f'{v} {r.fit_seconds:.1f} s' for v, r in table.iterrows())}. "
+        f"For MC/expand the mean eigenvalue is {mc.mean_eigenvalue:.3g} (max {mc.max_eigenvalue:.3g}); the damping "
+        f"{damping:g} is {mc.damping_over_mean_eigenvalue:.2g} times the mean eigenvalue, and "
+        f"{100 * mc.fraction_below_damping:.1f}% of the eigenvalues lie below it (directions the damping, not the data, "
+        f"determines)."
+    )
+    return StageResult(
+        metrics=metrics,
+        tables={"variants": table},
+        data={"spectra": spectra, "damping": damping},
+        summary=summary,
+    )
+
+
+def fig_spectra(result: StageResult) -> plt.Figure:
+    """Sorted eigenvalues of every variant against the damping."""
+    damping = result.data["damping"]
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for variant, ev in result.data["spectra"].items():
+        ax.plot(torch.linspace(0, 1, len(ev)), ev.clamp_min(1e-20), label=variant, lw=1.2)
+    ax.axhline(damping, color="k", ls="--", lw=0.8, label=f"damping {damping:g}")
+    ax.set(
+        yscale="log",
+        xlabel="eigenvalue rank (fraction of parameters)",
+        ylabel="eigenvalue",
+        title="K-FAC eigenvalue spectra (per-pixel-mean loss normalisation)",
+    )
+    ax.legend(fontsize=8)
+    return fig

@@ -1,0 +1,102 @@
+"""Stage ``retrain``: models retrained on random subsets, the LDS ground truth (App. G.4).
+
+M x K models on subsets drawn from ``retrain.seed`` (shared seeds: seed k fixes the
+initialisation and the batch and noise streams of every subset's k-th model,
+:mod:`diffusion_attribution.retrain`), and K references on all the data for as many epochs,
+against which measured changes are taken. Jobs run through submitit; every model is named by
+what determines it, so a rerun trains only what is missing, and models of other settings or
+code are moved aside (``.cache/stale/retrain/``), never deleted.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from ..config import Config
+from ..io import atomic_save
+from ..lds import subset_masks
+from ..migrate import adopt_legacy_models
+from ..retrain import prune, reference_jobs, run_jobs, subset_jobs
+from ..workspace import Workspace
+from . import StageResult
+
+NOTEBOOK = "07_retrain.ipynb"
+INPUTS = ("outputs/data",)
+OUTS = ("outputs/retrain",)
+PERSIST = ("outputs/retrain",)
+FIGURES: tuple[str, ...] = ()
+METRICS = ("metrics/retrain.json",)
+
+
+def reference_steps(steps: int, fraction: float) -> int:
+    """Steps of a full-data reference that sees each example as often as a subset model of
+    ``steps`` steps on a ``fraction`` of the data sees each of its own (App. G.5)."""
+    return round(steps / fraction)
+
+
+def run(config: Config, ws: Workspace) -> StageResult:
+    """Train every subset model and reference that does not exist yet."""
+    rcfg, tcfg = config.retrain, config.train
+    data_path = ws.path(ws.TRAIN_SET)
+    n = len(ws.dataset)
+    masks = subset_masks(n, rcfg.num_subsets, rcfg.fraction, rcfg.seed)
+    subset_train = tcfg.model_copy(update={"steps": rcfg.steps})
+    out_dir = ws.folder("outputs/retrain/models")
+    jobs = subset_jobs(
+        data_path, masks, rcfg.num_seeds, config.model, config.diffusion, subset_train, out_dir
+    )
+    ref_steps = reference_steps(rcfg.steps, rcfg.fraction)
+    refs = reference_jobs(
+        data_path, n, rcfg.num_seeds, ref_steps, config.model, config.diffusion, tcfg, out_dir
+    )
+    flat = [job for row in jobs for job in row] + refs
+    adopted = adopt_legacy_models(flat, ws.root)
+    stale = prune(out_dir, flat, stale_dir=ws.stale_dir("retrain"))
+    existing = sum(Path(j.output).exists() for j in flat)
+    size = int(masks[0].sum())
+    epochs = rcfg.steps * min(tcfg.batch_size, size) / size
+    full_epochs = tcfg.steps * min(tcfg.batch_size, n) / n
+    print(
+        f"{len(masks)} subsets x {rcfg.num_seeds} seeds = {len(flat) - len(refs)} models of {size} "
+        f"images, {rcfg.steps} steps each ({epochs:.0f} epochs; the full model: {full_epochs:.0f}), and "
+        f"{len(refs)} full-data references of {ref_steps} steps; "
+        f"{existing} already trained ({len(adopted)} adopted from earlier names), "
+        f"{len(stale)} stale files moved to {ws.stale_dir('retrain')}"
+    )
+    start = time.perf_counter()
+    run_jobs(flat, folder=str(ws.folder(".cache/submitit/retrain")))
+    seconds = time.perf_counter() - start
+    trained = len(flat) - existing
+    atomic_save(
+        {
+            "masks": masks,
+            "models": [[Path(j.output).name for j in row] for row in jobs],
+            "references": [Path(j.output).name for j in refs],
+        },
+        ws.path(ws.SUBSETS),
+    )
+    metrics = {
+        "num_subsets": len(masks),
+        "num_seeds": rcfg.num_seeds,
+        "subset_size": size,
+        "steps": rcfg.steps,
+        "models_trained_this_run": trained,
+        "seconds": round(seconds, 1),
+    }
+    ws.write_metrics("retrain", metrics)
+    per_model = seconds / trained if trained else float("nan")
+    m = masks.double()
+    pairs = (m @ m.T)[~torch.eye(len(m), dtype=torch.bool)]
+    overlap = float(pairs.mean()) / float(m[0].sum())
+    summary = (
+        f"**This run.** {len(flat) - len(refs)} models ({len(masks)} subsets x {rcfg.num_seeds} shared seeds), "
+        f"each on {size} of {n} images for {rcfg.steps} steps, and {len(refs)} references on "
+        f"all {n} images for {ref_steps} steps (the same epochs). Trained {trained} "
+        f"now in {seconds:.0f} s ({per_model:.1f} s of wall-clock time per model, jobs running in "
+        f"parallel), reused {existing}. Two subsets share {overlap:.0%} of their images on average "
+        f"(independent random subsets of fraction {rcfg.fraction}: {rcfg.fraction:.0%} expected)."
+    )
+    return StageResult(metrics=metrics, data={"masks": masks}, summary=summary)

@@ -1,0 +1,114 @@
+"""Stage ``train``: the DDPM whose samples are attributed (App. G.2, G.5).
+
+AdamW with linear warm-up then cosine decay, gradient clipping and EMA weights, everything
+seeded; resumes from its last checkpoint when interrupted.
+"""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import torch
+
+from ..config import Config
+from ..ddpm import diffusion_loss, draw_noise
+from ..train import build_model, fingerprint, save_model, train_ddpm
+from ..unet import kfac_parameters, num_parameters
+from ..workspace import Workspace, schedule_of
+from . import StageResult
+
+NOTEBOOK = "02_train.ipynb"
+INPUTS = ("outputs/data",)
+OUTS = ("outputs/train",)
+PERSIST: tuple[str, ...] = ()
+FIGURES = ("training_curve.png",)
+METRICS = ("metrics/train.json",)
+
+#: (t, eps) draws per training image for the reported training-set loss, and their seed.
+EVAL_DRAWS, EVAL_SEED = 16, 12345
+
+
+@torch.no_grad()
+def _train_set_loss(model, schedule, images, t, eps, batch: int = 256) -> torch.Tensor:
+    return torch.cat(
+        [
+            diffusion_loss(
+                model, schedule, images[i : i + batch], t[i : i + batch], eps[i : i + batch]
+            )
+            for i in range(0, len(images), batch)
+        ]
+    )
+
+
+def run(config: Config, ws: Workspace) -> StageResult:
+    """Train the full model on the training set; save its EMA weights and the loss curve."""
+    ds = ws.dataset
+    shape = ws.image_shape
+    schedule = schedule_of(config.diffusion)
+    net = build_model(config.model, shape)
+    n_kfac = sum(p.numel() for p in kfac_parameters(net))
+    print(
+        f"U-Net: {num_parameters(net):,} parameters, {n_kfac:,} in Linear/Conv2d layers (covered by K-FAC)"
+    )
+    checkpoint = ws.path(
+        f".cache/checkpoints/train-{fingerprint(config.model, config.diffusion, config.train, ds.images)}.pt"
+    )
+    result = train_ddpm(
+        lambda: build_model(config.model, shape),
+        ds.images,
+        schedule,
+        config.train,
+        checkpoint_path=checkpoint,
+        device=ws.device,
+    )
+    save_model(ws.path(ws.MODEL), result.ema_model, config.model, shape)
+    checkpoint.unlink()  # it only serves to resume an interrupted run
+    losses = pd.Series(result.losses, name="loss")
+    losses.rename_axis("step").to_csv(ws.path("outputs/train/losses.csv"))
+    steps = config.train.steps
+    print(f"{steps} steps in {result.seconds:.1f} s ({steps / result.seconds:.1f} steps/s)")
+    t_draws, eps_draws = draw_noise(
+        len(ds), EVAL_DRAWS, shape, schedule.num_timesteps, seed=EVAL_SEED
+    )
+    loss_ema = _train_set_loss(result.ema_model, schedule, ds.images, t_draws, eps_draws)
+    loss_raw = _train_set_loss(result.model, schedule, ds.images, t_draws, eps_draws)
+    metrics = {
+        "steps": steps,
+        "seconds": round(result.seconds, 1),
+        "num_parameters": num_parameters(net),
+        "final_running_loss": round(float(losses.tail(100).mean()), 5),
+        "train_diffusion_loss_ema": round(float(loss_ema.mean()), 4),
+        "train_diffusion_loss_raw": round(float(loss_raw.mean()), 4),
+    }
+    ws.write_metrics("train", metrics)
+    summary = (
+        f"**This run.** {metrics['num_parameters']:,} parameters trained for {metrics['steps']} steps in "
+        f"{metrics['seconds']} s. Running mean of the last 100 mini-batch losses: {metrics['final_running_loss']}. "
+        f"Diffusion loss l on the training set (eq. 2, sum over {int(torch.tensor(shape).prod())} pixels, "
+        f"{EVAL_DRAWS} draws per image): EMA weights {metrics['train_diffusion_loss_ema']}, raw weights "
+        f"{metrics['train_diffusion_loss_raw']}. Later stages use the EMA weights."
+    )
+    return StageResult(
+        metrics=metrics, data={"losses": losses, "dataset": ds.name}, summary=summary
+    )
+
+
+def fig_training_curve(result: StageResult) -> plt.Figure:
+    """Mini-batch loss per step and its running mean over 100 steps (log scale)."""
+    losses = result.data["losses"]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(losses.index + 1, losses, lw=0.4, alpha=0.4, label="mini-batch loss")
+    ax.plot(
+        losses.index + 1,
+        losses.rolling(100, min_periods=1).mean(),
+        lw=1.5,
+        label="running mean (100 steps)",
+    )
+    ax.set(
+        xlabel="training step",
+        ylabel="loss (per-pixel MSE)",
+        yscale="log",
+        title=f"Training the DDPM on {result.data['dataset']}",
+    )
+    ax.legend()
+    return fig
