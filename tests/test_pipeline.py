@@ -187,6 +187,8 @@ def test_smoke_profile_end_to_end(tmp_path):
         "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
         "DA_THREADS": "2",
         "HOME": str(tmp_path),
+        # the copy's own library, not the checkout's editable install: edits below must count
+        "PYTHONPATH": str(repo / "lib"),
     }
     dvc = [sys.executable, "-m", "dvc"]
     start = time.perf_counter()
@@ -219,3 +221,58 @@ def test_smoke_profile_end_to_end(tmp_path):
         [*dvc, "status", "dvc.yaml"], cwd=repo, env=env, capture_output=True, text=True
     )
     assert "up to date" in status.stdout, status.stdout
+
+    # A comment in the training code reruns stages (DVC hashes bytes) but recomputes nothing
+    # expensive: results are named by the code with comments and docstrings stripped.
+    ddpm = repo / "lib" / "diffusion_attribution" / "ddpm.py"
+    ddpm.write_text(ddpm.read_text() + "\n# a comment changes no result\n")
+    models_before = sorted(p.name for p in (repo / "outputs" / "retrain" / "models").glob("*.pt"))
+    run = subprocess.run([*dvc, "repro"], cwd=repo, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    assert "Running stage 'retrain'" in run.stdout  # it did rerun ...
+    metrics = {
+        n: json.loads((repo / "metrics" / f"{n}.json").read_text())
+        for n in ("retrain", "measure", "counterfactual")
+    }
+    assert metrics["retrain"]["models_trained_this_run"] == 0  # ... and trained nothing
+    assert metrics["measure"]["models_measured_this_run"] == 0
+    assert metrics["counterfactual"]["models_trained_this_run"] == 0
+    assert metrics["counterfactual"]["models_measured_this_run"] == 0
+    assert (
+        sorted(p.name for p in (repo / "outputs" / "retrain" / "models").glob("*.pt"))
+        == models_before
+    )
+    assert not (repo / ".cache" / "stale").exists()
+
+    # An experiment with another recipe retrains, keeps the old models aside, and `dvc exp
+    # show` lists the metrics of both runs (they are tracked, not git-ignored copies).
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "add", "-A"], cwd=repo, env=env, check=True, capture_output=True)
+    subprocess.run([*git, "commit", "-qm", "smoke"], cwd=repo, env=env, check=True)
+    steps = yaml.safe_load((repo / "params.yaml").read_text())["retrain"]["steps"]
+    exp = subprocess.run(
+        [*dvc, "exp", "run", "-S", f"retrain.steps={steps + 10}", "-n", "longer"],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert exp.returncode == 0, exp.stdout[-4000:] + exp.stderr[-4000:]
+    stale = list((repo / ".cache" / "stale" / "retrain").rglob("*.pt"))
+    assert sorted(p.name for p in stale) == models_before, "the old models were not kept aside"
+    retrain = json.loads((repo / "metrics" / "retrain.json").read_text())
+    assert retrain["models_trained_this_run"] == len(models_before)
+    show = subprocess.run(
+        [*dvc, "exp", "show", "--json"], cwd=repo, env=env, capture_output=True, text=True
+    )
+    assert show.returncode == 0, show.stderr
+    shown = json.loads(show.stdout)
+    steps_seen = set()
+    for rev in shown:
+        runs = [rev, *[e for x in rev.get("experiments") or [] for e in x.get("revs", [])]]
+        for r in runs:
+            data = r.get("data") or {}
+            lds = data.get("metrics", {}).get("metrics/lds.json", {}).get("data", {})
+            if lds:
+                steps_seen.add(data["params"]["params.yaml"]["data"]["retrain"]["steps"])
+    assert {steps, steps + 10} <= steps_seen, show.stdout[:2000]

@@ -220,9 +220,22 @@ def stage_spec(name: str) -> dict:
     return spec
 
 
+#: Curves DVC can draw itself (``dvc plots show`` / ``dvc plots diff``, editor integrations);
+#: every figure of the paper is a PNG under ``reports/figures/``.
+PLOTS = [
+    {
+        "training loss": {
+            "x": "step",
+            "y": {"outputs/train/losses.csv": "loss"},
+            "title": "Training loss per step",
+        }
+    }
+]
+
+
 def dvc_yaml() -> str:
     """The whole ``dvc.yaml`` text."""
-    body = {"stages": {name: stage_spec(name) for name in stages.NAMES}}
+    body = {"stages": {name: stage_spec(name) for name in stages.NAMES}, "plots": PLOTS}
     return HEADER + yaml.safe_dump(body, sort_keys=False, width=100)
 
 
