@@ -105,7 +105,11 @@ class Workspace:
         return f"Workspace({str(self.root)!r}, device={self.device!r}, threads={self.threads})"
 
     def path(self, relative: str | Path) -> Path:
-        """``root / relative``, its parent folder created."""
+        """``root / relative``, to read."""
+        return self.root / relative
+
+    def out(self, relative: str | Path) -> Path:
+        """``root / relative``, to write: its parent folder created."""
         p = self.root / relative
         p.parent.mkdir(parents=True, exist_ok=True)
         return p
@@ -184,7 +188,7 @@ class Workspace:
 
     def write_metrics(self, stage: str, metrics: dict) -> Path:
         """``metrics/<stage>.json``, atomically."""
-        path = self.path(f"metrics/{stage}.json")
+        path = self.out(f"metrics/{stage}.json")
         write_json(path, metrics)
         return path
 

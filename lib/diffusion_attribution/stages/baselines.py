@@ -74,7 +74,7 @@ def run(config: Config, ws: Workspace) -> StageResult:
         batch_size=icfg.batch_size,
         progress=True,
     )
-    scores.save(ws.path(ws.BASELINE_SCORES))
+    scores.save(ws.out(ws.BASELINE_SCORES))
 
     kfac = ScoreSet.load(ws.path(ws.INFLUENCE_SCORES))
     ref = kfac[ScoreKey("kfac", "loss", "mc_expand", icfg.damping, icfg.compression)]

@@ -35,10 +35,10 @@ def run(config: Config, ws: Workspace) -> StageResult:
     """Collect the claims into ``reports/claims.md`` and ``metrics/claims.json``."""
     found = claims.collect(ws.path(p) for p in INPUTS)
     table = claims.to_markdown(found)
-    ws.path("reports/claims.md").write_text("# The paper's claims on this run\n\n" + table + "\n")
+    ws.out("reports/claims.md").write_text("# The paper's claims on this run\n\n" + table + "\n")
     counts = claims.summary_counts(found)
     metrics = {"counts": counts, "claims": found}
-    write_json(ws.path("metrics/claims.json"), metrics)
+    write_json(ws.out("metrics/claims.json"), metrics)
     summary = (
         f"**This run.** {len(found)} claims: {counts['holds']} hold, {counts['does not hold']} do not hold, "
         f"{counts['inconclusive']} are inconclusive. {CAVEAT}"

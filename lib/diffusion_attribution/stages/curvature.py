@@ -55,7 +55,7 @@ def run(config: Config, ws: Workspace) -> StageResult:
             batch_size=ccfg.batch_size,
             mc_seed=ccfg.seed,
         )
-        K.save(ws.path(ws.CURVATURE.format(variant=variant)))
+        K.save(ws.out(ws.CURVATURE.format(variant=variant)))
         ev = K.eigenvalues()
         spectra[variant] = ev.sort(descending=True).values
         rows.append(

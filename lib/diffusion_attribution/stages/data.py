@@ -27,7 +27,7 @@ def run(config: Config, ws: Workspace) -> StageResult:
     """Load the configured data set and save it to ``outputs/data/train.pt``."""
     data = config.data
     ds = load_dataset(data.dataset, **data.model_dump(exclude={"dataset"}))
-    ds.save(ws.path(ws.TRAIN_SET))
+    ds.save(ws.out(ws.TRAIN_SET))
     counts = {
         name: int((ds.labels == label).sum())
         for label, name in zip(ds.labels.unique().tolist(), ds.class_names, strict=True)

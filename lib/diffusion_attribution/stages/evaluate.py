@@ -396,9 +396,9 @@ def run(config: Config, ws: Workspace) -> StageResult:
         damping=config.influence.damping,
         compression=config.influence.compression,
     )
-    result.tables["lds"].to_csv(ws.path(ws.LDS_TABLE), index=False)
+    result.tables["lds"].to_csv(ws.out(ws.LDS_TABLE), index=False)
     atomic_save(
-        {"per_query": result.data["per_query"]}, ws.path("outputs/evaluate/lds_per_query.pt")
+        {"per_query": result.data["per_query"]}, ws.out("outputs/evaluate/lds_per_query.pt")
     )
     ws.write_metrics("lds", result.metrics)
     Q, M, K = result.data["shape"]

@@ -72,7 +72,7 @@ def run(config: Config, ws: Workspace) -> StageResult:
         batch_size=icfg.batch_size,
         progress=True,
     )
-    scores.save(ws.path(ws.INFLUENCE_SCORES))
+    scores.save(ws.out(ws.INFLUENCE_SCORES))
     peak_rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     split = pd.Series(
         {

@@ -106,7 +106,7 @@ def run(config: Config, ws: Workspace) -> StageResult:
             "num_draws": num_draws,
             "masks": subsets["masks"],
         },
-        ws.path(ws.GROUND_TRUTH),
+        ws.out(ws.GROUND_TRUTH),
     )
     summary_table = ground_truth_summary(measured, reference, full)
 

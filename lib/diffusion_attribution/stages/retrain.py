@@ -76,7 +76,7 @@ def run(config: Config, ws: Workspace) -> StageResult:
             "models": [[Path(j.output).name for j in row] for row in jobs],
             "references": [Path(j.output).name for j in refs],
         },
-        ws.path(ws.SUBSETS),
+        ws.out(ws.SUBSETS),
     )
     metrics = {
         "num_subsets": len(masks),

@@ -63,7 +63,7 @@ def run(config: Config, ws: Workspace) -> StageResult:
             "seed": scfg.seed,
             "variance": config.diffusion.variance,
         },
-        ws.path(ws.SAMPLES),
+        ws.out(ws.SAMPLES),
     )
     print(f"{scfg.num_samples} samples x {schedule.num_timesteps} steps in {seconds:.1f} s")
 

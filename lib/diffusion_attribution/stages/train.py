@@ -50,7 +50,7 @@ def run(config: Config, ws: Workspace) -> StageResult:
     print(
         f"U-Net: {num_parameters(net):,} parameters, {n_kfac:,} in Linear/Conv2d layers (covered by K-FAC)"
     )
-    checkpoint = ws.path(
+    checkpoint = ws.out(
         f".cache/checkpoints/train-{fingerprint(config.model, config.diffusion, config.train, ds.images)}.pt"
     )
     result = train_ddpm(
@@ -61,10 +61,10 @@ def run(config: Config, ws: Workspace) -> StageResult:
         checkpoint_path=checkpoint,
         device=ws.device,
     )
-    save_model(ws.path(ws.MODEL), result.ema_model, config.model, shape)
+    save_model(ws.out(ws.MODEL), result.ema_model, config.model, shape)
     checkpoint.unlink()  # it only serves to resume an interrupted run
     losses = pd.Series(result.losses, name="loss")
-    losses.rename_axis("step").to_csv(ws.path("outputs/train/losses.csv"))
+    losses.rename_axis("step").to_csv(ws.out("outputs/train/losses.csv"))
     steps = config.train.steps
     print(f"{steps} steps in {result.seconds:.1f} s ({steps / result.seconds:.1f} steps/s)")
     t_draws, eps_draws = draw_noise(
