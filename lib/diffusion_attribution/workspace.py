@@ -140,6 +140,12 @@ class Workspace:
         """Pixel levels of the data (the ELBO's discretised decoder)."""
         return pixel_levels(self.dataset.name)
 
+    def measurements(self, diffusion: DiffusionConfig, timesteps: tuple[int, ...]) -> dict:
+        """Every measurement attributed (:func:`measurements_of`) for this run's data."""
+        return measurements_of(
+            schedule_of(diffusion), diffusion.variance, self.pixel_levels, timesteps
+        )
+
     @cached_property
     def model(self) -> nn.Module:
         """The full model's EMA weights (``train`` stage), in eval mode on the device."""

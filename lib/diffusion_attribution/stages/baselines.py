@@ -19,7 +19,7 @@ from ..config import Config
 from ..scores import ScoreKey, ScoreSet
 from ..trak import Projector, baseline_scores
 from ..unet import kfac_parameters
-from ..workspace import Workspace, measurements_of, schedule_of
+from ..workspace import Workspace
 from . import StageResult
 
 NOTEBOOK = "06_baselines.ipynb"
@@ -51,10 +51,7 @@ def run(config: Config, ws: Workspace) -> StageResult:
     ds, net = ws.dataset, ws.model
     queries = ws.samples["images"]
     params = kfac_parameters(net)
-    schedule = schedule_of(config.diffusion)
-    measurements = measurements_of(
-        schedule, config.diffusion.variance, ws.pixel_levels, icfg.timesteps
-    )
+    measurements = ws.measurements(config.diffusion, icfg.timesteps)
     projector = Projector(
         sum(p.numel() for p in params), tcfg.projection_dim, seed=tcfg.seed, kind=tcfg.projection
     )

@@ -132,23 +132,10 @@ def run(config: Config, ws: Workspace) -> StageResult:
     models = {name: j.output for name, j in jobs.items()}
     loss = {"loss": DiffusionLoss(schedule_of(config.diffusion))}
     cache = ws.folder("outputs/counterfactual/cache")
-    adopt_legacy_measurements(
-        models,
-        loss,
-        queries,
-        {"loss": mscfg.draws},
-        mscfg.seed,
-        cache,
-        batch_size=mscfg.batch_size,
-        repo_root=ws.root,
-    )
+    what = (models, loss, queries, {"loss": mscfg.draws}, mscfg.seed, cache)
+    adopt_legacy_measurements(*what, batch_size=mscfg.batch_size, repo_root=ws.root)
     values = measure_models(
-        models,
-        loss,
-        queries,
-        {"loss": mscfg.draws},
-        mscfg.seed,
-        cache,
+        *what,
         batch_size=mscfg.batch_size,
         workers=ws.threads,
         prune=True,

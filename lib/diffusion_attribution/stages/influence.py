@@ -20,7 +20,7 @@ from ..figures import plot_top_influences
 from ..influence import attribute, influence_specs
 from ..scores import ScoreKey
 from ..unet import kfac_parameters
-from ..workspace import Workspace, measurements_of, schedule_of
+from ..workspace import Workspace, schedule_of
 from . import StageResult
 
 NOTEBOOK = "05_influence.ipynb"
@@ -41,9 +41,7 @@ def run(config: Config, ws: Workspace) -> StageResult:
     queries = ws.samples["images"]
     params = kfac_parameters(net)
     schedule = schedule_of(config.diffusion)
-    measurements = measurements_of(
-        schedule, config.diffusion.variance, ws.pixel_levels, icfg.timesteps
-    )
+    measurements = ws.measurements(config.diffusion, icfg.timesteps)
     curvatures = {v: ws.curvature(v) for v in ccfg.variants}
     compressions = ["int8", "int4", *(f"svd{r}" for r in icfg.svd_ranks)]
     specs = influence_specs(
