@@ -133,13 +133,17 @@ def grouped_bars(
     return fig
 
 
-def damping_curves(curves: dict, xlabel: str, title: str, x: str = "damping") -> plt.Figure:
+def damping_curves(
+    curves: dict, xlabel: str, title: str, x: str = "damping", capsize: float = 3
+) -> plt.Figure:
     """Figs. 7, 8: LDS (with standard errors) against damping, one line per
     ``curves[label] = (table rows, line style)``; rows need ``x``, ``lds`` and ``stderr``."""
     fig, ax = plt.subplots(figsize=(6.5, 3.5))
     for label, (t, style) in curves.items():
         if len(t):
-            ax.errorbar(t[x], t.lds, yerr=t.stderr, marker="o", ls=style, capsize=3, label=label)
+            ax.errorbar(
+                t[x], t.lds, yerr=t.stderr, marker="o", ls=style, capsize=capsize, label=label
+            )
     ax.set(xscale="log", xlabel=xlabel, ylabel="LDS", title=title)
     ax.legend(fontsize=7 if len(curves) > 3 else 8)
     fig.tight_layout()

@@ -462,4 +462,5 @@ def fig_damping_trak(result: StageResult):
         "damping / mean eigenvalue of the projected empirical Fisher",
         "TRAK and D-TRAK: LDS against damping (Fig. 8)",
         x="relative_damping",
+        capsize=2,
     )
