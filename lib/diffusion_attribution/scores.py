@@ -176,15 +176,12 @@ def rows(table: pd.DataFrame, target: str | None = None, **query: object) -> pd.
     """The rows of an LDS table (one row per (score key, target), the key's fields as
     columns) evaluated for ``target`` (all targets when ``None``) whose key matches ``query``
     (:func:`matches`: the same rule as :meth:`ScoreSet.find`)."""
+    unknown = sorted(set(query) - set(KEY_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown score key field {unknown[0]!r}; fields are {KEY_FIELDS}")
     t = table if target is None else table[table.target == target]
-    for name, want in query.items():
-        if name not in KEY_FIELDS:
-            raise ValueError(f"unknown score key field {name!r}; fields are {KEY_FIELDS}")
-        if name == "damping":
-            t = t[np.isclose(t.damping, float(want), rtol=1e-6, atol=0)]
-        else:
-            t = t[t[name] == want]
-    return t
+    keep = [matches(row, **query) for _, row in t.iterrows()]
+    return t[np.array(keep, dtype=bool)]
 
 
 def select(table: pd.DataFrame, target: str, **query: object) -> pd.Series | None:

@@ -28,14 +28,7 @@ from torch import Tensor, nn
 from .config import Config, DiffusionConfig
 from .data import ImageDataset, pixel_levels
 from .ddpm import NoiseSchedule
-from .measurements import (
-    ELBO,
-    DiffusionLoss,
-    Measurement,
-    SquareNorm,
-    TimestepLoss,
-    TrajectoryLogProb,
-)
+from .measurements import Measurement, SquareNorm
 from .scores import ScoreSet
 
 
@@ -55,15 +48,16 @@ def schedule_of(diffusion: DiffusionConfig) -> NoiseSchedule:
 def measurements_of(
     schedule: NoiseSchedule, variance: str, levels: int, timesteps: tuple[int, ...]
 ) -> dict[str, Measurement]:
-    """Every measurement attributed (Sec. 3.3): the loss l, the ELBO, the sampling-trajectory
-    log-probability, D-TRAK's square norm and l_t at each of ``timesteps``."""
-    return {
-        "loss": DiffusionLoss(schedule),
-        "elbo": ELBO(schedule, variance, levels=levels),
-        "trajectory": TrajectoryLogProb(schedule, variance),
-        "square_norm": SquareNorm(schedule),
-        **{f"l_t={t}": TimestepLoss(schedule, t) for t in timesteps},
-    }
+    """Every measurement attributed (Sec. 3.3): the ground truth's
+    (:func:`~diffusion_attribution.ground_truth.ground_truth_measurements`: the loss l, the
+    ELBO, the sampling-trajectory log-probability, l_t at each of ``timesteps``) and D-TRAK's
+    square norm, in that order with the square norm before the l_t."""
+    from .ground_truth import ground_truth_measurements
+
+    measured = ground_truth_measurements(schedule, variance, levels, timesteps)
+    first = {k: v for k, v in measured.items() if not k.startswith("l_t=")}
+    rest = {k: v for k, v in measured.items() if k.startswith("l_t=")}
+    return {**first, "square_norm": SquareNorm(schedule), **rest}
 
 
 def write_json(path: str | Path, obj: object) -> None:
@@ -197,9 +191,6 @@ class Workspace:
         path = self.out(f"metrics/{stage}.json")
         write_json(path, metrics)
         return path
-
-    def read_metrics(self, stage: str) -> dict:
-        return json.loads(self.path(f"metrics/{stage}.json").read_text())
 
     def save_figure(self, fig, name: str) -> Path:
         """``reports/figures/<name>`` (PNG, 150 dpi)."""

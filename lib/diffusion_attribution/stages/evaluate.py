@@ -10,7 +10,6 @@ damping chosen on held-out subsets (cross-fitted over two folds).
 
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
 import torch
 
@@ -19,7 +18,7 @@ from ..claims import fmt
 from ..config import Config, main_variant
 from ..io import atomic_save
 from ..lds import LDSResult, heldout_damping, lds_table, paired_difference, retraining_ceiling
-from ..scores import ScoreSet, rows, select
+from ..scores import KEY_FIELDS, ScoreKey, ScoreSet, rows, select
 from ..workspace import Workspace
 from . import StageResult
 
@@ -166,10 +165,10 @@ def evaluate(
     lds_rows = lds_table(scores, measured, masks)
     per_query = torch.stack([r.pop("per_query") for r in lds_rows])
     table = pd.DataFrame(lds_rows)
-    eig = scores.meta.get("mean_eigenvalue", {})
     table["relative_damping"] = [
-        d / eig[m] if m in eig else np.nan for m, d in zip(table.method, table.damping, strict=True)
+        scores.relative_damping(ScoreKey(**{f: r[f] for f in KEY_FIELDS})) for r in lds_rows
     ]
+    eig = scores.meta.get("mean_eigenvalue", {})
     ceilings = {name: retraining_ceiling(m) for name, m in measured.items()}
     main = main_variant(variants)
     meth = Methods(table, per_query, main, damping, compression)
@@ -238,8 +237,8 @@ def evaluate(
     d_dtrak = meth.diff(kfac_l, dtrak_l)
     d_pixel = meth.diff(kfac_l, pixel_l)
     d_proxy = meth.diff(kfac_e_proxy, kfac_e)
-    max_se = max(
-        float(r.stderr) for t in ("loss", "elbo", "trajectory") for _, _, r in meth.bars(t)
+    max_se = max(  # over the plotted methods (the ceiling is not a method)
+        v["stderr"] for b in bars.values() for v in b.values() if v["group"] != "exact retraining"
     )
     small = kfac_sweep[kfac_sweep.damping <= 1e-4]
     trak_small = trak_sweep.iloc[0]
