@@ -73,6 +73,16 @@ def test_paper_profiles_follow_the_paper():
         ({"retrain": {"steps": 50}}, "retrain.steps", "train.warmup_steps"),
         ({"retrain": {"num_seeds": 1}}, "retrain.num_seeds", "greater than or equal to 2"),
         ({"counterfactual": {"methods": ["kfac", "lasso"]}}, "counterfactual.methods", "random"),
+        # the protocol (App. G.5): subset models get the full model's epochs
+        ({"retrain": {"steps": 400}}, "retrain.steps", "needs retrain.steps = 500"),
+        ({"train": {"steps": 2000}}, "retrain.steps", "retrain.epoch_matched: false"),
+        # LDS seeds disjoint from the full model's
+        ({"retrain": {"first_seed": 0}}, "retrain.first_seed", "train.seed = 0"),
+        ({"train": {"seed": 101}}, "retrain.first_seed", "train.seed = 101"),
+        ({"train": {"seed": 105}}, "retrain.first_seed", "include the full model's"),  # independent
+        ({"retrain": {"independent_subsets": 1}}, "retrain.independent_subsets", "0 (no"),
+        ({"retrain": {"independent_subsets": 33}}, "retrain.independent_subsets", "num_subsets"),
+        ({"counterfactual": {"steps": 500}}, "counterfactual.steps", "unknown key"),
     ],
 )
 def test_bad_values_name_the_key(patch, key, words):
@@ -87,6 +97,18 @@ def test_bad_values_name_the_key(patch, key, words):
     msg = str(err.value)
     assert key in msg and words in msg, msg
     assert msg.startswith("invalid parameters in test.yaml")
+
+
+def test_protocol_overrides_are_explicit():
+    """A run may deviate from epoch matching only by saying so."""
+    raw = Config().model_dump(mode="json")
+    raw["retrain"].update(steps=300, epoch_matched=False)
+    c = parse_config(raw)
+    assert c.retrain.steps == 300 and not c.retrain.epoch_matched
+    d = Config()
+    assert d.retrain.steps == round(d.retrain.fraction * d.train.steps)
+    assert d.retrain.seeds == (100, 101, 102) and d.train.seed not in d.retrain.seeds
+    assert d.retrain.independent_seeds == tuple(range(103, 119))
 
 
 def test_several_errors_reported_together():

@@ -4,8 +4,9 @@ Normalisation under test (module docstring of ``curvature``): with R rows, D out
 J_r the Jacobian of row r's flattened prediction and g_r the gradient of row r's
 per-pixel-mean squared error,
     GGN (type2 / MC)  = 2 / (R D) sum_r J_r^T J_r,
-    empirical Fisher  = 1 / R   sum_r g_r g_r^T   (curvlinops computes D times this;
-                                                  fit_kfac divides by D).
+    empirical Fisher  = D / R   sum_r g_r g_r^T   (= 1 / (R D) sum_r g^_r g^_r^T with g^_r
+                                                  the gradient of the summed squared error:
+                                                  the MC Fisher's scale, as in curvlinops).
 """
 
 from __future__ import annotations
@@ -137,11 +138,11 @@ def brute_ggn(model, params, x0, t, eps) -> Tensor:
 
 
 def brute_ef(model, params, x0, t, eps) -> Tensor:
-    """1 / R sum_r g_r g_r^T, g_r = grad of row r's per-pixel-mean squared error."""
+    """D / R sum_r g_r g_r^T, g_r = grad of row r's per-pixel-mean squared error."""
     xt, tt, y = noisy_rows(SCHEDULE, x0, t, eps)
     call, flat0 = _functional(model, params)
     G = torch.func.jacrev(lambda f: (call(f, xt, tt).flatten(1) - y).pow(2).mean(1))(flat0)
-    return G.T @ G / y.shape[0]
+    return G.T @ G * y.shape[1] / y.shape[0]
 
 
 def block_diag_mask(kfac: KFAC) -> Tensor:
@@ -253,8 +254,8 @@ def test_mc_fisher_converges_to_ggn():
 
 
 def test_empirical_fisher_one_row_scaling():
-    """One row, one Linear: K-FAC(EF) = g g^T exactly (g: grad of the per-pixel-mean MSE);
-    curvlinops' own operator is D g g^T."""
+    """One row, one Linear: K-FAC(EF) = D g g^T exactly (g: grad of the per-pixel-mean MSE),
+    curvlinops' own operator."""
     model = make(LinearEps)
     params = kfac_parameters(model)
     x0, t, eps = draws(1, 1, seed=5)
@@ -264,8 +265,8 @@ def test_empirical_fisher_one_row_scaling():
     xt, tt, y = noisy_rows(SCHEDULE, x0, t, eps)
     loss = (model(xt, tt).flatten(1) - y).pow(2).mean()
     g = torch.cat([gi.flatten() for gi in torch.autograd.grad(loss, params)])
-    assert_close(K.to_dense(), torch.outer(g, g))
-    assert_close(brute_ef(model, params, x0, t, eps), torch.outer(g, g))
+    assert_close(K.to_dense(), 4 * torch.outer(g, g))  # D = 4
+    assert_close(brute_ef(model, params, x0, t, eps), 4 * torch.outer(g, g))
     op = build_operator(
         model, params, SCHEDULE, x0, t, eps, fisher="empirical", separate_weight_and_bias=False
     )
@@ -276,6 +277,53 @@ def test_empirical_fisher_one_row_scaling():
     K2 = fit_kfac(mlp, p2, SCHEDULE, x0, t, eps, fisher="empirical")
     mask = block_diag_mask(K2)
     assert_close(K2.to_dense()[mask], brute_ef(mlp, p2, x0, t, eps)[mask])
+
+
+class ResidualEps(nn.Module):
+    """A Linear eps-model whose residuals are exactly N(0, I/2): on data that is one image x0
+    at one timestep t, x_t = sqrt(abar) x0 + sqrt(1 - abar) eps, and the prediction
+    c (x_t - sqrt(abar) x0) / sqrt(1 - abar) = c eps leaves eps - c eps = (1 - c) eps, which
+    is N(0, I/2) for c = 1 - 1/sqrt(2)."""
+
+    def __init__(self, x0: Tensor, t: int, shape=(1, 2, 2)):
+        super().__init__()
+        self.shape = shape
+        d = math.prod(shape)
+        ab = SCHEDULE.alpha_bars[t].double()
+        c = 1 - 1 / math.sqrt(2)
+        self.lin = nn.Linear(d, d).double()
+        with torch.no_grad():
+            self.lin.weight.copy_(torch.eye(d, dtype=F64) * c / (1 - ab).sqrt())
+            self.lin.bias.copy_(-c * ab.sqrt() * x0.flatten() / (1 - ab).sqrt())
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        return self.lin(x.flatten(1)).reshape(-1, *self.shape)
+
+
+@pytest.mark.parametrize("kind", ["expand", "reduce"])
+def test_empirical_equals_mc_fisher_when_residuals_are_model_noise(kind):
+    """Where the model's residuals are N(0, I/2), the data's targets are draws from the
+    model's own predictive distribution, so the empirical and the MC Fisher are the same
+    matrix in expectation: fitted on 4000 rows, their K-FAC factors agree up to Monte Carlo
+    error (and a 1/D rescaling of either would break the agreement by a factor D = 4)."""
+    g = torch.Generator().manual_seed(11)
+    shape, t_step, n = (1, 2, 2), 5, 4000
+    x0 = torch.randn(1, *shape, generator=g, dtype=F64)
+    model = ResidualEps(x0[0], t_step, shape)
+    params = kfac_parameters(model)
+    x0s = x0.expand(n, *shape).contiguous()
+    t = torch.full((n, 1), t_step)
+    eps = torch.randn(n, 1, *shape, generator=g, dtype=F64)
+    xt, tt, y = noisy_rows(SCHEDULE, x0s, t, eps)
+    with torch.no_grad():
+        residual = y - model(xt, tt).flatten(1)
+    assert float(residual.var()) == pytest.approx(0.5, rel=0.05)  # the construction holds
+    kw = dict(kfac=kind, batch_size=1000)
+    mc = fit_kfac(model, params, SCHEDULE, x0s, t, eps, fisher="mc", mc_seed=1, **kw)
+    emp = fit_kfac(model, params, SCHEDULE, x0s, t, eps, fisher="empirical", **kw)
+    # relative Monte Carlo error of a 4x4 second-moment matrix from 4000 rows: ~ 2-3%
+    assert rel_fro(emp.to_dense(), mc.to_dense()) < 0.1
+    assert emp.mean_eigenvalue() == pytest.approx(mc.mean_eigenvalue(), rel=0.1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -219,3 +219,36 @@ def test_scores_do_not_depend_on_how_training_gradients_are_chunked():
     many = influence_scores({"q": q}, batches, 10, train_chunk_bytes=2**30, query_chunk=2)
     torch.testing.assert_close(one["q"], many["q"])
     torch.testing.assert_close(one["q"], q @ torch.cat([b for _, b in batches]).T / 10)
+
+
+def test_influence_specs_sweep_every_variant_and_check_int8_for_each():
+    from diffusion_attribution.influence import influence_specs
+
+    variants = ("mc_expand", "mc_reduce", "empirical_expand", "empirical_reduce")
+    specs = influence_specs(
+        variants,
+        ["loss", "elbo", "trajectory"],
+        1e-8,
+        "int8",
+        damping_sweep=(1e-8, 1e-4, 1.0),
+        compression_ablation=["none", "int4"],
+        ablation_measurements=["loss", "elbo"],
+    )
+    assert len(specs) == len(set(specs))
+    for v in variants:  # Fig. 4 at every damping of the sweep, for every variant
+        for m in ("loss", "elbo"):
+            assert {s.damping for s in specs if s.curvature == v and s.measurement == m} == {
+                1e-8,
+                1e-4,
+                1.0,
+            }
+        # int8 and uncompressed at the fixed damping: the compression check of each variant
+        assert {
+            s.compression
+            for s in specs
+            if s.curvature == v and s.measurement == "loss" and s.damping == 1e-8
+        } >= {"int8", "none"}
+    # the other variants are not scored for measurements outside the ablation
+    assert {s.curvature for s in specs if s.measurement == "trajectory"} == {"mc_expand"}
+    assert {s.compression for s in specs if s.compression == "int4"} == {"int4"}
+    assert all(s.curvature == "mc_expand" for s in specs if s.compression == "int4")

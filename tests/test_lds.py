@@ -1,4 +1,4 @@
-"""LDS (eq. 13) on hand-worked examples, the retraining ceiling and removal sets."""
+"""LDS (eq. 13) on hand-worked examples, seed reproducibility, the LDS upper bound and removal sets."""
 
 import math
 
@@ -9,12 +9,14 @@ from diffusion_attribution.lds import (
     heldout_damping,
     lds,
     lds_table,
+    lds_upper_bound,
     paired_difference,
     predicted_changes,
     proxy_sign,
     random_removal_sets,
-    retraining_ceiling,
     retraining_proxy,
+    seed_reproducibility,
+    spearman_brown,
     subset_masks,
     top_removal_sets,
 )
@@ -60,15 +62,45 @@ def test_constant_query_is_nan_and_left_out():
     assert math.isnan(r.per_query[0]) and r.mean == pytest.approx(1.0)
 
 
-def test_retraining_ceiling():
+def test_seed_reproducibility():
     g = torch.Generator().manual_seed(0)
     signal = torch.randn(3, 20, 1, generator=g)
     noisy = signal + 0.1 * torch.randn(3, 20, 4, generator=g)
     pure_noise = torch.randn(3, 20, 4, generator=g)
-    assert retraining_ceiling(noisy).mean > 0.9
-    assert abs(retraining_ceiling(pure_noise).mean) < 0.3
+    assert seed_reproducibility(noisy).mean > 0.9
+    assert abs(seed_reproducibility(pure_noise).mean) < 0.3
     with pytest.raises(ValueError):
-        retraining_ceiling(noisy[:, :, :1])
+        seed_reproducibility(noisy[:, :, :1])
+
+
+def test_spearman_brown_hand_worked():
+    # r = 0.5 between two seeds: the mean of 3 seeds has reliability 1.5 / 2 = 0.75
+    assert float(spearman_brown(0.5, 3)) == pytest.approx(0.75)
+    assert float(spearman_brown(1.0, 5)) == pytest.approx(1.0)
+    assert float(spearman_brown(-0.2, 3)) == 0.0
+    assert float(spearman_brown(0.3, 1)) == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize("noise", [0.5, 1.0, 2.0])
+@pytest.mark.parametrize("K", [2, 3, 5])
+def test_upper_bound_holds_for_the_expectation(noise: float, K: int):
+    """Measurements = a known expectation + seed noise. The expectation itself is the best
+    any method can predict; its LDS against the K-seed mean must not exceed the bound by more
+    than 2 standard errors, and the bound must be tight (not a trivial 1), while the seed
+    reproducibility is *below* the expectation's LDS (so it is no ceiling)."""
+    g = torch.Generator().manual_seed(K * 10 + int(noise * 10))
+    Q, M = 64, 40
+    expectation = torch.randn(Q, M, 1, generator=g, dtype=torch.float64)
+    measured = expectation + noise * torch.randn(Q, M, K, generator=g, dtype=torch.float64)
+    best = lds(expectation[..., 0], measured)
+    bound = lds_upper_bound(measured)
+    diff = paired_difference(best.per_query, bound.per_query)
+    assert best.mean <= bound.mean + 2 * diff.stderr, (best, bound, diff)
+    assert abs(best.mean - bound.mean) < 0.05, (best, bound)  # tight, not vacuous
+    assert seed_reproducibility(measured).mean < best.mean
+    # Pearson theory, corr(T, Y) = sqrt(K / (K + noise^2)) for unit-variance T, up to the
+    # rank transform and the finite number of subsets
+    assert bound.mean == pytest.approx((K / (K + noise**2)) ** 0.5, abs=0.1)
 
 
 def test_top_removal_sets():
@@ -140,7 +172,7 @@ def test_retraining_proxy_hand_worked():
     # seed 0's proxy is reversed (rho = -1), seed 1's is in order (rho = +1): mean 0
     assert retraining_proxy(proxy, target).mean == pytest.approx(0.0)
     assert retraining_proxy(target, target).mean == pytest.approx(1.0)
-    assert retraining_ceiling(target).mean == pytest.approx(1.0)
+    assert seed_reproducibility(target).mean == pytest.approx(1.0)
     with pytest.raises(ValueError):
         retraining_proxy(proxy[:, :3], target)
 

@@ -201,7 +201,8 @@ def test_smoke_profile_end_to_end(tmp_path):
     for path, (mtime, data) in finished.items():
         assert path.stat().st_mtime_ns == mtime and path.read_bytes() == data, path.name
     retrain = json.loads((repo / "metrics" / "retrain.json").read_text())
-    total = (retrain["num_subsets"] + 1) * retrain["num_seeds"]  # and one reference per seed
+    # and one reference per seed, and the independent-seed models
+    total = (retrain["num_subsets"] + 1) * retrain["num_seeds"] + retrain["independent_subsets"]
     assert retrain["models_trained_this_run"] == total - len(finished)
     assert len(list((repo / "outputs" / "retrain" / "models").glob("*.pt"))) == total
     for out in declared_outputs():

@@ -224,15 +224,27 @@ def test_fingerprinted_jobs_and_prune(data_path: str, tmp_path: Path) -> None:
 
     out = tmp_path / "models"
     masks = subset_masks(30, 3, 0.5, seed=0)
-    jobs = retrain.subset_jobs(data_path, masks, 2, MODEL, DIFFUSION, TRAIN, out)
-    assert [[j.name for j in row] for row in jobs][1] == ["subset001_seed0", "subset001_seed1"]
+    jobs = retrain.subset_jobs(data_path, masks, (7, 8), MODEL, DIFFUSION, TRAIN, out)
+    assert [[j.name for j in row] for row in jobs][1] == ["subset001_seed7", "subset001_seed8"]
     for i, row in enumerate(jobs):
         for k, job in enumerate(row):
-            assert job.seed == k  # shared seeds: seed k for every subset
+            assert job.seed == (7, 8)[k]  # shared seeds: seed s_k for every subset
             assert job.keep == tuple(torch.nonzero(masks[i]).flatten().tolist())
             assert Path(job.output).parent == out and Path(job.output).name.startswith(job.name)
     flat = [j for row in jobs for j in row]
     assert len({Path(j.output).name for j in flat}) == 6
+    # independent seeds: one model per subset, each with its own seed
+    indep = retrain.subset_jobs(
+        data_path, masks, (20, 21, 22), MODEL, DIFFUSION, TRAIN, out, shared=False
+    )
+    assert [[j.seed for j in row] for row in indep] == [[20], [21], [22]]
+    assert [row[0].name for row in indep] == [
+        "subset000_indep20",
+        "subset001_indep21",
+        "subset002_indep22",
+    ]
+    with pytest.raises(ValueError, match="3 subsets"):
+        retrain.subset_jobs(data_path, masks, (1, 2), MODEL, DIFFUSION, TRAIN, out, shared=False)
 
     # the file name changes with anything that defines the model, and only then
     base = retrain.make_job("m", data_path, range(10), 0, MODEL, DIFFUSION, TRAIN, out)

@@ -279,6 +279,11 @@ def test_baseline_scores_match_their_parts(tiny):
             assert s.shape == (3, 7)
             assert key.curvature == "projected_empirical" and key.compression == "none"
             exact = trak_scores(qf, tf, key.damping, precision=key.precision)
+            if key.precision == "float16" and scores.relative_damping(key) < 1:
+                # traker's float16 pipeline with N = 7 < k = 32 turns the 1e-6 difference of
+                # separately computed features into a large one at small damping (Fig. 18's
+                # point); test_trak_float16 checks that pipeline against traker itself
+                continue
             assert (
                 rel_err(s, exact) < {"float32": 1e-4, "float16": 1e-3}[key.precision]
             )  # measured 8e-7, 2e-5

@@ -75,7 +75,7 @@ class DiffusionConfig(_Section):
 class TrainConfig(_Section):
     """Training of the full model (App. G.5): AdamW, linear warm-up then cosine, EMA."""
 
-    steps: PositiveInt = 2000
+    steps: PositiveInt = 1000
     batch_size: PositiveInt = 64
     lr: PositiveFloat = 1e-3
     warmup_steps: NonNegInt = 100
@@ -177,18 +177,36 @@ class RetrainConfig(_Section):
     """Ground truth for the LDS (eq. 13, App. G.4): models retrained on random subsets.
 
     ``num_subsets`` (M) subsets, each a ``fraction`` of the training set drawn without
-    replacement from ``seed``, and ``num_seeds`` (K) training seeds per subset. Seed k is the
-    same for every subset ("shared seeds", :mod:`diffusion_attribution.retrain`). Every other
-    training setting is ``train``'s, except ``steps``: the paper trains subset models for half
-    the full model's steps (the same number of epochs on half the data); the default trains
-    them for fewer epochs to fit the default profile's time budget (README).
+    replacement from ``seed``, and ``num_seeds`` (K) training seeds per subset: seeds
+    ``first_seed, ..., first_seed + K - 1``, disjoint from the full model's ``train.seed``.
+    Seed k is the same for every subset ("shared seeds", common random numbers in training,
+    :mod:`diffusion_attribution.retrain`). Every other training setting is ``train``'s, and
+    ``steps`` is the full model's scaled by ``fraction`` (App. G.5: half the steps on half the
+    data, the same number of epochs); ``epoch_matched: false`` is the explicit override for a
+    run that deviates from it on purpose. As a sensitivity check, the first
+    ``independent_subsets`` subsets also get one model each with a seed of its own (no seed
+    shared with any other model), against which the LDS is reported too.
     """
 
     num_subsets: Annotated[int, Field(ge=2)] = 32
     fraction: Annotated[float, Field(gt=0, lt=1)] = 0.5
-    num_seeds: Annotated[int, Field(ge=2)] = 2
+    num_seeds: Annotated[int, Field(ge=2)] = 3
+    first_seed: NonNegInt = 100
     steps: PositiveInt = 500
+    epoch_matched: bool = True
+    independent_subsets: NonNegInt = 16
     seed: NonNegInt = 5
+
+    @property
+    def seeds(self) -> tuple[int, ...]:
+        """The K shared training seeds of the subset models."""
+        return tuple(range(self.first_seed, self.first_seed + self.num_seeds))
+
+    @property
+    def independent_seeds(self) -> tuple[int, ...]:
+        """One training seed per subset of the independent-seed sensitivity check."""
+        start = self.first_seed + self.num_seeds
+        return tuple(range(start, start + self.independent_subsets))
 
 
 class MeasureConfig(_Section):
@@ -213,18 +231,19 @@ CounterfactualMethod = Literal["kfac", "trak", "d-trak", "random"]
 class CounterfactualConfig(_Section):
     """Retraining without the top influences (Fig. 3, App. G.6).
 
-    For each of the first ``num_queries`` samples and each method, the ``fractions`` of the
-    training set with the largest scores for that sample's loss are removed and a model is
-    retrained; ``random`` removes random examples (the control). TRAK and D-TRAK use their best
-    damping on the loss LDS benchmark, as in the paper. All models, and a reference trained on
-    the full set, use ``steps`` and the training seed ``seed`` (common random numbers), so the
-    change in loss isolates the removed data.
+    For each of the first ``num_queries`` samples (the paper: 5) and each method, the
+    ``fractions`` of the training set with the largest scores for that sample's loss are
+    removed and a model is retrained "using the same procedure as training on the full dataset
+    (with the same number of training steps)": ``train``'s settings, steps and seed. The change
+    in the sample's loss is taken relative to the full model itself, so with the same seed
+    (common random numbers) it isolates the removed data. ``random`` removes random examples,
+    drawn from ``seed`` (the control). TRAK and D-TRAK use their best damping on the loss LDS
+    benchmark, as in the paper.
     """
 
     fractions: tuple[Annotated[float, Field(gt=0, lt=1)], ...] = (0.02, 0.1)
-    num_queries: PositiveInt = 3
+    num_queries: PositiveInt = 5
     methods: tuple[CounterfactualMethod, ...] = ("kfac", "trak", "d-trak", "random")
-    steps: PositiveInt = 500
     seed: NonNegInt = 0
 
 
@@ -272,15 +291,38 @@ class Config(_Section):
                 f"counterfactual.num_queries: {self.counterfactual.num_queries} exceeds "
                 f"measure.num_queries = {self.measure.num_queries}"
             )
-        for key, steps in (
-            ("retrain.steps", self.retrain.steps),
-            ("counterfactual.steps", self.counterfactual.steps),
-        ):
-            if steps <= self.train.warmup_steps:
-                raise ValueError(
-                    f"{key}: {steps} must exceed train.warmup_steps = {self.train.warmup_steps}"
-                )
+        if self.retrain.steps <= self.train.warmup_steps:
+            raise ValueError(
+                f"retrain.steps: {self.retrain.steps} must exceed train.warmup_steps = "
+                f"{self.train.warmup_steps}"
+            )
+        r = self.retrain
+        if r.independent_subsets == 1 or r.independent_subsets > r.num_subsets:
+            raise ValueError(
+                f"retrain.independent_subsets: {r.independent_subsets} must be 0 (no sensitivity "
+                f"check) or between 2 and retrain.num_subsets = {r.num_subsets}"
+            )
+        matched = epoch_matched_steps(self.train.steps, self.retrain.fraction)
+        if self.retrain.epoch_matched and self.retrain.steps != matched:
+            raise ValueError(
+                f"retrain.steps: {self.retrain.steps} steps on a {self.retrain.fraction:g} subset "
+                f"are not the full model's epochs (train.steps = {self.train.steps}); the "
+                f"protocol (App. G.5) needs retrain.steps = {matched}, or set "
+                "retrain.epoch_matched: false to deviate on purpose"
+            )
+        if self.train.seed in self.retrain.seeds + self.retrain.independent_seeds:
+            raise ValueError(
+                f"retrain.first_seed: the retraining seeds {self.retrain.first_seed}.."
+                f"{max(self.retrain.seeds + self.retrain.independent_seeds)} include the full "
+                f"model's train.seed = {self.train.seed}; the LDS models must not share it"
+            )
         return self
+
+
+def epoch_matched_steps(full_steps: int, fraction: float) -> int:
+    """Steps of a model on a ``fraction`` of the data that sees each of its examples as often
+    as the full model of ``full_steps`` steps sees each of its own (App. G.5)."""
+    return max(1, round(full_steps * fraction))
 
 
 class ConfigError(ValueError):

@@ -36,18 +36,19 @@ error, the paper's per-draw loss of eq. 2) the matrices approximated are (verifi
 * ``fisher="mc"`` (eq. 10, one sample ``y_r ~ N(f_r, I/2)`` per row) and ``fisher="type2"``
   (exact loss Hessian, an oracle costing D backward passes per batch) approximate
   GGN^model (eq. 9) of L:  ``2/(R D) sum_r J_r^T J_r  =  1/(R D) sum_r E_y[g^_r g^_r^T]``.
-* ``fisher="empirical"`` (eq. 11, targets ``y_r = eps_r``): curvlinops computes
-  ``1/(R D) sum_r g^_r g^_r^T``; it scales the mean-reduced loss by ``sqrt(D)`` before
-  back-propagating, so in terms of the gradient ``g_r = g^_r / D`` of the per-pixel-mean loss
-  of row r this is ``D/R sum_r g_r g_r^T``. :func:`fit_kfac` divides it by ``D``, so that the
-  returned operator is ``1/R sum_r g_r g_r^T`` -- the empirical Fisher of the same
-  per-pixel-mean loss L whose GGN^model the MC variant approximates. (:func:`build_operator`
-  returns curvlinops' unscaled operator.)
+* ``fisher="empirical"`` (eq. 11, targets ``y_r = eps_r``): ``1/(R D) sum_r g^_r g^_r^T``,
+  as curvlinops computes it (it scales the mean-reduced loss by ``sqrt(D)`` before
+  back-propagating); in terms of the gradient ``g_r = g^_r / D`` of the per-pixel-mean loss of
+  row r this is ``D/R sum_r g_r g_r^T``.
 
-The MC variant is ``1/D`` times the paper's eq. 9 written with the summed squared error
-``||eps - eps_theta||^2`` averaged over rows, the empirical one ``1/D^2`` times eq. 11; eq. 11
-is formed here from per-row (per-draw) gradients, not from per-example gradients averaged over
-the S draws. Whoever combines these matrices with gradients (the influence module) must use
+Both are ``1/(R D) sum_r g^_r g^_r^T``, with the residual ``y_r - f_r`` drawn from the model
+(MC: ``N(0, I/2)``) or taken from the data (empirical: ``eps_r - f_r``). They are therefore on
+one scale, as in curvlinops and the paper's own code: where the model's residuals are
+``N(0, I/2)`` the two agree in expectation (a test checks it), and one damping value means the
+same for both. The MC variant is ``1/D`` times the paper's eq. 9 written with the summed
+squared error ``||eps - eps_theta||^2`` averaged over rows, the empirical one ``1/D`` times
+eq. 11; eq. 11 is formed here from per-row (per-draw) gradients, not from per-example
+gradients averaged over the S draws. Whoever combines these matrices with gradients (the influence module) must use
 the per-pixel-mean loss lbar = l / D for the training gradients.
 
 **Kronecker factors.** For a layer with weight ``W`` of shape ``(d_out, d_in)`` (a Conv2d
@@ -187,13 +188,6 @@ def fit_kfac(
             "batch_size": batch_size,
         }
         result = KFAC.from_operator(op, params, meta=meta)
-    if fisher == "empirical":
-        # curvlinops' empirical Fisher is D/R sum_r g_r g_r^T (module docstring); divide by D
-        # so that every variant approximates the curvature of the same per-pixel-mean loss
-        # (1/R sum_r g_r g_r^T here) and a damping value means the same for all of them.
-        for block in result.blocks:
-            block.scale(1.0 / meta["output_dim"])
-        meta["empirical_scaled_by"] = 1.0 / meta["output_dim"]
     result.meta["fit_seconds"] = time.perf_counter() - t0
     return result
 

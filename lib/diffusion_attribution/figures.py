@@ -110,9 +110,15 @@ def lds_bars(bars: dict, title: str, shape: tuple[int, int, int]) -> plt.Figure:
 
 
 def grouped_bars(
-    values: dict, groups: list[str], series: list[str], names: dict, title: str
+    values: dict,
+    groups: list[str],
+    series: list[str],
+    names: dict,
+    title: str,
+    labels: dict | None = None,
 ) -> plt.Figure:
-    """Fig. 4: bars of ``values[(group, series)] = (lds, stderr)``, one cluster per group."""
+    """Fig. 4: bars of ``values[(group, series)] = (lds, stderr)``, one cluster per group
+    (tick label ``labels[group]``, default the group's name)."""
     fig, ax = plt.subplots(figsize=(7, 3.5))
     width = 0.8 / len(series)
     for j, s in enumerate(series):
@@ -125,7 +131,8 @@ def grouped_bars(
         ax.bar(xs, [r[0] for r in rs], width, yerr=[r[1] for r in rs], capsize=3, label=names[s])
         for x, r in zip(xs, rs, strict=True):
             ax.text(x, max(r[0], 0) + r[1] + 0.01, f"{r[0]:.2f}", ha="center", fontsize=7)
-    ax.set_xticks(range(len(groups)), [{"elbo": "ELBO"}.get(g, g) for g in groups])
+    labels = labels or {"elbo": "ELBO"}
+    ax.set_xticks(range(len(groups)), [labels.get(g, g) for g in groups])
     ax.axhline(0, color="k", lw=0.6)
     ax.set(ylabel="LDS", title=title)
     ax.legend(fontsize=8)

@@ -297,9 +297,11 @@ def influence_specs(
 
     ``reference_variant`` (the paper's method) for every measurement and the other variants
     for ``ablation_measurements`` (default: all), at the default damping and compression (the
-    Hessian ablation of Fig. 4); the damping sweep of Figs. 7 and 9 for ``reference_variant``
-    on ``sweep_measurements``; and, for Fig. 6, ``reference_variant`` on the loss with each
-    compression in ``compression_ablation`` (``"none"``, ``"int4"``, ``"svd<r>"``).
+    Hessian ablation of Fig. 4); the damping sweep of Figs. 4 and 7 for every variant on
+    ``sweep_measurements`` (the other variants only on the ablation measurements); and, for
+    Fig. 6, ``reference_variant`` on the loss with each compression in ``compression_ablation``
+    (``"none"``, ``"int4"``, ``"svd<r>"``), with every variant uncompressed as well when
+    ``"none"`` is among them (the compression's check for each variant).
     """
     ablation = list(measurements) if ablation_measurements is None else list(ablation_measurements)
     unknown = set(ablation) - set(measurements)
@@ -317,13 +319,18 @@ def influence_specs(
         for m in measurements
         if v == reference_variant or m in ablation
     ]
-    if reference_variant in variants:
+    specs += [
+        key(v, m, d, compression)
+        for v in variants
+        for d in damping_sweep
+        for m in sweep_measurements
+        if m in measurements and (v == reference_variant or m in ablation)
+    ]
+    if "loss" in measurements:
+        # every variant uncompressed too, so that the compression is validated for each
         specs += [
-            key(reference_variant, m, d, compression)
-            for d in damping_sweep
-            for m in sweep_measurements
-            if m in measurements
+            key(v, "loss", damping, "none") for v in variants if "none" in compression_ablation
         ]
-        if "loss" in measurements:
+        if reference_variant in variants:
             specs += [key(reference_variant, "loss", damping, c) for c in compression_ablation]
     return list(dict.fromkeys(specs))

@@ -19,9 +19,24 @@ predict a loss-like target as they are, and predict a likelihood (the ELBO, the 
 log-probability, both of the form -sum_t w_t l_t + const) with a minus sign
 (:func:`proxy_sign`).
 
-The retraining ceiling replaces the attribution by exact retraining with one seed predicting
-the mean of the other K - 1 seeds: no attribution method that predicts the expectation over
-seeds can be expected to do much better.
+What exact retraining achieves. Two numbers, not to be confused:
+
+* *Seed reproducibility* (:func:`seed_reproducibility`): exact retraining with one seed
+  predicting the mean of the other K - 1 seeds. It is scored against a (K - 1)-seed mean while
+  methods are scored against the K-seed mean, so it is *not* an upper bound for them (with
+  K = 2 a method predicting the expectation well beats it: the target of the methods is less
+  noisy than that of the reproducibility).
+* *The LDS upper bound* (:func:`lds_upper_bound`): the correlation that a perfect predictor of
+  the expectation over seeds, E_k[m(theta_k(D_i), x)], reaches against the observed K-seed
+  mean. In classical test theory the observed mean is Y = T + e (T the expectation, e seed
+  noise independent of T and of any method), and corr(X, Y) = corr(X, T) sqrt(rho_K) <=
+  sqrt(rho_K) for every predictor X that does not know the noise, where rho_K = var T / var Y
+  is the reliability of the K-seed mean. rho_K comes from the average correlation r between
+  two single seeds by the Spearman-Brown formula, rho_K = K r / (1 + (K - 1) r). All seed
+  pairs are averaged, rather than split into two halves, so that every seed counts equally for
+  any K (with K = 3 halves would be unequal). Ranks instead of values make this an
+  approximation (Spearman correlations of ranks of Gaussian variables are close to their
+  Pearson values); a synthetic test checks it where the expectation is known.
 """
 
 from __future__ import annotations
@@ -121,13 +136,58 @@ def retraining_proxy(proxy: Tensor, target: Tensor) -> LDSResult:
     return _summarise(np.nanmean(np.stack(per_seed), axis=0))
 
 
-def retraining_ceiling(measured: Tensor) -> LDSResult:
-    """LDS of exact retraining: for each seed k, the Spearman correlation between the
-    measurements of seed k and the mean of the other seeds, averaged over k; ``measured``
-    (Q, M, K) with K >= 2."""
+def seed_reproducibility(measured: Tensor) -> LDSResult:
+    """Exact retraining as the attribution: for each seed k, the Spearman correlation between
+    the measurements of seed k and the mean of the other seeds, averaged over k; ``measured``
+    (Q, M, K) with K >= 2. Not an upper bound for methods scored against the K-seed mean
+    (module docstring; :func:`lds_upper_bound` is)."""
     if measured.ndim != 3 or measured.shape[2] < 2:
         raise ValueError(f"measured must be (Q, M, K) with K >= 2, got {tuple(measured.shape)}")
     return retraining_proxy(measured, measured)
+
+
+def spearman_brown(r: Tensor | float, k: int) -> Tensor:
+    """Reliability of the mean of ``k`` parallel measurements whose pairwise correlation is
+    ``r``: k r / (1 + (k - 1) r) (negative r are clipped to 0)."""
+    r = torch.as_tensor(r, dtype=torch.float64).clamp(min=0.0)
+    return k * r / (1 + (k - 1) * r)
+
+
+def seed_pair_correlation(measured: Tensor) -> np.ndarray:
+    """(Q,): per query, the mean over seed pairs j < k of the Spearman correlation over subsets
+    between seed j's and seed k's measurements; ``measured`` (Q, M, K), K >= 2."""
+    if measured.ndim != 3 or measured.shape[2] < 2:
+        raise ValueError(f"measured must be (Q, M, K) with K >= 2, got {tuple(measured.shape)}")
+    m = measured.double().numpy()
+    K = m.shape[2]
+    pairs = [_spearman_rows(m[:, :, j], m[:, :, k]) for j in range(K) for k in range(j + 1, K)]
+    return np.nanmean(np.stack(pairs), axis=0)
+
+
+def lds_upper_bound(measured: Tensor) -> LDSResult:
+    """Upper bound on the LDS of any method scored against the K-seed mean (eq. 13):
+    sqrt(rho_K), with rho_K the Spearman-Brown reliability of the K-seed mean computed from
+    the seed-pair correlation averaged over queries (module docstring). ``measured`` (Q, M, K),
+    K >= 2.
+
+    The correlation is pooled over queries before the (concave) square root: one query's
+    estimate from M subsets is too noisy to take a root of without a large downward bias, and
+    by Jensen's inequality the pooled value is at least the mean of the per-query bounds, so
+    it stays an upper bound. The standard error is the jackknife's over queries; ``per_query``
+    holds the jackknife pseudo-values, whose mean (``mean``) is the bias-corrected estimate."""
+    r = seed_pair_correlation(measured)
+    r = r[np.isfinite(r)]
+    K = measured.shape[2]
+
+    def bound(values: np.ndarray) -> float:
+        return math.sqrt(float(spearman_brown(float(values.mean()), K)))
+
+    n = r.size
+    if n < 2:
+        return LDSResult(bound(r) if n else float("nan"), float("nan"), torch.as_tensor(r))
+    full = bound(r)
+    loo = np.array([bound(np.delete(r, i)) for i in range(n)])
+    return _summarise(n * full - (n - 1) * loo)
 
 
 def top_removal_sets(scores: Tensor, fraction: float) -> Tensor:

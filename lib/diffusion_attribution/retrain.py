@@ -5,13 +5,15 @@ A :class:`RetrainJob` describes one model to train on a subset of a saved traini
 holds only plain values, so the pickled job is small and portable. :func:`run_job` trains one
 job (idempotent and resumable); :func:`run_jobs` runs many through `submitit`_.
 
-Seeds ("shared seeds"). The k-th seed of every subset is the same number k: a job's
-``TrainConfig.seed`` is ``seed`` regardless of ``keep``. Seed k therefore fixes the
+Seeds ("shared seeds"). The k-th seed of every subset is the same number s_k (``retrain.seeds``,
+disjoint from the full model's seed): a job's ``TrainConfig.seed`` is ``seed`` regardless of
+``keep``. Seed s_k therefore fixes the
 initialisation, the batch-order stream and the (t, eps) noise stream for every subset, so the
 models of two subsets with the same seed differ because of the data they saw and (as little as
 possible) because of training noise -- common random numbers in training. In a pilot this kept
 the LDS ceiling at 0.71 where independent seeds per (subset, k) dropped it to 0.54, below a
-method's score; shared seeds make a smaller number of subsets go further. (The batch *order*
+method's score; shared seeds make a smaller number of subsets go further, and the evaluation
+reports the LDS against independent seeds (one seed per subset) beside it. (The batch *order*
 still differs between subsets, since it is a permutation of a different set; the generator
 states are what is shared.)
 
@@ -168,45 +170,47 @@ def make_job(
 def subset_jobs(
     data_path: str | Path,
     masks: torch.Tensor,
-    num_seeds: int,
+    seeds: Sequence[int],
     model: ModelConfig,
     diffusion: DiffusionConfig,
     train: TrainConfig,
     out_dir: str | Path,
+    *,
+    shared: bool = True,
 ) -> list[list[RetrainJob]]:
-    """``jobs[i][k]``: the model of subset i (``masks[i]``, True = kept) with shared seed k
-    (App. G.4; shared seeds: module docstring)."""
+    """``jobs[i][k]``: the model of subset i (``masks[i]``, True = kept) with training seed
+    ``seeds[k]`` (App. G.4). ``shared=True``: every subset's k-th model has seed ``seeds[k]``
+    (shared seeds: module docstring). ``shared=False``: one model per subset, subset i with
+    the seed ``seeds[i]`` of its own (``len(seeds) == len(masks)``), the independent-seed
+    design."""
     digest = file_digest(data_path)
-    return [
-        [
-            make_job(
-                f"subset{i:03d}_seed{k}",
-                data_path,
-                torch.nonzero(mask).flatten().tolist(),
-                k,
-                model,
-                diffusion,
-                train,
-                out_dir,
-                digest,
-            )
-            for k in range(num_seeds)
-        ]
-        for i, mask in enumerate(masks)
-    ]
+    if not shared and len(seeds) != len(masks):
+        raise ValueError(f"independent seeds: {len(seeds)} seeds for {len(masks)} subsets")
+
+    def job(i: int, mask: torch.Tensor, seed: int, tag: str) -> RetrainJob:
+        keep = torch.nonzero(mask).flatten().tolist()
+        return make_job(
+            f"subset{i:03d}_{tag}{seed}", data_path, keep, seed, model, diffusion, train,
+            out_dir, digest,
+        )  # fmt: skip
+
+    if not shared:
+        return [[job(i, mask, seeds[i], "indep")] for i, mask in enumerate(masks)]
+    return [[job(i, mask, s, "seed") for s in seeds] for i, mask in enumerate(masks)]
 
 
 def reference_jobs(
     data_path: str | Path,
     num_train: int,
-    num_seeds: int,
+    seeds: Sequence[int],
     steps: int,
     model: ModelConfig,
     diffusion: DiffusionConfig,
     train: TrainConfig,
     out_dir: str | Path,
 ) -> list[RetrainJob]:
-    """``jobs[k]``: a model on the *full* training set with shared seed k for ``steps`` steps.
+    """``jobs[k]``: a model on the *full* training set with training seed ``seeds[k]`` for
+    ``steps`` steps.
 
     The reference a subset model's measurement is compared with (Figs. 13-15): with ``steps``
     = subset steps / fraction it has seen each example as often as a subset model has seen each
@@ -216,17 +220,17 @@ def reference_jobs(
     ref_train = train.model_copy(update={"steps": int(steps)})
     return [
         make_job(
-            f"reference_seed{k}",
+            f"reference_seed{s}",
             data_path,
             range(num_train),
-            k,
+            s,
             model,
             diffusion,
             ref_train,
             out_dir,
             digest,
         )
-        for k in range(num_seeds)
+        for s in seeds
     ]
 
 

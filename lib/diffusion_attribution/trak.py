@@ -26,8 +26,38 @@ No per-example weight. traker's classification outputs multiply every training e
 score by Q_j = 1 - p_j (one minus the probability of the correct class, its "out-to-loss"
 term). The diffusion versions have no such term (Zheng et al.'s scores are
 features @ (X^T X + lambda I)^{-1} @ target^T, i.e. Q_j = 1), and neither has this module.
-traker also rescales (X^T X + lambda I)^{-1} by its mean absolute entry before going to
-float16; that multiplies all scores by one positive constant and is not done here.
+
+Precision
+---------
+``"float32"`` and ``"float64"`` store the features in that format and solve in float64 (a
+Cholesky factorisation of the smaller of F and the Gram matrix, or one eigendecomposition for a
+damping sweep). ``"float16"`` instead runs traker 0.3.2's own score computer
+(``trak.score_computers.BasicScoreComputer``, which ``TRAKer(use_half_precision=True)``, its
+default, uses) step by step, because that pipeline, not the rounding of the features alone, is
+what degrades the scores in the paper's Fig. 18:
+
+1. features Phi and queries rounded to float16 (traker stores them so);
+2. X^T X = Phi^T Phi as float16 matmuls (float16 in and out; the backend picks the internal
+   accumulation), summed in float16 over blocks of 20 000 rows;
+3. the damping lambda_TRAK = N * lambda (:func:`trak_lambda`) rounded to float16 and added to
+   the diagonal in float16;
+4. the inverse (X^T X + lambda_TRAK I)^{-1} in float32, divided by c, the mean absolute value
+   of its entries, and rounded to float16;
+5. the "features" Phi M, M the rescaled float16 inverse, as float16 matmuls (blocks of 20 000
+   rows), and the scores (Phi M) Q^T (Q the query features) in float16, kept in traker's float32
+   accumulator (its final float16 store of them is then lossless).
+
+The result is traker's score matrix (transposed to (Q, N)) times c, so that every precision has
+the convention above; multiplying by c is the only step added (exact in float64, one rounding
+to float32). Nothing is stabilised: X^T X entries above 65504 become inf, entries below ~6e-8
+and small dampings become 0, a nearly singular float32 inverse can overflow, and the scores
+then hold inf or NaN exactly as traker's would. Where traker would raise (an exactly singular
+X^T X + lambda_TRAK I in float16, e.g. a damping that rounds to 0 with N < k) the scores are
+NaN instead, so a damping sweep never crashes on one bad damping. The one error kept is the
+input check: features that do not fit in float16 at all raise :class:`FloatingPointError`
+(traker would store them as inf). float16 results also depend on the absolute scale of the
+features (ours are 1/sqrt(k) scaled gradients of lbar; traker divides its projected gradients by
+sqrt(#params)) and on the backend's float16 GEMM (this runs on the features' device).
 
 Where the rest lives
 --------------------
@@ -104,7 +134,7 @@ def _prepare(x: Tensor, precision: Precision, what: str) -> Tensor:
             raise FloatingPointError(
                 f"{what} overflow float16 (max |entry| {big:.3g} > 65504); rescale or use float32"
             )
-        return y.double()
+        return y  # stays float16: traker's pipeline (_traker_*) computes in it
     if precision == "float32":
         return x.float().double()
     if precision == "float64":
@@ -133,6 +163,56 @@ def _check_damping(damping: float) -> float:
     return damping
 
 
+#: Rows per block of traker's BasicScoreComputer matmuls (its ``CUDA_MAX_DIM_SIZE`` default).
+#: Only X^T X depends on it in float16 (the blocks' products are summed in float16).
+TRAKER_BLOCK_ROWS = 20_000
+
+
+def _traker_xtx(phi: Tensor) -> Tensor:
+    """X^T X in the features' dtype: each block's float16 product added to a float16 sum."""
+    k = phi.shape[1]
+    xtx = torch.zeros(k, k, dtype=phi.dtype, device=phi.device)
+    for block in torch.split(phi, TRAKER_BLOCK_ROWS):
+        xtx += block.T @ block
+    return xtx
+
+
+def _traker_features(phi: Tensor, xtx: Tensor, lambda_reg: float) -> tuple[Tensor, Tensor]:
+    """traker's finalised features Phi M, M = c^{-1} (X^T X + lambda_reg I)^{-1} in Phi's
+    dtype, and c (float32, the mean |entry| of the float32 inverse). The damping is added in
+    X^T X's dtype; the inverse is float32. An exactly singular matrix (where traker raises)
+    gives an all-NaN M."""
+    eye = torch.eye(xtx.shape[0], dtype=xtx.dtype, device=xtx.device)
+    reg = xtx + lambda_reg * eye  # the damping rounded to float16 and added in float16
+    inv, info = torch.linalg.inv_ex(reg.to(torch.float32))  # same LU solve as linalg.inv
+    if int(info) != 0:
+        inv = torch.full_like(inv, float("nan"))
+    c = inv.abs().mean()
+    m = (inv / c).to(phi.dtype)
+    return torch.cat([block @ m for block in torch.split(phi, TRAKER_BLOCK_ROWS)]), c
+
+
+def _traker_scores(features: Tensor, query: Tensor, c: Tensor) -> Tensor:
+    """(Q, N) float32: traker's float16 product features @ query^T (read into its float32
+    accumulator), times c to undo its rescaling of the inverse (exact in float64)."""
+    raw = (features @ query.T).to(torch.float32)  # (N, Q), as traker's get_scores
+    return (raw.double() * c.double()).to(torch.float32).T.contiguous()
+
+
+def _traker_sweep(
+    queries: Sequence[Tensor], phi: Tensor, dampings: Sequence[float], n: int
+) -> list[dict[float, Tensor]]:
+    """traker's float16 pipeline for every damping, X^T X and the features Phi M shared by
+    all query sets: one {damping: (Q, N)} per query set."""
+    xtx = _traker_xtx(phi)
+    out: list[dict[float, Tensor]] = [{} for _ in queries]
+    for d in dampings:
+        features, c = _traker_features(phi, xtx, trak_lambda(d, n))
+        for res, q in zip(out, queries, strict=True):
+            res[d] = _traker_scores(features, q, c)
+    return out
+
+
 def trak_scores(
     query_features: Tensor,
     train_features: Tensor,
@@ -142,14 +222,17 @@ def trak_scores(
 ) -> Tensor:
     """(1/N) phi_q^T (Phi^T Phi / N + damping I)^{-1} phi_j for all pairs: (Q, N) float32.
 
-    The module docstring's convention. The features are first rounded to ``precision``
-    (``"float16"`` emulates traker's default storage, the cause of the paper's Fig. 18); the
-    solve is a Cholesky factorisation in float64 of the smaller of F (k x k) and the Gram
-    matrix Phi Phi^T / N (N x N), which give the same scores (push-through identity
-    (Phi^T Phi / N + l I)^{-1} Phi^T = Phi^T (Phi Phi^T / N + l I)^{-1}).
+    The module docstring's convention. ``"float32"`` / ``"float64"``: the features are
+    rounded to ``precision``, then the solve is a Cholesky factorisation in float64 of the
+    smaller of F (k x k) and the Gram matrix Phi Phi^T / N (N x N), which give the same scores
+    (push-through identity (Phi^T Phi / N + l I)^{-1} Phi^T = Phi^T (Phi Phi^T / N + l I)^{-1}).
+    ``"float16"``: traker's float16 BasicScoreComputer pipeline (module docstring, "Precision";
+    the cause of the paper's Fig. 18), whose scores may be inf or NaN.
     """
     damping = _check_damping(damping)
     q, phi, n = _inputs(query_features, train_features, num_train, precision)
+    if precision == "float16":
+        return _traker_sweep([q], phi, [damping], n)[0][damping]
     eye_n = torch.eye(min(phi.shape), dtype=torch.float64)
     if phi.shape[0] <= phi.shape[1]:
         chol = torch.linalg.cholesky(phi @ phi.T / n + damping * eye_n)
@@ -169,9 +252,12 @@ def trak_scores_sweep(
     num_train: int | None = None,
     precision: Precision = "float32",
 ) -> dict[float, Tensor]:
-    """:func:`trak_scores` for every damping, from one eigendecomposition: {damping: (Q, N)}."""
+    """:func:`trak_scores` for every damping, {damping: (Q, N)}: from one eigendecomposition
+    in float32 / float64, from one X^T X and one float16 pipeline per damping in float16."""
     dampings = [_check_damping(d) for d in dampings]
     q, phi, n = _inputs(query_features, train_features, num_train, precision)
+    if precision == "float16":
+        return _traker_sweep([q], phi, dampings, n)[0]
     if phi.shape[0] <= phi.shape[1]:
         s, u = torch.linalg.eigh(phi @ phi.T / n)
         left, right = (q @ phi.T) @ u, u.T
@@ -180,6 +266,25 @@ def trak_scores_sweep(
         left, right = q @ v, (phi @ v).T
     s = s.clamp(min=0)
     return {d: ((left / (s + d)) @ right / n).float() for d in dampings}
+
+
+def _sweeps(
+    queries: Sequence[Tensor],
+    train: Tensor,
+    dampings: Sequence[float],
+    num_train: int,
+    precision: Precision,
+) -> list[dict[float, Tensor]]:
+    """:func:`trak_scores_sweep` of several query sets against one training set; in float16
+    they share X^T X and the features Phi M (traker finalises features once per model)."""
+    if precision != "float16":
+        return [trak_scores_sweep(q, train, dampings, num_train, precision) for q in queries]
+    dampings = [_check_damping(d) for d in dampings]
+    prepared = [_inputs(q, train, num_train, precision) for q in queries]
+    if not prepared:
+        return []
+    _, phi, n = prepared[0]
+    return _traker_sweep([q for q, _, _ in prepared], phi, dampings, n)
 
 
 # --------------------------------------------------------------------------------------
@@ -281,7 +386,8 @@ def baseline_scores(
     Dampings d are ``relative_dampings`` times the mean eigenvalue trace(F)/k of each method's
     projected empirical Fisher F = Phi^T Phi / N (:func:`mean_eigenvalue`; the absolute value,
     normalised by N as in App. G.3.1, is the key's ``damping``). ``batch_size`` and
-    ``project_rows`` are passed to :func:`featurize` (speed and memory only).
+    ``project_rows`` are passed to :func:`featurize` (speed and memory only). float16 scores
+    are traker's float16 pipeline (module docstring, "Precision") and may hold inf or NaN.
 
     Returns a :class:`~diffusion_attribution.scores.ScoreSet` with
     ``meta = {"mean_eigenvalue": {"trak": ..., "d-trak": ...}, "seconds": {"gradients": ...,
@@ -325,11 +431,18 @@ def baseline_scores(
     eigenvalues = {method: mean_eigenvalue(f) for method, f in train.items()}
     scores: dict[ScoreKey, Tensor] = {}
     jobs = [("trak", m) for m in query_measurements] + [("d-trak", TRAIN_MEASUREMENTS["d-trak"])]
-    for method, name in jobs:
+    sweeps: dict[tuple[str, str, str], dict[float, Tensor]] = {}
+    for method in TRAIN_MEASUREMENTS:
+        names = list(dict.fromkeys(name for m, name in jobs if m == method))
         dampings = [r * eigenvalues[method] for r in relative_dampings]
         for precision in precisions:
-            sweep = trak_scores_sweep(query[name], train[method], dampings, n, precision)
-            for d, s in sweep.items():
+            found = _sweeps([query[name] for name in names], train[method], dampings, n, precision)
+            sweeps.update(
+                {(method, name, precision): f for name, f in zip(names, found, strict=True)}
+            )
+    for method, name in jobs:
+        for precision in precisions:
+            for d, s in sweeps[(method, name, precision)].items():
                 key = ScoreKey(
                     method,
                     name,

@@ -2,10 +2,12 @@
 
 For the first ``counterfactual.num_queries`` samples, the fraction of the training set that
 a method scores highest for the sample's loss (by the convention: the examples whose removal is
-predicted to *increase* the loss most) is removed and a model retrained; ``random`` removal is
-the control. TRAK and D-TRAK use their best damping on the loss LDS (``evaluate``). Every
-model and a reference on the full set share the steps and the training seed, so each change
-m(removal model) - m(reference) has common random numbers in training and measurement.
+predicted to *increase* the loss most) is removed and a model retrained "using the same
+procedure as training on the full dataset (with the same number of training steps)": the
+``train`` settings, steps and seed. The change in the sample's loss is taken against the full
+model itself, which shares that seed, so training and measurement use common random numbers.
+``random`` removal is the control; TRAK and D-TRAK use their best damping on the loss LDS
+(``evaluate``).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from . import StageResult
 NOTEBOOK = "10_counterfactual.ipynb"
 INPUTS = (
     "outputs/data",
+    "outputs/train",
     "outputs/sample",
     "outputs/influence",
     "outputs/baselines",
@@ -89,23 +92,15 @@ def run(config: Config, ws: Workspace) -> StageResult:
         ).items()
     }
     digest = file_digest(data_path)
-    cf_train = config.train.model_copy(update={"steps": cfcfg.steps})
+    tcfg = config.train  # the full model's procedure, steps and seed (App. G.6)
     out_dir = ws.folder("outputs/counterfactual/models")
 
     def job(name, keep):
         return make_job(
-            name,
-            data_path,
-            keep,
-            cfcfg.seed,
-            config.model,
-            config.diffusion,
-            cf_train,
-            out_dir,
-            digest,
+            name, data_path, keep, tcfg.seed, config.model, config.diffusion, tcfg, out_dir, digest
         )
 
-    jobs = {"reference": job("reference", range(N))}
+    jobs = {}
     removed = {}
     for method in cfcfg.methods:
         for frac in cfcfg.fractions:
@@ -122,14 +117,14 @@ def run(config: Config, ws: Workspace) -> StageResult:
     prune(out_dir, list(jobs.values()), stale_dir=ws.stale_dir("counterfactual"))
     existing = {j.output for j in jobs.values() if Path(j.output).exists()}
     print(
-        f"{len(jobs)} models ({len(cfcfg.methods)} methods x {len(cfcfg.fractions)} fractions x {Qc} samples + reference), "
-        f"{cfcfg.steps} steps each; damping: "
+        f"{len(jobs)} models ({len(cfcfg.methods)} methods x {len(cfcfg.fractions)} fractions x {Qc} samples), "
+        f"{tcfg.steps} steps and seed {tcfg.seed} each, as the full model; damping: "
         + ", ".join(f"{m} {key.damping:.3g}" for m, (key, _) in chosen.items())
     )
     start = time.perf_counter()
     run_jobs(list(jobs.values()), folder=str(ws.folder(".cache/submitit/counterfactual")))
     train_seconds = time.perf_counter() - start
-    models = {name: j.output for name, j in jobs.items()}
+    models = {"full": ws.path(ws.MODEL), **{name: j.output for name, j in jobs.items()}}
     loss = {"loss": DiffusionLoss(schedule_of(config.diffusion))}
     cache = ws.folder("outputs/counterfactual/cache")
     what = (models, loss, queries, {"loss": mscfg.draws}, mscfg.seed, cache)
@@ -142,7 +137,7 @@ def run(config: Config, ws: Workspace) -> StageResult:
         stale_dir=ws.stale_dir("counterfactual"),
     )
     seconds = time.perf_counter() - start
-    ref = values["reference"]["loss"]
+    ref = values["full"]["loss"]
     rows = []
     for name in removed:
         method, frac, q = name.split("_")
@@ -161,7 +156,8 @@ def run(config: Config, ws: Workspace) -> StageResult:
     means = cf.groupby(["fraction", "method"]).change.mean()
     metrics = {
         "num_queries": Qc,
-        "steps": cfcfg.steps,
+        "steps": tcfg.steps,
+        "seed": tcfg.seed,
         "seconds": round(seconds, 1),
         "models_trained_this_run": len(jobs) - len(existing),
         "models_measured_this_run": len(values.measured),
@@ -182,9 +178,10 @@ def run(config: Config, ws: Workspace) -> StageResult:
     ]
     trained = sum(1 for j in jobs.values() if j.output not in existing)
     summary = (
-        f"**This run.** {len(jobs)} models of {cfcfg.steps} steps ({trained} trained now, in {train_seconds:.0f} s), "
-        f"measured with {mscfg.draws} common draws; reference loss {float(ref.mean()):.3f} on average. Mean change in the "
-        f"sample's loss: "
+        f"**This run.** {len(jobs)} models of {tcfg.steps} steps with the full model's seed {tcfg.seed}, as App. G.6 "
+        f"prescribes ({trained} trained now, in {train_seconds:.0f} s), measured with {mscfg.draws} common draws; the "
+        f"full model's loss on these samples is {float(ref.mean()):.3f} on average. Mean change in the sample's loss "
+        f"against the full model: "
         + "; ".join(parts)
         + ". Random removal sets the noise floor of this comparison "
         "(the same seed, but a different training set, changes the training trajectory). "

@@ -5,7 +5,9 @@ can predict (signs from :func:`~diffusion_attribution.lds.proxy_sign`, never fro
 on the retrained models of ``retrain`` measured by ``measure``. Comparisons of two methods are
 paired differences over the same samples; the claims they decide are the named rules of
 :mod:`diffusion_attribution.claims`. Next to the paper's best-of-sweep damping ("*"), the
-damping chosen on held-out subsets (cross-fitted over two folds).
+damping chosen on held-out subsets (cross-fitted over two folds). Exact retraining enters twice:
+as the upper bound on any method's LDS against the K-seed mean, and as the seed reproducibility
+(one seed predicting the others), which is no bound (:mod:`diffusion_attribution.lds`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,17 @@ from .. import claims
 from ..claims import fmt
 from ..config import Config, main_variant
 from ..io import atomic_save
-from ..lds import LDSResult, heldout_damping, lds_table, paired_difference, retraining_ceiling
+from ..lds import (
+    LDSResult,
+    heldout_damping,
+    lds,
+    lds_table,
+    lds_upper_bound,
+    paired_difference,
+    predicted_changes,
+    seed_reproducibility,
+)
+from ..protocol import budget_effects, deviations
 from ..scores import KEY_FIELDS, ScoreKey, ScoreSet, rows, select
 from ..workspace import Workspace
 from . import StageResult
@@ -33,6 +45,7 @@ FIGURES = (
     "fig07_damping_kfac.png",
     "fig08_damping_trak.png",
     "fig17_lds_trajectory.png",
+    "fig18_trak_float16.png",
 )
 METRICS = ("metrics/lds.json",)
 
@@ -129,18 +142,106 @@ class Methods:
         return t.sort_values("relative_damping" if query.get("method") != "kfac" else "damping")
 
 
-def lds_bars(methods: Methods, ceilings: dict[str, LDSResult], target: str) -> dict:
+BOUND, REPRO = "upper bound (K-seed mean)", "seed reproducibility"
+
+
+def lds_bars(
+    methods: Methods, bounds: dict[str, LDSResult], repro: dict[str, LDSResult], target: str
+) -> dict:
     """The numbers of one LDS bar chart: {label: {"lds", "stderr"}} and the bars' groups."""
     bars = methods.bars(target)
     out = {
         label: {"lds": float(r.lds), "stderr": float(r.stderr), "group": g} for g, label, r in bars
     }
-    out["exact retraining (ceiling)"] = {
-        "lds": ceilings[target].mean,
-        "stderr": ceilings[target].stderr,
-        "group": "exact retraining",
-    }
+    for label, r in ((BOUND, bounds[target]), (REPRO, repro[target])):
+        out[label] = {"lds": r.mean, "stderr": r.stderr, "group": "exact retraining"}
     return out
+
+
+#: Dampings at which Fig. 4 compares the variants.
+ABLATION_DAMPINGS = ("fixed", "best", "held-out")
+
+
+def hessian_ablation(
+    meth: Methods,
+    scores: ScoreSet,
+    measured: dict[str, torch.Tensor],
+    masks: torch.Tensor,
+    variants: tuple[str, ...],
+) -> tuple[dict, dict, dict]:
+    """Fig. 4 at three dampings: the paper's fixed one (``fixed``), each variant's best of its
+    sweep on all subsets (``best``, the paper's protocol for the baselines, tuned on the test
+    subsets) and each variant's damping chosen on held-out subsets (``held-out``,
+    :func:`~diffusion_attribution.lds.heldout_damping`). Returns the LDS per (target, setting,
+    variant), the paired differences of :data:`ABLATION_PAIRS` per (target, setting) and the
+    chosen dampings per (target, setting, variant)."""
+    lds_of, per_query, chosen = {}, {}, {}
+    for target in ("loss", "elbo"):
+        for v in variants:
+            kfac = {**meth.kfac, "curvature": v}
+            fixed = meth.pick(target, measurement=target, **kfac)
+            if fixed is None:
+                continue
+            sweep = meth.sweep(
+                target, measurement=target, **{k: x for k, x in kfac.items() if k != "damping"}
+            )
+            best = sweep.loc[sweep.lds.idxmax()]
+            cands = {
+                k.damping: sc
+                for k, sc in scores.find(
+                    method="kfac", curvature=v, measurement=target, compression=meth.compression
+                ).items()
+            }
+            held = heldout_damping(cands, measured[target], masks)
+            for setting, res, d in (
+                ("fixed", meth.result(fixed), meth.damping),
+                ("best", meth.result(best), float(best.damping)),
+                ("held-out", held.heldout, held.chosen),
+            ):
+                lds_of[(target, setting, v)] = res
+                per_query[(target, setting, v)] = res.per_query
+                chosen[(target, setting, v)] = d
+    comparisons = {
+        (target, setting, label): paired_difference(
+            per_query[(target, setting, a)], per_query[(target, setting, b)]
+        )
+        for target in ("loss", "elbo")
+        for setting in ABLATION_DAMPINGS
+        for label, (a, b) in ABLATION_PAIRS.items()
+        if (target, setting, a) in per_query and (target, setting, b) in per_query
+    }
+    return lds_of, comparisons, chosen
+
+
+def independent_seed_lds(
+    meth: Methods,
+    scores: ScoreSet,
+    measured: torch.Tensor,
+    independent: torch.Tensor,
+    masks: torch.Tensor,
+) -> pd.DataFrame:
+    """The independent-seed sensitivity check for the loss: each method's LDS against one
+    model per subset with a seed of its own (``independent`` (Q, M')), next to its LDS against
+    the first shared seed's models on the same M' subsets (``measured[:, :M', 0]``) and the
+    paired difference. Both targets are single models, so the two columns differ only in the
+    seed design."""
+    Mi = independent.shape[1]
+    rows = {}
+    for _, label, row in meth.bars("loss"):
+        key = ScoreKey(**{f: row[f] for f in KEY_FIELDS})
+        pred = int(row.sign) * predicted_changes(scores[key][: measured.shape[0]], masks[:Mi])
+        shared = lds(pred, measured[:, :Mi, 0])
+        indep = lds(pred, independent)
+        d = paired_difference(indep.per_query, shared.per_query)
+        rows[label] = {
+            "shared seed": shared.mean,
+            "stderr": shared.stderr,
+            "independent seeds": indep.mean,
+            "stderr ": indep.stderr,
+            "independent - shared": d.mean,
+            "stderr  ": d.stderr,
+        }
+    return pd.DataFrame(rows).T
 
 
 def _rounded(bars: dict) -> dict:
@@ -158,9 +259,11 @@ def evaluate(
     variants: tuple[str, ...],
     damping: float,
     compression: str,
+    independent: dict[str, torch.Tensor] | None = None,
 ) -> StageResult:
     """Every LDS, the figures' numbers and the claims they decide, from scores and ground truth
-    (no files: the pure part of :func:`run`)."""
+    (no files: the pure part of :func:`run`). ``independent``: the measurements {name: (Q, M')}
+    of the independent-seed models on the first M' subsets, when there are any."""
     Q, M, K = next(iter(measured.values())).shape
     lds_rows = lds_table(scores, measured, masks)
     per_query = torch.stack([r.pop("per_query") for r in lds_rows])
@@ -169,10 +272,11 @@ def evaluate(
         scores.relative_damping(ScoreKey(**{f: r[f] for f in KEY_FIELDS})) for r in lds_rows
     ]
     eig = scores.meta.get("mean_eigenvalue", {})
-    ceilings = {name: retraining_ceiling(m) for name, m in measured.items()}
+    bounds = {name: lds_upper_bound(m) for name, m in measured.items()}
+    repro = {name: seed_reproducibility(m) for name, m in measured.items()}
     main = main_variant(variants)
     meth = Methods(table, per_query, main, damping, compression)
-    bars = {t: lds_bars(meth, ceilings, t) for t in ("loss", "elbo", "trajectory")}
+    bars = {t: lds_bars(meth, bounds, repro, t) for t in ("loss", "elbo", "trajectory")}
 
     # held-out damping: chosen on one fold of subsets, evaluated on the other
     held_rows = {}
@@ -207,19 +311,25 @@ def evaluate(
         }
     heldout = pd.DataFrame(held_rows).T
 
-    # Fig. 4: the Hessian ablation
-    abl = {}
-    for target in ("loss", "elbo"):
-        for v in variants:
-            r = meth.pick(target, measurement=target, **{**meth.kfac, "curvature": v})
-            if r is not None:
-                abl[(target, v)] = r
+    # Fig. 4: the Hessian ablation at the fixed, the best and the held-out damping
+    abl_all, comp_all, abl_damping = hessian_ablation(meth, scores, measured, masks, variants)
     comparisons = {
-        f"{target}: {label}": meth.diff(abl[(target, a)], abl[(target, b)])
-        for target in ("loss", "elbo")
-        for label, (a, b) in ABLATION_PAIRS.items()
-        if {(target, a), (target, b)} <= abl.keys()
+        f"{t}: {label}": r for (t, setting, label), r in comp_all.items() if setting == "fixed"
     }
+    effects = (
+        budget_effects(
+            scores[ScoreKey(**{f: kfac_row[f] for f in KEY_FIELDS})], measured["loss"], masks
+        )
+        if (kfac_row := meth.pick("loss", measurement="loss", **meth.kfac)) is not None
+        else {}
+    )
+    if independent:
+        effects["seed design"] = "see the seed-design line: LDS against independent seeds"
+    indep_table = (
+        independent_seed_lds(meth, scores, measured["loss"], independent["loss"], masks)
+        if independent
+        else None
+    )
     # Figs. 7, 8: damping sweeps
     kfac_sweep = meth.sweep(
         "loss", measurement="loss", **{k: v for k, v in meth.kfac.items() if k != "damping"}
@@ -255,8 +365,21 @@ def evaluate(
         "loss": _rounded(bars["loss"]),
         "elbo": _rounded(bars["elbo"]),
         "hessian_ablation": {
-            f"{t}/{v}": {"lds": round(float(r.lds), 4), "stderr": round(float(r.stderr), 4)}
-            for (t, v), r in abl.items()
+            f"{t}/{setting}/{v}": {"lds": round(r.mean, 4), "stderr": round(r.stderr, 4)}
+            for (t, setting, v), r in abl_all.items()
+        },
+        "hessian_ablation_damping": {
+            f"{t}/{setting}/{v}": list(d) if isinstance(d, tuple) else d
+            for (t, setting, v), d in abl_damping.items()
+            if setting != "fixed"
+        },
+        "hessian_ablation_differences": {
+            f"{t}/{setting}: {label}": {"mean": round(r.mean, 4), "stderr": round(r.stderr, 4)}
+            for (t, setting, label), r in comp_all.items()
+        },
+        "upper_bound": {n: [round(r.mean, 4), round(r.stderr, 4)] for n, r in bounds.items()},
+        "seed_reproducibility": {
+            n: [round(r.mean, 4), round(r.stderr, 4)] for n, r in repro.items()
         },
         "paired_differences": {
             k: {"mean": round(r.mean, 4), "stderr": round(r.stderr, 4)}
@@ -284,8 +407,13 @@ def evaluate(
         claims.kfac_vs_dtrak(meth.result(kfac_l), meth.result(dtrak_l), d_dtrak),
         claims.elbo_mloss(meth.result(kfac_e), meth.result(kfac_e_proxy), d_proxy),
     ]
+    held_mc_emp = {
+        f"{t}: {label}": r
+        for (t, setting, label), r in comp_all.items()
+        if setting == "held-out" and "MC - empirical" in label
+    }
     if mc_emp:
-        found.append(claims.mc_beats_empirical(mc_emp))
+        found.append(claims.mc_beats_empirical(mc_emp, held_mc_emp))
     if exp_red:
         found.append(claims.expand_beats_reduce(exp_red))
     found.append(claims.damping_insensitivity(kfac_range, trak_drop, dtrak_drop))
@@ -304,10 +432,11 @@ def evaluate(
             else f" (above the {TARGET_STDERR:g} target: more samples or subsets needed)."
         ),
         f"*Fig. 2a (loss):* K-FAC influence {kfac_l.lds:.3f} ± {kfac_l.stderr:.3f}, TRAK* {trak_l.lds:.3f} ± {trak_l.stderr:.3f}, "
-        f"D-TRAK* {dtrak_l.lds:.3f} ± {dtrak_l.stderr:.3f}, exact retraining {ceilings['loss'].mean:.3f} ± {ceilings['loss'].stderr:.3f}. "
-        f"K-FAC - TRAK* = {fmt(d_trak)}: the claim that K-FAC beats TRAK {bold(d_trak)}. "
-        f"K-FAC - D-TRAK* = {fmt(d_dtrak)}: the claim that K-FAC matches or beats D-TRAK **{by_id['kfac_vs_dtrak']['verdict']}** "
-        "(worse by less than 0.1 with 2 standard errors to spare).",
+        f"D-TRAK* {dtrak_l.lds:.3f} ± {dtrak_l.stderr:.3f}; the upper bound for any method scored against the mean of "
+        f"K = {K} seeds is {bounds['loss'].mean:.3f} ± {bounds['loss'].stderr:.3f} (seed reproducibility, one seed predicting "
+        f"the others: {repro['loss'].mean:.3f}). K-FAC - TRAK* = {fmt(d_trak)}: the claim that K-FAC beats TRAK {bold(d_trak)}. "
+        f"K-FAC - D-TRAK* = {fmt(d_dtrak)}: K-FAC is **{by_id['kfac_vs_dtrak']['evidence'].rsplit(': ', 1)[-1]}** "
+        "(ahead / tied / behind by 2 paired standard errors).",
         f"*Pixel similarity* (no model at all) reaches {pixel_l.lds:.3f} ± {pixel_l.stderr:.3f} (K-FAC - pixel = {fmt(d_pixel)}). "
         + {
             "holds": "K-FAC influence predicts retraining better than looking at pixel similarity.",
@@ -320,7 +449,13 @@ def evaluate(
         f"(difference {fmt(d_proxy)}): the paper's finding that the substituted loss predicts the ELBO better {bold(d_proxy)}.",
         "*Fig. 4* (positive = the paper's ordering): "
         + "; ".join(f"{k} = {fmt(r)}" for k, r in comparisons.items())
-        + ". Over all of them, the paper's claim that MC beats empirical Fisher "
+        + ". At each variant's damping chosen on held-out subsets: "
+        + "; ".join(
+            f"{t}: {label} = {fmt(r)}"
+            for (t, setting, label), r in comp_all.items()
+            if setting == "held-out"
+        )
+        + ". Over the comparisons at the paper's fixed damping, the paper's claim that MC beats empirical Fisher "
         + (f"**{by_id['mc_beats_empirical']['verdict']}**" if mc_emp else "was not tested")
         + ", and that expand beats reduce "
         + (f"**{by_id['expand_beats_reduce']['verdict']}**" if exp_red else "was not tested")
@@ -333,7 +468,7 @@ def evaluate(
         + ". The gap between the two columns is what tuning on the test subsets adds.",
         f"*Fig. 17 (trajectory):* K-FAC influence {traj['K-FAC influence']['lds']:.3f} ± {traj['K-FAC influence']['stderr']:.3f}, "
         f"with the loss substituted {traj['K-FAC influence (m. loss)']['lds']:.3f} ± {traj['K-FAC influence (m. loss)']['stderr']:.3f}, "
-        f"exact retraining {ceilings['trajectory'].mean:.3f} ± {ceilings['trajectory'].stderr:.3f}.",
+        f"upper bound {bounds['trajectory'].mean:.3f} ± {bounds['trajectory'].stderr:.3f}.",
         f"*Figs. 7, 8:* K-FAC LDS (loss) over damping <= 1e-4 ranges {small.lds.min():.3f} to {small.lds.max():.3f}; "
         f"TRAK at the smallest relative damping ({trak_small.relative_damping:g}) reaches {trak_small.lds:.3f}, against {trak_l.lds:.3f} at its best ({trak_l.relative_damping:g}); "
         f"D-TRAK {dtrak_sweep.iloc[0].lds:.3f} against {dtrak_l.lds:.3f} at its best ({dtrak_l.relative_damping:g})."
@@ -343,6 +478,25 @@ def evaluate(
             if best.relative_damping in (grid.relative_damping.min(), grid.relative_damping.max())
         ),
     ]
+    if indep_table is not None:
+        lines.append(
+            f"*Seed design:* against {independent['loss'].shape[1]} models with a seed of their own (one per subset) "
+            "instead of the first shared seed's models on the same subsets, the loss LDS changes by "
+            + "; ".join(
+                f"{label} {r['independent - shared']:+.3f} ± {r['stderr  ']:.3f} ({r['shared seed']:.3f} -> {r['independent seeds']:.3f})"
+                for label, r in indep_table.iterrows()
+            )
+            + ". Shared seeds (common random numbers) are the default design; this line measures what it does to the numbers."
+        )
+        metrics["independent_seeds"] = {
+            label: {
+                "shared": round(float(r["shared seed"]), 4),
+                "independent": round(float(r["independent seeds"]), 4),
+                "difference": round(float(r["independent - shared"]), 4),
+                "stderr": round(float(r["stderr  "]), 4),
+            }
+            for label, r in indep_table.iterrows()
+        }
     sweeps = {
         "kfac": {
             t: meth.sweep(
@@ -362,22 +516,57 @@ def evaluate(
             for prec in ("float32", "float16")
         },
     }
+    precision = {}
+    for method, meas in (("trak", "loss"), ("d-trak", "square_norm")):
+        best = {
+            prec: sweeps["trak"][(method, meas, "loss", prec)].lds.max()
+            for prec in ("float32", "float16")
+        }
+        precision[method] = {p: round(float(v), 4) for p, v in best.items()}
+    metrics["precision"] = precision
+    lines.append(
+        "*Fig. 18:* best loss LDS over the damping sweep in float16 (traker's default pipeline: X^T X "
+        "accumulated, damped and applied in float16) against float32: "
+        + "; ".join(
+            f"{m.upper()} {v['float16']:.3f} vs {v['float32']:.3f}" for m, v in precision.items()
+        )
+        + "."
+    )
     return StageResult(
         metrics=metrics,
         tables={
             "lds": table,
             "heldout": heldout,
             "ablation": pd.DataFrame(
-                {k: {"mean": r.mean, "stderr": r.stderr} for k, r in comparisons.items()}
+                {
+                    f"{t}, {setting} damping: {label}": {"mean": r.mean, "stderr": r.stderr}
+                    for (t, setting, label), r in comp_all.items()
+                }
             ).T.round(4),
+            "ablation_lds": pd.DataFrame(
+                {
+                    (t, setting): {
+                        v: f"{r.mean:.3f} ± {r.stderr:.3f}"
+                        for v in variants
+                        if (r := abl_all.get((t, setting, v)))
+                    }
+                    for t in ("loss", "elbo")
+                    for setting in ABLATION_DAMPINGS
+                }
+            ).T,
+            **({"independent_seeds": indep_table.round(4)} if indep_table is not None else {}),
             **{f"bars_{t}": pd.DataFrame(_rounded(b)).T for t, b in bars.items()},
         },
         data={
             "per_query": per_query,
             "bars": bars,
-            "ablation": {k: (float(r.lds), float(r.stderr)) for k, r in abl.items()},
+            "ablation": {
+                (f"{t}, {setting}", v): (r.mean, r.stderr) for (t, setting, v), r in abl_all.items()
+            },
             "variants": variants,
+            "damping": damping,
             "sweeps": sweeps,
+            "budget_effects": effects,
             "shape": (Q, M, K),
         },
         summary="\n\n".join(lines),
@@ -394,6 +583,21 @@ def run(config: Config, ws: Workspace) -> StageResult:
         variants=config.curvature.variants,
         damping=config.influence.damping,
         compression=config.influence.compression,
+        independent=gt.get("independent") or None,
+    )
+    result.tables["deviations"] = deviations(
+        {
+            "data": config.data,
+            "model": config.model,
+            "train": config.train,
+            "retrain": config.retrain,
+            "measure": config.measure,
+            "counterfactual": config.counterfactual,
+            "influence": config.influence,
+            "trak": config.trak,
+        },
+        num_train=int(gt["masks"].shape[1]),
+        effects=result.data["budget_effects"],
     )
     result.tables["lds"].to_csv(ws.out(ws.LDS_TABLE), index=False)
     atomic_save(
@@ -424,16 +628,26 @@ def fig_lds(result: StageResult, target: str):
 
 
 def fig_hessian_ablation(result: StageResult):
-    """Fig. 4: MC vs empirical Fisher x K-FAC expand vs reduce, loss and ELBO."""
+    """Fig. 4: MC vs empirical Fisher x K-FAC expand vs reduce, loss and ELBO, at the paper's
+    fixed damping, at each variant's best damping and at its held-out damping."""
     from ..figures import grouped_bars
 
-    return grouped_bars(
+    groups = [f"{t}, {setting}" for t in ("loss", "elbo") for setting in ABLATION_DAMPINGS]
+    fig = grouped_bars(
         result.data["ablation"],
-        ["loss", "elbo"],
+        groups,
         list(result.data["variants"]),
         VARIANT_NAMES,
-        "Hessian approximation ablation (Fig. 4)",
+        "Hessian approximation ablation (Fig. 4): fixed, best and held-out damping",
+        labels={
+            g: g.replace("elbo", "ELBO")
+            .replace(", ", "\n")
+            .replace("fixed", f"fixed {result.data['damping']:g}")
+            for g in groups
+        },
     )
+    fig.set_size_inches(9, 3.8)
+    return fig
 
 
 def fig_damping_kfac(result: StageResult):
@@ -449,17 +663,37 @@ def fig_damping_kfac(result: StageResult):
 
 
 def fig_damping_trak(result: StageResult):
-    """Fig. 8: TRAK's and D-TRAK's LDS against relative damping, float32 and float16."""
+    """Fig. 8: TRAK's and D-TRAK's LDS against relative damping (float32, as the paper)."""
     from ..figures import damping_curves
 
     curves = {
-        f"{method.upper()} ({target}, {prec})": (t, "-" if prec == "float32" else ":")
+        f"{method.upper()} ({target})": (t, "-")
         for (method, _, target, prec), t in result.data["sweeps"]["trak"].items()
+        if prec == "float32"
     }
     return damping_curves(
         curves,
         "damping / mean eigenvalue of the projected empirical Fisher",
         "TRAK and D-TRAK: LDS against damping (Fig. 8)",
+        x="relative_damping",
+        capsize=2,
+    )
+
+
+def fig_trak_precision(result: StageResult):
+    """Fig. 18: TRAK and D-TRAK for the loss with traker's float16 pipeline against float32,
+    over the damping sweep."""
+    from ..figures import damping_curves
+
+    curves = {
+        f"{method.upper()}, {prec}": (t, "-" if prec == "float32" else ":")
+        for (method, _, target, prec), t in result.data["sweeps"]["trak"].items()
+        if target == "loss"
+    }
+    return damping_curves(
+        curves,
+        "damping / mean eigenvalue of the projected empirical Fisher",
+        "TRAK and D-TRAK in float16 (traker's default) and float32 (Fig. 18), loss LDS",
         x="relative_damping",
         capsize=2,
     )

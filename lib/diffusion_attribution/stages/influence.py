@@ -114,6 +114,17 @@ def run(config: Config, ws: Workspace) -> StageResult:
     w = schedule.elbo_weights(config.diffusion.variance)[2:]
     ratio = float((w / w.sum())[0] / (w / w.sum())[-1])
 
+    # int8 for every variant Fig. 4 scores at int8 (the ablation's loss scores)
+    by_variant = {}
+    if icfg.compression == "int8":
+        for v in ccfg.variants:
+            pair = [
+                scores.get(ScoreKey("kfac", "loss", v, icfg.damping, c)) for c in ("none", "int8")
+            ]
+            if all(p is not None for p in pair):
+                a = score_agreement(*pair)
+                by_variant[v] = {k: round(a[k], 5) for k in ("spearman_mean", "spearman_min")}
+
     int8 = comp.loc["int8"]
     svd = {c: float(comp.loc[c].spearman_mean) for c in comp.index if c.startswith("svd")}
     metrics = {
@@ -126,13 +137,14 @@ def run(config: Config, ws: Workspace) -> StageResult:
         "peak_rss_gib": round(peak_rss_gib, 2),
         "int8_spearman_mean": round(int8.spearman_mean, 5),
         "int8_spearman_min": round(int8.spearman_min, 5),
+        "int8_by_variant": by_variant,
         "compression": comp.round(5).to_dict(orient="index"),
         "top1_is_pixel_nearest_neighbour": round(top_is_nearest, 3),
         "top1_same_class_as_pixel_nearest": round(same_label, 3),
     }
     int8_claim = claims.int8_compression(
-        metrics["int8_spearman_mean"],
-        metrics["int8_spearman_min"],
+        min([metrics["int8_spearman_mean"], *(v["spearman_mean"] for v in by_variant.values())]),
+        min([metrics["int8_spearman_min"], *(v["spearman_min"] for v in by_variant.values())]),
         [v["spearman_mean"] for c, v in metrics["compression"].items() if c.startswith("svd")],
     )
     metrics["claims"] = [int8_claim]
@@ -146,8 +158,12 @@ def run(config: Config, ws: Workspace) -> StageResult:
         f"variants and ablations together. Peak memory {peak_rss_gib:.2f} GiB.\n\n"
         f"*Fig. 6 (App. C):* int8 queries reproduce the uncompressed ranking with Spearman {int8.spearman_mean:.4f} "
         f"on average (worst sample {int8.spearman_min:.4f}); 4-bit {comp.loc['int4'].spearman_mean:.4f}; the best SVD "
-        f"rank tried reaches {svd_best:.4f}. The paper's claim that quantisation keeps the ranking (Spearman >= 0.99 "
-        f"for every sample) and SVD does not: **{int8_claim['verdict']}**."
+        f"rank tried reaches {svd_best:.4f}. int8 for each K-FAC variant of Fig. 4 (mean, worst sample): "
+        + ", ".join(
+            f"{v} {a['spearman_mean']:.4f} / {a['spearman_min']:.4f}" for v, a in by_variant.items()
+        )
+        + f". The paper's claim that quantisation keeps the ranking (Spearman >= 0.99 for every sample, here "
+        f"for every variant) and SVD does not: **{int8_claim['verdict']}**."
         f"\n\n*Fig. 1:* the top positive training image is the sample's nearest training image in pixel space "
         f"for {100 * top_is_nearest:.0f}% of the samples and of the same class as that neighbour for {100 * same_label:.0f}%."
         f"\n\n*Fig. 16:* the ELBO weights the l_t at t = 2 {ratio:.0f} times more than at t = T, where the loss "

@@ -5,7 +5,8 @@ reference: loss, ELBO and trajectory log-probability from ``measure.draws`` draw
 l_t at each of ``influence.timesteps`` from ``measure.timestep_draws`` draws; the same draws for
 every model (common random numbers). Each model's values are cached, so an interrupted run
 resumes; entries of other models or code are moved aside, never deleted. Also Fig. 15
-(Observation 3) and the retraining ceiling of every measurement.
+(Observation 3), and for every measurement the seed reproducibility of exact retraining and
+the upper bound on a method's LDS (:mod:`diffusion_attribution.lds`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from .. import claims
 from ..config import Config
 from ..ground_truth import ground_truth_measurements, measure_models, stack
 from ..io import atomic_save
-from ..lds import retraining_ceiling
+from ..lds import lds_upper_bound, seed_reproducibility
 from ..migrate import adopt_legacy_measurements
 from ..workspace import Workspace, schedule_of
 from . import StageResult
@@ -38,11 +39,12 @@ METRICS = ("metrics/measure.json",)
 def ground_truth_summary(measured: dict, reference: dict, full: dict) -> pd.DataFrame:
     """Per measurement: the full model's mean, the mean change of a subset model against the
     reference of the same seed, how often it is positive, the spread across subsets over the
-    spread across seeds, and the retraining ceiling with its standard error."""
+    spread across seeds, the seed reproducibility and the LDS upper bound with their standard
+    errors."""
     rows = []
     for name, m in measured.items():
         change = (m - reference[name][:, None, :]).mean(-1)
-        ceiling = retraining_ceiling(m)
+        repro, bound = seed_reproducibility(m), lds_upper_bound(m)
         rows.append(
             {
                 "measurement": name,
@@ -50,8 +52,10 @@ def ground_truth_summary(measured: dict, reference: dict, full: dict) -> pd.Data
                 "mean change": float(change.mean()),
                 "P(subset > reference)": float((change > 0).double().mean()),
                 "subset / seed spread": float(m.mean(-1).std(1).mean() / m.std(-1).mean()),
-                "ceiling": ceiling.mean,
-                "ceiling stderr": ceiling.stderr,
+                "seed reproducibility": repro.mean,
+                "reproducibility stderr": repro.stderr,
+                "upper bound": bound.mean,
+                "bound stderr": bound.stderr,
             }
         )
     return pd.DataFrame(rows).set_index("measurement")
@@ -72,8 +76,9 @@ def run(config: Config, ws: Workspace) -> StageResult:
     subsets = ws.subsets
     grid = [[Path(name).stem for name in row] for row in subsets["models"]]
     ref_labels = [Path(name).stem for name in subsets["references"]]
+    independent = subsets.get("independent", [])
     models = {"full": ws.path(ws.MODEL)}
-    for name in [n for row in subsets["models"] for n in row] + subsets["references"]:
+    for name in [n for row in subsets["models"] for n in row] + subsets["references"] + independent:
         models[Path(name).stem] = ws.path(f"outputs/retrain/models/{name}")
     print(f"{Q} samples x {len(models)} models; draws per sample: {num_draws}")
     start = time.perf_counter()
@@ -98,9 +103,16 @@ def run(config: Config, ws: Workspace) -> StageResult:
     measured = stack(results, grid)  # name -> (Q, M, K)
     reference = {n: v[:, 0] for n, v in stack(results, [ref_labels]).items()}  # name -> (Q, K)
     full = results["full"]
+    # name -> (Q, M'): one model with a seed of its own on each of the first M' subsets
+    indep = (
+        {n: v[:, :, 0] for n, v in stack(results, [[Path(i).stem] for i in independent]).items()}
+        if independent
+        else {}
+    )
     atomic_save(
         {
             "subsets": measured,
+            "independent": indep,
             "reference": reference,
             "full": full,
             "num_draws": num_draws,
@@ -126,8 +138,12 @@ def run(config: Config, ws: Workspace) -> StageResult:
         "models_measured_this_run": len(results.measured),
         "draws": num_draws,
         "seconds": round(seconds, 1),
-        "ceiling": {
-            n: [round(r.ceiling, 4), round(r["ceiling stderr"], 4)]
+        "seed_reproducibility": {
+            n: [round(r["seed reproducibility"], 4), round(r["reproducibility stderr"], 4)]
+            for n, r in summary_table.iterrows()
+        },
+        "lds_upper_bound": {
+            n: [round(r["upper bound"], 4), round(r["bound stderr"], 4)]
             for n, r in summary_table.iterrows()
         },
         "p_subset_loss_higher": round(float(summary_table.loc["loss", "P(subset > reference)"]), 4),
@@ -144,10 +160,14 @@ def run(config: Config, ws: Workspace) -> StageResult:
     ws.write_metrics("measure", metrics)
     loss = summary_table.loc["loss"]
     summary = (
-        f"**This run.** {Q} samples on {len(models)} models in {seconds:.0f} s. Retraining ceiling: "
+        f"**This run.** {Q} samples on {len(models)} models in {seconds:.0f} s. Upper bound on the LDS of a "
+        f"method scored against the mean of K = {measured['loss'].shape[2]} seeds (Spearman-Brown): "
         + ", ".join(
-            f"{n} {r.ceiling:.2f} +- {r['ceiling stderr']:.2f}" for n, r in summary_table.iterrows()
+            f"{n} {r['upper bound']:.2f} +- {r['bound stderr']:.2f}"
+            for n, r in summary_table.iterrows()
         )
+        + ". Seed reproducibility (one seed predicting the mean of the others, not a bound): "
+        + ", ".join(f"{n} {r['seed reproducibility']:.2f}" for n, r in summary_table.iterrows())
         + f". A subset model's loss on a sample is higher than that of the full-data reference with the same "
         f"seed and epochs in {loss['P(subset > reference)']:.0%} of (sample, subset) pairs "
         + (
