@@ -85,6 +85,10 @@ def test_evaluate_protocol_additions(world):
                 more[ScoreKey("kfac", m, v, d, "int8")] = scores[
                     ScoreKey("kfac", m, v, 1e-8, "int8")
                 ]
+    # EK-FAC: between the true scores and K-FAC's
+    more[ScoreKey("kfac", "loss", "ekfac_mc_expand", 1e-8, "int8")] = scores[
+        ScoreKey("kfac", "loss", "mc_expand", 1e-8, "int8")
+    ]
     r = evaluate(
         ScoreSet(more, scores.meta),
         {t: measured[t] for t in ("loss", "elbo", "trajectory")},
@@ -106,6 +110,9 @@ def test_evaluate_protocol_additions(world):
     for setting in ("fixed", "best", "held-out"):
         d = diffs[f"loss/{setting}: MC - empirical (expand)"]
         assert d["mean"] > 2 * d["stderr"], (setting, d)
+    assert "EK-FAC influence" in bars
+    assert r.metrics["paired_differences"]["loss: EK-FAC - K-FAC"]["mean"] == 0.0
+    assert "loss: EK-FAC - D-TRAK*" in r.metrics["paired_differences"]
     t = r.tables["independent_seeds"]
     assert "K-FAC influence" in t.index
     # same truth, same noise level: the seed design changes K-FAC's LDS by little

@@ -100,11 +100,21 @@ class SampleConfig(_Section):
     seed: NonNegInt = 1
 
 
-KFACVariant = Literal["mc_expand", "mc_reduce", "empirical_expand", "empirical_reduce"]
+KFACVariant = Literal[
+    "mc_expand", "mc_reduce", "empirical_expand", "empirical_reduce", "ekfac_mc_expand"
+]
 
 
 #: The paper's recommended variant (MC Fisher, K-FAC expand).
 MAIN_VARIANT: KFACVariant = "mc_expand"
+
+
+def parse_variant(variant: str) -> tuple[str, str, bool]:
+    """``(fisher, kfac, ekfac)`` of a variant name, e.g. ``"ekfac_mc_expand"`` ->
+    ``("mc", "expand", True)``."""
+    ekfac = variant.startswith("ekfac_")
+    fisher, kfac = variant.removeprefix("ekfac_").split("_")
+    return fisher, kfac, ekfac
 
 
 def main_variant(variants: tuple[str, ...]) -> str:
@@ -116,7 +126,9 @@ def main_variant(variants: tuple[str, ...]) -> str:
 class CurvatureConfig(_Section):
     """K-FAC of GGN^model (MC Fisher, eqs. 10, 12) or GGN^loss (empirical Fisher, eq. 11), Sec. 3.1.
 
-    ``mc_expand`` is the paper's method; the other variants are the ablation of Fig. 4.
+    ``mc_expand`` is the paper's method; the other Fisher / expand-reduce combinations are the
+    ablation of Fig. 4; ``ekfac_mc_expand`` is the paper's method with EK-FAC's eigenvalue
+    correction (George et al., 2018), which the paper's code supports.
     """
 
     variants: tuple[KFACVariant, ...] = (
@@ -124,6 +136,7 @@ class CurvatureConfig(_Section):
         "mc_reduce",
         "empirical_expand",
         "empirical_reduce",
+        "ekfac_mc_expand",
     )
     num_draws: PositiveInt = 8
     batch_size: PositiveInt = 512

@@ -1,8 +1,9 @@
 """Stage ``curvature``: K-FAC of GGN^model (MC Fisher) and GGN^loss (empirical Fisher),
 expand and reduce (Sec. 3.1, eqs. 9-12), fitted with curvlinops on the training set.
 
-Every variant approximates the curvature of the per-pixel-mean training loss
-(:mod:`diffusion_attribution.curvature`), so a damping value means the same for all of them.
+The MC and the empirical Fisher are on one scale (:mod:`diffusion_attribution.curvature`), as in
+curvlinops and the paper's code, so a damping value means the same for all variants;
+``ekfac_mc_expand`` is MC / expand with EK-FAC's eigenvalue correction.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import torch
 
-from ..config import Config
+from ..config import Config, parse_variant
 from ..curvature import fit_kfac
 from ..measurements import DiffusionLoss
 from ..unet import kfac_parameters
@@ -42,7 +43,7 @@ def run(config: Config, ws: Workspace) -> StageResult:
     )
     rows, spectra = [], {}
     for variant in ccfg.variants:
-        fisher, kfac = variant.split("_")
+        fisher, kfac, ekfac = parse_variant(variant)
         K = fit_kfac(
             net,
             params,
@@ -52,6 +53,7 @@ def run(config: Config, ws: Workspace) -> StageResult:
             draws["eps"].to(ws.device),
             fisher=fisher,
             kfac=kfac,
+            ekfac=ekfac,
             batch_size=ccfg.batch_size,
             mc_seed=ccfg.seed,
         )

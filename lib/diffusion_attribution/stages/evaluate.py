@@ -59,6 +59,7 @@ VARIANT_NAMES = {
     "mc_reduce": "MC Fisher, reduce",
     "empirical_expand": "empirical Fisher, expand",
     "empirical_reduce": "empirical Fisher, reduce",
+    "ekfac_mc_expand": "EK-FAC (MC Fisher, expand)",
 }
 #: Fig. 4's comparisons: label -> (better variant by the paper, worse variant).
 ABLATION_PAIRS = {
@@ -105,8 +106,10 @@ class Methods:
         """Fig. 2 / 17: (group, label, row) for the bars of one target measurement."""
         trak = {"method": "trak", "precision": "float32"}
         dtrak = {"method": "d-trak", "measurement": "square_norm", "precision": "float32"}
+        ekfac = {**self.kfac, "curvature": "ekfac_" + self.main}
         groups = [
             (CORRECT, "K-FAC influence", self.pick(target, measurement=target, **self.kfac)),
+            (CORRECT, "EK-FAC influence", self.pick(target, measurement=target, **ekfac)),
             (CORRECT, "TRAK*", self.pick(target, measurement=target, **trak)),
         ]
         if target == "loss":
@@ -347,6 +350,15 @@ def evaluate(
     d_dtrak = meth.diff(kfac_l, dtrak_l)
     d_pixel = meth.diff(kfac_l, pixel_l)
     d_proxy = meth.diff(kfac_e_proxy, kfac_e)
+    ekfac_l = meth.pick("loss", measurement="loss", **{**meth.kfac, "curvature": f"ekfac_{main}"})
+    ekfac_diffs = (
+        {
+            "loss: EK-FAC - K-FAC": meth.diff(ekfac_l, kfac_l),
+            "loss: EK-FAC - D-TRAK*": meth.diff(ekfac_l, dtrak_l),
+        }
+        if ekfac_l is not None
+        else {}
+    )
     max_se = max(  # over the plotted methods (the ceiling is not a method)
         v["stderr"] for b in bars.values() for v in b.values() if v["group"] != "exact retraining"
     )
@@ -387,6 +399,7 @@ def evaluate(
                 "loss: K-FAC - TRAK*": d_trak,
                 "loss: K-FAC - D-TRAK*": d_dtrak,
                 "loss: K-FAC - pixel similarity": d_pixel,
+                **ekfac_diffs,
                 "elbo: K-FAC (m. loss) - K-FAC": d_proxy,
                 **comparisons,
             }.items()
@@ -478,6 +491,14 @@ def evaluate(
             if best.relative_damping in (grid.relative_damping.min(), grid.relative_damping.max())
         ),
     ]
+    if ekfac_diffs:
+        lines.insert(
+            2,
+            f"*EK-FAC* (the same MC Fisher / expand with EK-FAC's eigenvalue correction, damping {damping:g}): "
+            f"loss LDS {ekfac_l.lds:.3f} ± {ekfac_l.stderr:.3f}; "
+            + "; ".join(f"{k.removeprefix('loss: ')} = {fmt(r)}" for k, r in ekfac_diffs.items())
+            + ".",
+        )
     if indep_table is not None:
         lines.append(
             f"*Seed design:* against {independent['loss'].shape[1]} models with a seed of their own (one per subset) "
