@@ -207,7 +207,7 @@ class RetrainConfig(_Section):
     first_seed: NonNegInt = 100
     steps: PositiveInt = 500
     epoch_matched: bool = True
-    independent_subsets: NonNegInt = 16
+    independent_subsets: NonNegInt = 8
     seed: NonNegInt = 5
 
     @property
@@ -249,8 +249,8 @@ class CounterfactualConfig(_Section):
     removed and a model is retrained "using the same procedure as training on the full dataset
     (with the same number of training steps)": ``train``'s settings, steps and seed. The change
     in the sample's loss is taken relative to the full model itself, so with the same seed
-    (common random numbers) it isolates the removed data. ``random`` removes random examples,
-    drawn from ``seed`` (the control). TRAK and D-TRAK use their best damping on the loss LDS
+    (common random numbers) it isolates the removed data. ``random`` removes one set of random
+    examples per fraction, drawn from ``seed``, for all samples (the control). TRAK and D-TRAK use their best damping on the loss LDS
     benchmark, as in the paper.
     """
 

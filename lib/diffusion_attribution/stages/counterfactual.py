@@ -6,8 +6,9 @@ predicted to *increase* the loss most) is removed and a model retrained "using t
 procedure as training on the full dataset (with the same number of training steps)": the
 ``train`` settings, steps and seed. The change in the sample's loss is taken against the full
 model itself, which shares that seed, so training and measurement use common random numbers.
-``random`` removal is the control; TRAK and D-TRAK use their best damping on the loss LDS
-(``evaluate``).
+``random`` removal is the control: one random set per fraction, removed for all samples at
+once (the paper has no control; one model per fraction keeps its cost small). TRAK and D-TRAK
+use their best damping on the loss LDS (``evaluate``).
 """
 
 from __future__ import annotations
@@ -101,23 +102,26 @@ def run(config: Config, ws: Workspace) -> StageResult:
         )
 
     jobs = {}
-    removed = {}
+    removed = {}  # "<method>_remove<fraction>_sample<q>" -> (job name, removed ids)
     for method in cfcfg.methods:
         for frac in cfcfg.fractions:
-            if method == "random":
-                sets = random_removal_sets(N, frac, Qc, seed=cfcfg.seed)
+            if method == "random":  # one random set per fraction, the control for every sample
+                sets = random_removal_sets(N, frac, 1, seed=cfcfg.seed).expand(Qc, -1)
             else:
                 sets = top_removal_sets(chosen[method][1][:Qc], frac)
             for q in range(Qc):
                 name = f"{method}_remove{frac:g}_sample{q}"
-                removed[name] = sets[q]
-                keep = sorted(set(range(N)) - set(sets[q].tolist()))
-                jobs[name] = job(name, keep)
+                job_name = f"random_remove{frac:g}" if method == "random" else name
+                removed[name] = (job_name, sets[q])
+                if job_name not in jobs:
+                    keep = sorted(set(range(N)) - set(sets[q].tolist()))
+                    jobs[job_name] = job(job_name, keep)
     adopt_legacy_models(list(jobs.values()), ws.root)
     prune(out_dir, list(jobs.values()), stale_dir=ws.stale_dir("counterfactual"))
     existing = {j.output for j in jobs.values() if Path(j.output).exists()}
     print(
-        f"{len(jobs)} models ({len(cfcfg.methods)} methods x {len(cfcfg.fractions)} fractions x {Qc} samples), "
+        f"{len(jobs)} models (for each of {len(cfcfg.fractions)} fractions: {len(cfcfg.methods)} methods x {Qc} samples, "
+        "one random set for all samples), "
         f"{tcfg.steps} steps and seed {tcfg.seed} each, as the full model; damping: "
         + ", ".join(f"{m} {key.damping:.3g}" for m, (key, _) in chosen.items())
     )
@@ -139,10 +143,10 @@ def run(config: Config, ws: Workspace) -> StageResult:
     seconds = time.perf_counter() - start
     ref = values["full"]["loss"]
     rows = []
-    for name in removed:
+    for name, (job_name, _) in removed.items():
         method, frac, q = name.split("_")
         q = int(q.removeprefix("sample"))
-        change = float(values[name]["loss"][q] - ref[q])
+        change = float(values[job_name]["loss"][q] - ref[q])
         rows.append(
             {
                 "method": method,
