@@ -683,38 +683,38 @@ def fig_damping_kfac(result: StageResult):
     )
 
 
-def fig_damping_trak(result: StageResult):
-    """Fig. 8: TRAK's and D-TRAK's LDS against relative damping (float32, as the paper)."""
+def _trak_damping_figure(curves: dict, title: str):
+    """Figs. 8 and 18: LDS curves against damping relative to the mean eigenvalue."""
     from ..figures import damping_curves
 
-    curves = {
-        f"{method.upper()} ({target})": (t, "-")
-        for (method, _, target, prec), t in result.data["sweeps"]["trak"].items()
-        if prec == "float32"
-    }
     return damping_curves(
         curves,
         "damping / mean eigenvalue of the projected empirical Fisher",
-        "TRAK and D-TRAK: LDS against damping (Fig. 8)",
+        title,
         x="relative_damping",
         capsize=2,
     )
 
 
+def fig_damping_trak(result: StageResult):
+    """Fig. 8: TRAK's and D-TRAK's LDS against relative damping (float32, as the paper)."""
+    curves = {
+        f"{method.upper()} ({target})": (t, "-")
+        for (method, _, target, prec), t in result.data["sweeps"]["trak"].items()
+        if prec == "float32"
+    }
+    return _trak_damping_figure(curves, "TRAK and D-TRAK: LDS against damping (Fig. 8)")
+
+
 def fig_trak_precision(result: StageResult):
     """Fig. 18: TRAK and D-TRAK for the loss with traker's float16 pipeline against float32,
     over the damping sweep."""
-    from ..figures import damping_curves
-
     curves = {
         f"{method.upper()}, {prec}": (t, "-" if prec == "float32" else ":")
         for (method, _, target, prec), t in result.data["sweeps"]["trak"].items()
         if target == "loss"
     }
-    return damping_curves(
+    return _trak_damping_figure(
         curves,
-        "damping / mean eigenvalue of the projected empirical Fisher",
         "TRAK and D-TRAK in float16 (traker's default) and float32 (Fig. 18), loss LDS",
-        x="relative_damping",
-        capsize=2,
     )
