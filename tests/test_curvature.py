@@ -241,11 +241,20 @@ def test_mc_fisher_converges_to_ggn():
     # expected relative error sqrt((D + 1) / s): 0.56, 0.14, 0.035
     assert errors[16] > errors[256] > errors[4096], errors
     assert errors[4096] < 0.1 and errors[16] > 0.2, errors
-    # the same through curvlinops' mc_samples on a single row
-    K = fit_kfac(
-        model, params, SCHEDULE, x0, t1, eps1, mc_samples=4096, separate_weight_and_bias=False
-    )
-    assert rel_fro(K.to_dense(), ggn) < 0.1
+    # the same through mc_samples on a single row, in both backends
+    for backend in ("hooks", "curvlinops"):
+        K = fit_kfac(
+            model,
+            params,
+            SCHEDULE,
+            x0,
+            t1,
+            eps1,
+            mc_samples=4096,
+            separate_weight_and_bias=False,
+            backend=backend,
+        )
+        assert rel_fro(K.to_dense(), ggn) < 0.1, backend
 
 
 # ---------------------------------------------------------------------------------------------
@@ -506,7 +515,7 @@ def test_from_operator_reuses_computed_factors(ekfac):
     kw = dict(fisher="mc", ekfac=ekfac)
     op = build_operator(model, params, SCHEDULE, x0, t, eps, check_deterministic=True, **kw)
     K = KFAC.from_operator(op, params)
-    ref = fit_kfac(model, params, SCHEDULE, x0, t, eps, **kw)
+    ref = fit_kfac(model, params, SCHEDULE, x0, t, eps, backend="curvlinops", **kw)
     assert_close(K.to_dense(), ref.to_dense(), rtol=1e-9)
 
 
@@ -532,8 +541,11 @@ def test_nan_factor_raises_naming_layer(tmp_path):
     x0, t, eps = draws(2, 1, shape=(1, 4, 4))
     with torch.no_grad():
         model.conv_out.bias.fill_(float("nan"))
-    with pytest.raises(FloatingPointError, match="layer 'conv_in'"):
-        fit_kfac(model, params, SCHEDULE, x0, t, eps)
+    with pytest.raises(FloatingPointError, match="layer 'conv_in'"):  # its G is NaN first
+        fit_kfac(model, params, SCHEDULE, x0, t, eps, backend="curvlinops")
+    for fisher in ("mc", "empirical"):  # the hooks name the layer whose output is NaN
+        with pytest.raises(FloatingPointError, match="output of layer 'conv_out'"):
+            fit_kfac(model, params, SCHEDULE, x0, t, eps, fisher=fisher)
     model = make(ConvAttnEps)
     params = kfac_parameters(model)
     state = fit_kfac(model, params, SCHEDULE, x0, t, eps).state_dict()

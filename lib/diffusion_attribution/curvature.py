@@ -2,15 +2,18 @@
 
 The influence estimate of eq. 6 needs ``(Hessian + lambda I)^{-1} v``. Following the paper, the
 Hessian of the training loss is replaced by a generalised Gauss-Newton matrix and that by its
-block-diagonal Kronecker-factored approximation (K-FAC, eq. 12), fitted with curvlinops 3.0.1
-(``KFACLinearOperator`` / ``EKFACLinearOperator``). This module turns the fitted operator into
-plain float64 Kronecker factors with cached eigendecompositions, so that damped inverses are
-exact and a damping sweep costs no refit and no re-decomposition.
+block-diagonal Kronecker-factored approximation (K-FAC, eq. 12). Two backends fit the same
+matrices (defined below): this project's forward/backward hooks (:mod:`factors`, the default:
+shardable sums over examples with shard-invariant MC noise) and curvlinops 3.0.1
+(``KFACLinearOperator`` / ``EKFACLinearOperator``, the independent reference). Either way the
+result is plain float64 Kronecker factors with cached eigendecompositions, so that damped
+inverses are exact and a damping sweep costs no refit and no re-decomposition.
 
 Layout: :class:`KFAC` is assembled from ``kronecker`` (the blocks ``G (x) A`` and their
-eigendecompositions) and ``curvlinops_adapter`` (the noisy-row data, :func:`build_operator`
-and the reading of curvlinops' factors: the only module that imports curvlinops). The names
-that moved there are re-exported here.
+eigendecompositions), ``factors`` (the hooks backend and its partial sums) and
+``curvlinops_adapter`` (the noisy-row data, :func:`build_operator` and the reading of
+curvlinops' factors: the only module that imports curvlinops). The names that moved there are
+re-exported here.
 
 Conventions
 -----------
@@ -87,7 +90,7 @@ import math
 import os
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -111,6 +114,7 @@ if TYPE_CHECKING:  # annotations only: no module but curvlinops_adapter imports 
 
 __all__ = [
     "KFAC",
+    "Backend",
     "Curvature",
     "DenseCurvature",
     "FisherKind",
@@ -122,6 +126,10 @@ __all__ = [
     "fit_kfac",
     "noisy_rows",
 ]
+
+Backend = Literal["hooks", "curvlinops"]
+"""Who computes the factors: this project's hooks (:mod:`diffusion_attribution.factors`,
+shard-invariant MC noise) or curvlinops 3.0.1 (the independent reference)."""
 
 _FORMAT = "diffusion_attribution.curvature.KFAC"
 _VERSION = 1
@@ -143,51 +151,78 @@ def fit_kfac(
     ekfac: bool = False,
     separate_weight_and_bias: bool = True,
     progress: bool = False,
+    backend: Backend = "hooks",
 ) -> KFAC:
     """Fit K-FAC (or EK-FAC) of the GGN of the diffusion loss over ``N * S`` noisy rows.
 
     ``model``: eps-model ``(x_t, t) -> eps`` (an ``nn.Module``); ``params``: the parameters
     to cover (Linear / Conv2d weights and biases only, normally ``kfac_parameters(model)``);
     ``x0`` (N, C, H, W); ``t`` (N, S) int64 timesteps in 1..T; ``eps`` (N, S, C, H, W): S
-    pre-drawn ``(t, eps)`` per example. Rows are streamed lazily in batches of
+    pre-drawn ``(t, eps)`` per example. Rows are streamed lazily in batches of about
     ``batch_size`` with one pass over the data (two with ``ekfac``). The model runs in eval
-    mode (restored afterwards). MC targets come from a generator seeded with ``mc_seed`` at
-    the start of the pass, so the same call gives the same factors (the MC draws depend on
-    ``batch_size``). See the module docstring for the matrix approximated and its scaling.
+    mode (restored afterwards). See the module docstring for the matrix approximated and its
+    scaling.
+
+    ``backend="hooks"`` (default) computes the factors with this project's hooks
+    (:mod:`diffusion_attribution.factors`): the MC noise of example n depends only on
+    ``(mc_seed, n)``, so the fit is the sum of fits on shards of examples
+    (:func:`~diffusion_attribution.factors.factor_sums`). ``backend="curvlinops"`` fits with
+    curvlinops 3.0.1, the independent reference: the same matrices, but its MC targets come
+    from one generator seeded with ``mc_seed`` and running across its batches (the draws
+    depend on ``batch_size``), so its MC factors agree with the hooks' in expectation only;
+    the empirical and type-2 factors agree to float round-off. ``meta["backend"]`` records
+    which one ran.
     """
+    if backend not in ("hooks", "curvlinops"):
+        raise ValueError(f"backend must be 'hooks' or 'curvlinops', got {backend!r}")
     params = list(params)
     t0 = time.perf_counter()
-    with _fitting_mode(model, params):
-        op = build_operator(
-            model,
-            params,
-            schedule,
-            x0,
-            t,
-            eps,
-            fisher=fisher,
-            kfac=kfac,
-            batch_size=batch_size,
-            mc_seed=mc_seed,
-            mc_samples=mc_samples,
-            ekfac=ekfac,
-            separate_weight_and_bias=separate_weight_and_bias,
-            progress=progress,
+    meta = {
+        "backend": backend,
+        "fisher": fisher,
+        "kfac": kfac,
+        "ekfac": ekfac,
+        "separate_weight_and_bias": separate_weight_and_bias,
+        "num_examples": t.shape[0],
+        "draws_per_example": t.shape[1],
+        "num_rows": t.numel(),
+        "output_dim": math.prod(x0.shape[1:]),
+        "mc_seed": mc_seed,
+        "mc_samples": mc_samples,
+        "batch_size": batch_size,
+    }
+    if backend == "hooks":
+        from diffusion_attribution import factors
+
+        kw = dict(batch_size=batch_size, mc_seed=mc_seed, mc_samples=mc_samples)
+        sums = factors.factor_sums(
+            model, params, schedule, x0, t, eps, fisher=fisher, kfac=kfac, **kw
         )
-        meta = {
-            "fisher": fisher,
-            "kfac": kfac,
-            "ekfac": ekfac,
-            "separate_weight_and_bias": separate_weight_and_bias,
-            "num_examples": t.shape[0],
-            "draws_per_example": t.shape[1],
-            "num_rows": t.numel(),
-            "output_dim": math.prod(x0.shape[1:]),
-            "mc_seed": mc_seed,
-            "mc_samples": mc_samples,
-            "batch_size": batch_size,
-        }
-        result = KFAC.from_operator(op, params, meta=meta)
+        result = factors.to_kfac(sums, separate_weight_and_bias=separate_weight_and_bias, meta=meta)
+        if ekfac:
+            corr = factors.correction_sums(
+                model, params, schedule, x0, t, eps, result, fisher=fisher, **kw
+            )
+            result = factors.apply_corrections(result, corr)
+    else:
+        with _fitting_mode(model, params):
+            op = build_operator(
+                model,
+                params,
+                schedule,
+                x0,
+                t,
+                eps,
+                fisher=fisher,
+                kfac=kfac,
+                batch_size=batch_size,
+                mc_seed=mc_seed,
+                mc_samples=mc_samples,
+                ekfac=ekfac,
+                separate_weight_and_bias=separate_weight_and_bias,
+                progress=progress,
+            )
+            result = KFAC.from_operator(op, params, meta=meta)
     result.meta["fit_seconds"] = time.perf_counter() - t0
     return result
 

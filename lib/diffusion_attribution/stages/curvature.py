@@ -1,5 +1,6 @@
 """Stage ``curvature``: K-FAC of GGN^model (MC Fisher) and GGN^loss (empirical Fisher),
-expand and reduce (Sec. 3.1, eqs. 9-12), fitted with curvlinops on the training set.
+expand and reduce (Sec. 3.1, eqs. 9-12), fitted on the training set (``fit_kfac``'s default
+hooks backend; curvlinops is the reference it is tested against).
 
 The MC and the empirical Fisher are on one scale (:mod:`diffusion_attribution.curvature`), as in
 curvlinops and the paper's code, so a damping value means the same for all variants;
