@@ -648,3 +648,83 @@ def test_inverse_apply_sweep_equals_separate_calls():
     dense = DenseCurvature(K.to_dense())
     for d, X in dense.inverse_apply_sweep(V, [1e-3, 1.0]).items():
         assert_close(X, K.inverse_apply(V, d), rtol=1e-8)
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. preconditioning on the device
+# ---------------------------------------------------------------------------------------------
+
+
+def _no_host_reads(monkeypatch) -> None:
+    """Make every tensor -> Python scalar conversion (a device sync on a GPU) raise."""
+
+    def fail(*_):
+        raise AssertionError("a tensor was read on the host")
+
+    for name in ("__bool__", "__float__", "__int__", "item", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, fail)
+
+
+def _check_on(K: KFAC, device: torch.device) -> None:
+    for b in K.blocks:
+        for name, x in b.tensors().items():
+            if x is not None:
+                assert x.device.type == device.type and x.dtype == F64, (b.layer, name)
+
+
+@pytest.mark.parametrize("ekfac", [False, True])
+def test_inverse_apply_on_an_explicit_device(monkeypatch, tmp_path, ekfac):
+    """K-FAC moved to torch.device("cpu") keeps float64 factors there; inverse_apply and its
+    sweep convert only the right-hand side and read nothing back to the host once the
+    per-block eigenvalue minima are cached; Workspace.curvature returns it on ws.device."""
+    from diffusion_attribution.workspace import Workspace
+
+    model = make(ConvAttnEps)
+    params = kfac_parameters(model)
+    K = fit_kfac(model, params, SCHEDULE, *draws(3, 2, shape=(1, 4, 4), seed=8), ekfac=ekfac)
+    cpu = torch.device("cpu")
+    Kd = K.to(cpu)
+    assert Kd.device == cpu
+    _check_on(Kd, cpu)
+    V = torch.randn(3, K.num_params, dtype=torch.float32)
+    ref = K.inverse_apply(V.double(), 1e-3)
+    Kd.inverse_apply(V, 1e-3)  # caches the eigenvalue minima
+    with monkeypatch.context() as m:
+        _no_host_reads(m)
+        X = Kd.inverse_apply(V, 1e-3)
+        sweep = Kd.inverse_apply_sweep(V, [1e-3, 1e-1])
+    assert X.dtype == torch.float32 and X.device == V.device
+    assert rel_fro(X.double(), ref) < 1e-6  # float32 output of a float64 solve
+    torch.testing.assert_close(sweep[1e-3], X, rtol=0, atol=0)
+    _check_on(Kd, cpu)
+    ws = Workspace(tmp_path, device="cpu")
+    K.save(ws.out(ws.CURVATURE.format(variant="mc_expand")))
+    L = ws.curvature("mc_expand")
+    assert L.device == cpu
+    _check_on(L, cpu)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible)")
+def test_inverse_apply_on_cuda_matches_cpu():
+    model = make(ConvAttnEps)
+    params = kfac_parameters(model)
+    K = fit_kfac(model, params, SCHEDULE, *draws(3, 2, shape=(1, 4, 4), seed=8))
+    gpu = torch.device("cuda")
+    Kg = K.to(gpu)
+    _check_on(Kg, gpu)
+    V = torch.randn(4, K.num_params, dtype=F64)
+    for lam in (1e-6, 1e-2):
+        Xg = Kg.inverse_apply(V.to(gpu).float(), lam)
+        assert Xg.device.type == "cuda" and Xg.dtype == torch.float32
+        torch.testing.assert_close(Xg.cpu(), K.inverse_apply(V.float(), lam), rtol=1e-5, atol=1e-6)
+        X64 = Kg.inverse_apply(V, lam)  # a CPU right-hand side comes back on the CPU
+        assert X64.device.type == "cpu"
+        assert rel_fro(X64, K.inverse_apply(V, lam)) < 1e-10
+    Vg = V.to(gpu)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # no device->host syncs once minima are cached
+    try:
+        Kg.inverse_apply_sweep(Vg, [1e-6, 1e-2])
+        Kg.inverse_apply(Vg.float(), 1e-2)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

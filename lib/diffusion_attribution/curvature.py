@@ -385,7 +385,8 @@ class KFAC(Curvature):
         return self.blocks[0].QG.device
 
     def to(self, device: torch.device | str) -> KFAC:
-        """A copy with every tensor on ``device``."""
+        """A copy with every tensor on ``device`` (still float64): where :meth:`inverse_apply`
+        and :meth:`inverse_apply_sweep` compute."""
         blocks = []
         for b in self.blocks:
             moved = {k: (None if v is None else v.to(device)) for k, v in b.tensors().items()}
@@ -411,8 +412,10 @@ class KFAC(Curvature):
     def inverse_apply(self, V: Tensor, damping: float) -> Tensor:
         """``(K + damping I)^{-1} V`` for V (P,) or (Q, P), exact via the cached eigenbases.
 
-        Computed in float64, returned in V's dtype and device. Raises ``FloatingPointError``
-        if ``K + damping I`` is singular (``damping = 0`` with a zero eigenvalue).
+        Computed in float64 on the factors' device (:meth:`to`): only V is converted there
+        and the result back to V's dtype and device; no device-to-host reads (the singularity
+        check uses eigenvalue minima cached once per block). Raises ``FloatingPointError`` if
+        ``K + damping I`` is singular (``damping = 0`` with a zero eigenvalue).
         """
         return self._apply(V, damping, inverse=True)
 

@@ -73,10 +73,26 @@ class KroneckerBlock:
     G: Tensor | None = None
     A: Tensor | None = None
     _index: Tensor | None = field(default=None, repr=False)
+    _min_eig: float | None = field(default=None, repr=False)
 
     @property
     def k(self) -> int:
         return sum(self.cols)
+
+    def min_eigenvalue(self) -> float:
+        """The smallest eigenvalue, read from the device once and cached (the eigenvalues never
+        change), so that the singularity check of :meth:`apply` costs no device sync."""
+        if self._min_eig is None:
+            self._min_eig = float(self.eigenvalues().min())
+        return self._min_eig
+
+    def _check_damping(self, damping: float) -> None:
+        # min_i fl(e_i + d) = fl(min_i e_i + d): rounding is monotonic
+        if self.min_eigenvalue() + damping <= 0:
+            raise FloatingPointError(
+                f"layer {self.layer!r} ({self.kind}): K + {damping} I is singular "
+                f"(min eigenvalue {self.min_eigenvalue()}); use a positive damping"
+            )
 
     def eigenvalues(self) -> Tensor:
         """(out, k) eigenvalues of the block, entry (i, j) for eigenvector ``QG[:, i] (x) QA[:, j]``."""
@@ -110,13 +126,11 @@ class KroneckerBlock:
             start += c
 
     def apply(self, M: Tensor, damping: float, inverse: bool) -> Tensor:
-        """``(K + damping I)^{+-1}`` on (Q, out, k) matrices via the eigendecomposition."""
+        """``(K + damping I)^{+-1}`` on (Q, out, k) matrices via the eigendecomposition, on the
+        device of the factors (``M`` must be there, in float64)."""
+        if inverse:
+            self._check_damping(damping)
         lam = self.eigenvalues() + damping
-        if inverse and bool((lam <= 0).any()):
-            raise FloatingPointError(
-                f"layer {self.layer!r} ({self.kind}): K + {damping} I is singular "
-                f"(min eigenvalue {float(self.eigenvalues().min())}); use a positive damping"
-            )
         Mt = self.QG.T @ M @ self.QA
         Mt = Mt / lam if inverse else Mt * lam
         return self.QG @ Mt @ self.QA.T
@@ -126,11 +140,8 @@ class KroneckerBlock:
         Mt = self.QG.T @ M @ self.QA
         out = []
         for d in dampings:
+            self._check_damping(d)
             lam = self.eigenvalues() + d
-            if bool((lam <= 0).any()):
-                raise FloatingPointError(
-                    f"layer {self.layer!r} ({self.kind}): K + {d} I is singular; use a positive damping"
-                )
             out.append(self.QG @ (Mt / lam) @ self.QA.T)
         return out
 
@@ -145,6 +156,7 @@ class KroneckerBlock:
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value * c)
+        self._min_eig = None
 
     def tensors(self) -> dict[str, Tensor | None]:
         return {

@@ -153,10 +153,12 @@ class Workspace:
         return torch.load(self.path(self.SAMPLES), weights_only=True)
 
     def curvature(self, variant: str):
-        """The K-FAC fitted by the ``curvature`` stage for ``variant``."""
+        """The K-FAC fitted by the ``curvature`` stage for ``variant``, on :attr:`device`
+        (factors and eigenbases in float64 there, so preconditioning moves only the
+        right-hand sides)."""
         from .curvature import KFAC
 
-        return KFAC.load(self.path(self.CURVATURE.format(variant=variant)))
+        return KFAC.load(self.path(self.CURVATURE.format(variant=variant))).to(self.device)
 
     @cached_property
     def scores(self) -> ScoreSet:
