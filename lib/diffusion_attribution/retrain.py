@@ -3,7 +3,8 @@ influences (App. G.6).
 
 A :class:`RetrainJob` describes one model to train on a subset of a saved training set; it
 holds only plain values, so the pickled job is small and portable. :func:`run_job` trains one
-job (idempotent and resumable); :func:`run_jobs` runs many through `submitit`_.
+job (idempotent and resumable); :func:`run_jobs` runs many through
+:func:`~diffusion_attribution.jobs.run_tasks` (`submitit`_).
 
 Seeds ("shared seeds"). The k-th seed of every subset is the same number s_k (``retrain.seeds``,
 disjoint from the full model's seed): a job's ``TrainConfig.seed`` is ``seed`` regardless of
@@ -29,18 +30,14 @@ or code into a stale folder outside the DVC outputs
 the legacy scheme are renamed by :func:`~diffusion_attribution.migrate.adopt_legacy_models`
 instead of being retrained.
 
-Execution settings are environment variables, never ``params.yaml`` (moving to a cluster must
-not invalidate DVC results):
-
-- ``DA_EXECUTOR``: ``local`` (default; submitit's local executor, one subprocess per job),
-  ``slurm`` (a submitit job array) or ``inline`` (a plain loop in this process).
-- ``DA_MAX_PARALLEL``: jobs running at once (default: ``os.cpu_count()``). Each job uses one
-  torch thread, because several threaded jobs oversubscribe the cores badly.
-- ``DA_DEVICE``: torch device the jobs train on (default ``cpu``), as for the pipeline stages.
-  With the local executor and ``cuda``, jobs are spread round-robin over the visible GPUs.
-- ``DA_SLURM_PARTITION`` (default: the cluster's default partition), ``DA_SLURM_TIME_MIN``
-  (time limit per job in minutes, default 240) and ``DA_SLURM_GPUS`` (GPUs per job, default
-  0): SLURM only.
+Execution settings are environment variables and an optional cluster file, never
+``params.yaml`` (moving to a cluster must not invalidate DVC results): ``DA_EXECUTOR``
+(``local`` by default, ``slurm``, ``inline``), ``DA_MAX_PARALLEL``, ``DA_DEVICE`` (the torch
+device jobs train on, default ``cpu``), ``DA_SLURM_*`` and ``DA_CLUSTER``; see
+:mod:`diffusion_attribution.jobs`, which runs the jobs (tasks named ``retrain``). Each job
+trains with one torch thread, because several threaded jobs oversubscribe the cores badly.
+Under SLURM a job is requeueable: after a preemption or ``scontrol requeue`` it resumes from
+its checkpoint.
 
 .. _submitit: https://github.com/facebookincubator/submitit
 """
@@ -49,8 +46,6 @@ from __future__ import annotations
 
 import functools
 import os
-import time
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,11 +57,11 @@ from .data import ImageDataset
 from .ddpm import NoiseSchedule
 from .identity import code_digest, move_aside
 from .identity import file_digest as file_digest
+from .jobs import EXECUTORS as EXECUTORS
+from .jobs import OWNER_ENV as OWNER_ENV
+from .jobs import exit_with_owner as exit_with_owner
+from .jobs import run_tasks
 from .train import build_model, fingerprint, save_model, train_ddpm
-
-EXECUTORS = ("local", "slurm", "inline")
-# submitit's LocalExecutor kills a job after ``timeout_min`` (default: 2 minutes!).
-_LOCAL_TIMEOUT_MIN = 7 * 24 * 60
 
 
 @dataclass(frozen=True)
@@ -252,49 +247,6 @@ def prune(
     return move_aside(stale, stale_dir)
 
 
-#: Environment variable through which :func:`run_jobs` tells local jobs its process id.
-OWNER_ENV = "DA_RETRAIN_OWNER"
-
-
-def exit_with_owner(poll_s: float = 0.5) -> None:
-    """End this process as soon as the process named by ``DA_RETRAIN_OWNER`` is gone.
-
-    A local job is started by a submitit controller that is meant to outlive the process that
-    submitted it. If :func:`run_jobs` is killed (for the pipeline: the notebook's kernel, which
-    runs in a session of its own), its jobs would otherwise train on as orphans beside a rerun.
-    A daemon thread polls the owner's pid; checkpoints are written atomically, so exiting at any
-    point loses at most the steps since the last checkpoint. No-op without the variable.
-    """
-    import threading
-
-    owner = os.environ.get(OWNER_ENV)
-    if not owner:
-        return
-    pid = int(owner)
-
-    def alive() -> bool:
-        try:
-            with open(f"/proc/{pid}/stat") as f:  # a zombie counts as gone
-                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-        except FileNotFoundError:
-            return False
-        except OSError:  # no /proc: ask the kernel
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return False
-            except PermissionError:
-                pass
-            return True
-
-    def watch() -> None:
-        while alive():
-            time.sleep(poll_s)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="exit-with-owner", daemon=True).start()
-
-
 def run_job(job: RetrainJob) -> str:
     """Train ``job`` and save its EMA model to ``job.output``; returns ``job.output``.
 
@@ -336,11 +288,6 @@ def run_job(job: RetrainJob) -> str:
     return job.output
 
 
-def _failure(job: RetrainJob, log: object | None, err: BaseException) -> RuntimeError:
-    where = f"; see its submitit log {log}" if log is not None else ""
-    return RuntimeError(f"retraining job {job.name!r} ({job.output}) failed{where}: {err}")
-
-
 def run_jobs(
     jobs: Sequence[RetrainJob],
     *,
@@ -351,128 +298,36 @@ def run_jobs(
 ) -> list[str]:
     """Run every job whose output does not exist yet; returns the outputs in job order.
 
+    :func:`~diffusion_attribution.jobs.run_tasks` of :func:`run_job` under the name
+    ``retrain``: executors, settings (environment variables, the ``DA_CLUSTER`` file),
+    re-attaching to SLURM jobs after a crash and requeueing are described there. Checkpoints
+    left beside finished models are removed first.
+
     Args:
         jobs: the jobs; their outputs must be distinct.
         executor: ``"local"``, ``"slurm"`` or ``"inline"``; default ``DA_EXECUTOR`` or
             ``"local"``.
         max_parallel: jobs running at once (the SLURM array parallelism); default
             ``DA_MAX_PARALLEL`` or ``os.cpu_count()``.
-        folder: submitit's folder for pickled jobs, results and per-job logs.
-        progress: show a progress bar over finished jobs.
+        folder: submitit's folder for pickled jobs, results and per-job logs
+            (``<folder>/retrain``).
+        progress: print progress lines (done / total, running, ETA).
 
     Raises:
-        RuntimeError: a job failed; the message names it and its submitit log.
+        RuntimeError: jobs failed (:class:`~diffusion_attribution.jobs.TasksFailed`); the
+            message names each one and its submitit log; the other jobs finished.
     """
-    from tqdm.auto import tqdm
-
     jobs = list(jobs)
-    outputs = [j.output for j in jobs]
-    if len(set(outputs)) != len(outputs):
-        raise ValueError("two retraining jobs write the same output file")
-    executor = executor or os.environ.get("DA_EXECUTOR", "local")
-    if executor not in EXECUTORS:
-        raise ValueError(f"executor must be one of {EXECUTORS}, got {executor!r}")
-    if max_parallel is None:
-        max_parallel = int(os.environ.get("DA_MAX_PARALLEL", "0")) or os.cpu_count() or 1
-    if max_parallel < 1:
-        raise ValueError(f"max_parallel must be >= 1, got {max_parallel}")
-
-    todo = [j for j in jobs if not Path(j.output).exists()]
     for j in jobs:
         if Path(j.output).exists():
             _remove_checkpoints(Path(j.output))
-    if len(todo) < len(jobs):
-        print(f"retrain: {len(jobs) - len(todo)} of {len(jobs)} models exist, skipping them")
-    if not todo:
-        return outputs
-    bar = tqdm(total=len(todo), desc=f"retraining ({executor})", disable=not progress)
-    try:
-        if executor == "inline":
-            for job in todo:
-                try:
-                    run_job(job)
-                except Exception as err:
-                    raise _failure(job, None, err) from err
-                bar.update(1)
-        elif executor == "local":
-            _run_local(todo, max_parallel, folder, bar)
-        else:
-            _run_slurm(todo, max_parallel, folder, bar)
-    finally:
-        bar.close()
-    return outputs
-
-
-def _wait(pairs: list, bar: object) -> None:
-    """Poll submitted (job, submitit job) pairs until all are done, raising on a failure."""
-    while pairs:
-        for pair in [p for p in pairs if p[1].done()]:
-            _result(*pair)
-            pairs.remove(pair)
-            bar.update(1)
-        time.sleep(0.2)
-
-
-def _result(job: RetrainJob, sjob: object) -> None:
-    try:
-        sjob.result()
-    except Exception as err:
-        raise _failure(job, sjob.paths.stderr, err) from err
-
-
-def _run_local(todo: list[RetrainJob], max_parallel: int, folder: str, bar: object) -> None:
-    """submitit's LocalExecutor has no concurrency cap: submit a job only when one finished."""
-    import submitit
-
-    ex = submitit.LocalExecutor(folder=folder)
-    ex.update_parameters(timeout_min=_LOCAL_TIMEOUT_MIN)
-    # Jobs inherit this environment: they exit when this process is gone (exit_with_owner).
-    previous = os.environ.get(OWNER_ENV)
-    os.environ[OWNER_ENV] = str(os.getpid())
-    # The local executor sets CUDA_VISIBLE_DEVICES to its own GPU list (empty by default).
-    gpus = torch.cuda.device_count() if os.environ.get("DA_DEVICE", "cpu").startswith("cuda") else 0
-    pending, running, n = deque(todo), [], 0
-    try:
-        while pending or running:
-            while pending and len(running) < max_parallel:
-                if gpus:
-                    ex.update_parameters(gpus_per_node=1, visible_gpus=(n % gpus,))
-                job = pending.popleft()
-                running.append((job, ex.submit(run_job, job)))
-                n += 1
-            done = [p for p in running if p[1].done()]
-            for pair in done:
-                running.remove(pair)
-                _result(*pair)
-                bar.update(1)
-            if not done:
-                time.sleep(0.2)
-    except BaseException:
-        # Ctrl-C or a failed job: stop the others (their checkpoints let a rerun resume).
-        for _, sjob in running:
-            sjob.cancel(check=False)
-        raise
-    finally:
-        if previous is None:
-            os.environ.pop(OWNER_ENV, None)
-        else:
-            os.environ[OWNER_ENV] = previous
-
-
-def _run_slurm(todo: list[RetrainJob], max_parallel: int, folder: str, bar: object) -> None:
-    """One SLURM job array, at most ``max_parallel`` tasks running at once."""
-    import submitit
-
-    ex = submitit.AutoExecutor(folder=folder, cluster="slurm")
-    params: dict = {
-        "timeout_min": int(os.environ.get("DA_SLURM_TIME_MIN", "240")),
-        "gpus_per_node": int(os.environ.get("DA_SLURM_GPUS", "0")),
-        "cpus_per_task": 1,
-        "slurm_array_parallelism": max_parallel,
-        "name": "da_retrain",
-    }
-    if os.environ.get("DA_SLURM_PARTITION"):
-        params["slurm_partition"] = os.environ["DA_SLURM_PARTITION"]
-    ex.update_parameters(**params)
-    sjobs = ex.map_array(run_job, todo)
-    _wait(list(zip(todo, sjobs, strict=True)), bar)
+    return run_tasks(
+        run_job,
+        jobs,
+        name="retrain",
+        executor=executor,
+        max_parallel=max_parallel,
+        folder=folder,
+        progress=progress,
+        unit="models",
+    )
