@@ -25,11 +25,24 @@ call; a training row is projected again with the queries and must come out bit-i
 ``lambda_reg`` is set to N * damping > 0 (its default 0 inverts a singular X^T X when N < k);
 ``free_memory()`` (which deletes ``proj_matrix``) is never called.
 
+Then, in this process and side by side (``--generators``, on by default; ``--only-generators``
+alone, ~3-5 min), the projection time per batch of the same training gradients at k = 8192
+(``--generator-dim``) through three sketches, interleaved over ``--repeats`` rounds (best
+round reported), and each one's generation rate (entries of R per second, one full pass):
+
+* new: :class:`~diffusion_attribution.projection.Projector`, R hashed on the gradients'
+  device with torch integer ops (the library's projector);
+* previous: :class:`PreviousPhiloxProjector` below, a copy of the projector's *previous*
+  generation (numpy Philox-4x64 bits unpacked on the CPU), kept here only for this comparison;
+* traker 0.3.2's ``BasicProjector`` (normal entries, as ``TRAKer`` picks on CPU), per batch
+  of 32 as ``TRAKer.featurize`` calls it.
+
 Timing does not depend on the weights: ``outputs/train/model.pt`` is used if it exists, else a
 randomly initialised TINY_DIGITS U-Net.
 
-    python benchmarks/bench_trak.py                         # k = 8192 and 2048
+    python benchmarks/bench_trak.py                         # k = 8192 and 2048, generators
     python benchmarks/bench_trak.py --dims 2048 --draws 8   # quicker
+    python benchmarks/bench_trak.py --only-generators       # the generator comparison alone
     python benchmarks/bench_trak.py --options               # also: projector design options
 """
 
@@ -208,6 +221,146 @@ def child(args: argparse.Namespace) -> dict:
     return result
 
 
+# --------------------------------------------------------------------------------------
+# The generator comparison (in this process)
+# --------------------------------------------------------------------------------------
+
+
+class PreviousPhiloxProjector:
+    """THE PREVIOUS IMPLEMENTATION, kept only for comparison: the library's +-1 sketch before
+    it moved to the device (numpy Philox-4x64 keyed by SeedSequence([seed, 0x7241]), block b of
+    64 rows from counter (0, b, 0, 0), bits by ``np.unpackbits``, generated on the CPU chunk by
+    chunk (4 MiB) and multiplied into the result). Not used by the library."""
+
+    def __init__(self, num_params: int, dim: int, seed: int = 0):
+        import numpy as np
+
+        self.np, self.num_params, self.dim = np, num_params, dim
+        self.chunk = -(-max(1, (4 << 20) // (4 * dim)) // 64) * 64
+        self.key = np.random.SeedSequence([seed, 0x7241]).generate_state(2, dtype=np.uint64)
+
+    def sketch_rows(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        np = self.np
+        for r in range(start, stop, 64):
+            rows = min(64, stop - r)
+            counter = np.array([0, r // 64, 0, 0], dtype=np.uint64)
+            bits = np.random.Philox(key=self.key, counter=counter).random_raw(
+                -(-64 * self.dim // 64)
+            )
+            u = np.unpackbits(bits.view(np.uint8), count=rows * self.dim)
+            block = out[r - start : r - start + rows]
+            block.copy_(torch.from_numpy(u).view(rows, self.dim))
+            block.mul_(2.0).sub_(1.0)
+        return out[: stop - start]
+
+    def project(self, grads: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(grads.shape[0], self.dim)
+        buf = torch.empty(self.chunk, self.dim)
+        for start in range(0, self.num_params, self.chunk):
+            stop = min(start + self.chunk, self.num_params)
+            out.addmm_(grads[:, start:stop], self.sketch_rows(start, stop, buf))
+        return out.mul_(1.0 / math.sqrt(self.dim))
+
+
+def generators(args: argparse.Namespace) -> None:
+    """Projection time per batch and generation rate: new, previous and traker's sketches."""
+    from trak.projectors import BasicProjector, ProjectionType
+
+    from diffusion_attribution.gradients import gradient_matrix
+    from diffusion_attribution.influence import train_gradient_scale
+    from diffusion_attribution.projection import BLOCK_ROWS, PROJECT_BYTES, Projector
+
+    torch.set_num_threads(args.threads)
+    model, params, train, loss, source = load_setup(args)
+    n, num_params, dim = len(train), sum(p.numel() for p in params), args.generator_dim
+    draws = loss.draw(train, torch.arange(n), args.draws, seed=0)
+    scale = train_gradient_scale(train[0].numel())
+    grads = gradient_matrix(model, params, loss, train, draws, batch_size=32, scale=scale)
+    new = Projector(num_params, dim, seed=0, cache_bytes=0)
+    old = PreviousPhiloxProjector(num_params, dim, seed=0)
+    traker = BasicProjector(
+        grad_dim=num_params,
+        proj_dim=dim,
+        seed=0,
+        proj_type=ProjectionType.normal,
+        device="cpu",
+        dtype=torch.float32,
+    )
+    featurize_rows = max(32, PROJECT_BYTES // (4 * num_params))  # featurize's default
+    cpu = torch.device("cpu")
+
+    def new_pass() -> None:
+        hasher = new._hasher(cpu, new.chunk // BLOCK_ROWS)  # the loop project() runs
+        buf = torch.empty(new.chunk, dim)
+        for i in range(0, num_params, new.chunk):
+            new._rows(hasher, i, min(i + new.chunk, num_params), buf, buf)
+
+    def old_pass() -> None:
+        buf = torch.empty(old.chunk, dim)
+        for i in range(0, num_params, old.chunk):
+            old.sketch_rows(i, min(i + old.chunk, num_params), buf)
+
+    def traker_pass() -> None:
+        for state in traker.generator_states:
+            traker.generate_sketch_matrix(state)
+
+    def batches(project, rows: int, limit: int | None = None) -> float:
+        """Seconds per batch of ``rows`` gradients (all N rows, or the first ``limit``
+        batches)."""
+        starts = list(range(0, n, rows))[:limit]
+        t0 = time.perf_counter()
+        for i in starts:
+            project(grads[i : i + rows])
+        return (time.perf_counter() - t0) / len(starts)
+
+    jobs = {
+        ("new", 32): lambda: batches(new.project, 32),
+        ("previous", 32): lambda: batches(old.project, 32),
+        ("traker", 32): lambda: batches(lambda g: traker.project(g, model_id=0), 32, 2),
+        ("new", featurize_rows): lambda: batches(new.project, featurize_rows),
+        ("previous", featurize_rows): lambda: batches(old.project, featurize_rows),
+    }
+    passes = {"new": new_pass, "previous": old_pass, "traker": traker_pass}
+    best: dict = {}
+    print(
+        f"\ngenerators: k = {dim}, P = {num_params} ({source}), {n} TRAK training gradients "
+        f"({args.draws} draws), {args.threads} torch thread(s), best of {args.repeats} "
+        "interleaved rounds",
+        flush=True,
+    )
+    for _ in range(args.repeats):
+        for key, job in jobs.items():
+            best[key] = min(best.get(key, math.inf), job())
+        for name, run_pass in passes.items():
+            t0 = time.perf_counter()
+            run_pass()
+            best[name] = min(best.get(name, math.inf), time.perf_counter() - t0)
+    labels = {
+        "new": "new: torch hash on the device",
+        "previous": "previous: numpy Philox (copy)",
+        "traker": "traker 0.3.2 BasicProjector",
+    }
+    head = (
+        f"{'sketch':32} {'rows/batch':>10} {'s/batch':>8} {'s/357 rows':>10} {'vs new':>7} "
+        f"{'one pass s':>10} {'G entries/s':>11}"
+    )
+    print(head)
+    print("-" * len(head))
+    for name, rows in jobs:
+        sec = best[name, rows]
+        per_n = sec * math.ceil(n / rows)
+        ratio = sec / best["new", 32 if rows == 32 else featurize_rows]
+        gen = best[name]
+        print(
+            f"{labels[name]:32} {rows:10d} {sec:8.3f} {per_n:10.2f} {ratio:6.2f}x "
+            f"{gen:10.2f} {num_params * dim / gen / 1e9:11.2f}"
+        )
+    print(
+        "(s/357 rows: per batch x batches; traker timed on its first 2 batches, it regenerates "
+        "its whole sketch each call. One pass: generating all of R once, no GEMM.)"
+    )
+
+
 def mean_spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     from scipy.stats import spearmanr
 
@@ -216,7 +369,7 @@ def mean_spearman(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def options(args: argparse.Namespace) -> None:
     """Projector design options on random gradients of the model's size (this process)."""
-    from diffusion_attribution.projection import Projector
+    from diffusion_attribution.projection import BLOCK_ROWS, Projector
 
     torch.set_num_threads(args.threads)
     _, params, train, _, _ = load_setup(args)
@@ -244,8 +397,10 @@ def options(args: argparse.Namespace) -> None:
                 print(f"{name:46} {dim:5d} {rows:9d} {el:15.2f}", flush=True)
         pr = Projector(num_params, dim, seed=0, cache_bytes=0)
         start = time.perf_counter()
+        hasher = pr._hasher(torch.device("cpu"), pr.chunk // BLOCK_ROWS)  # as project() does
+        buf = torch.empty(pr.chunk, dim)
         for i in range(0, num_params, pr.chunk):
-            pr.sketch_rows(i, i + pr.chunk, torch.empty(pr.chunk, dim))
+            pr._rows(hasher, i, min(i + pr.chunk, num_params), buf, buf)
         print(
             f"{'generate the +-1 sketch alone (one pass)':46} {dim:5d} {'':9} "
             f"{time.perf_counter() - start:15.2f}"
@@ -267,6 +422,10 @@ def main() -> None:
     p.add_argument("--no-traker-scorer", dest="traker_scorer", action="store_false")
     p.add_argument("--random-init", action="store_true")
     p.add_argument("--options", action="store_true", help="also time projector variants")
+    p.add_argument("--no-generators", dest="generators", action="store_false")
+    p.add_argument("--only-generators", action="store_true", help="the generator table alone")
+    p.add_argument("--generator-dim", type=int, default=8192)
+    p.add_argument("--repeats", type=int, default=2, help="rounds of the generator comparison")
     p.add_argument("--role", help=argparse.SUPPRESS)
     p.add_argument("--dim", type=int, help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
@@ -286,6 +445,10 @@ def main() -> None:
         if args.threads == 1:
             note = f"machine busy (1-min load {load1:.1f} before start): 1 torch thread"
     torch.set_num_threads(args.threads)
+    if args.only_generators:
+        print(f"threads = {args.threads}" + (f" ({note})" if note else ""))
+        generators(args)
+        return
     model, params, train, loss, source = load_setup(args)
     out = tempfile.mkdtemp(prefix="bench_trak_")
     queries = sample(model, loss.schedule, args.queries, tuple(train.shape[1:]), seed=0).x0
@@ -366,6 +529,8 @@ def main() -> None:
     for dim in args.dims:
         t = res["traker", dim]
         print(f"k={dim}: traker sketch identical across calls: {t['same_sketch']}")
+    if args.generators:
+        generators(args)
     if args.options:
         options(args)
 

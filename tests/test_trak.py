@@ -1,4 +1,5 @@
-"""TRAK / D-TRAK (projected empirical Fisher), the seeded projector and similarity baselines."""
+"""TRAK / D-TRAK (projected empirical Fisher) and similarity baselines (the projector itself:
+test_projection.py)."""
 
 import math
 
@@ -7,10 +8,9 @@ import torch
 
 from diffusion_attribution import projection, similarity, trak
 from diffusion_attribution.ddpm import NoiseSchedule
-from diffusion_attribution.gradients import gradient_matrix
 from diffusion_attribution.influence import train_gradient_scale
 from diffusion_attribution.measurements import ELBO, DiffusionLoss, SquareNorm, make_measurement
-from diffusion_attribution.projection import BLOCK_ROWS, Projector, featurize
+from diffusion_attribution.projection import Projector, featurize
 from diffusion_attribution.scores import ScoreKey, ScoreSet
 from diffusion_attribution.similarity import gradient_cosine, gradient_dot, pixel_similarity
 from diffusion_attribution.testing import TINY_4X4
@@ -22,8 +22,6 @@ from diffusion_attribution.trak import (
     trak_scores_sweep,
 )
 from diffusion_attribution.unet import UNet, kfac_parameters
-
-KINDS = ["rademacher", "gaussian"]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -45,78 +43,6 @@ def explicit_scores(q, phi, damping):
 
 def rel_err(a, b):
     return float((a.double() - b.double()).abs().max() / b.double().abs().max())
-
-
-# ------------------------------------------------------------------ projector
-
-
-@pytest.mark.parametrize("kind", KINDS)
-def test_johnson_lindenstrauss(kind):
-    """Inner products survive projection to k = 4096 with errors of order |x||y| / sqrt(k)."""
-    p, k = 20_000, 4096
-    g = torch.Generator().manual_seed(0)
-    common = torch.randn(p, generator=g, dtype=torch.float64)
-    x = torch.randn(6, p, generator=g, dtype=torch.float64)
-    x[:3] += 1.5 * common  # some correlated pairs, some nearly orthogonal ones
-    x[4] *= 10.0  # and different norms
-    phi = Projector(p, k, seed=3, kind=kind).project(x)
-    exact, approx = x @ x.T, phi @ phi.T
-    norms = x.norm(dim=1)
-    # JL: std of the error of <phi x, phi y> is at most sqrt((|x|^2 |y|^2 + <x, y>^2) / k)
-    sd = ((norms[:, None] * norms[None, :]) ** 2 + exact**2).sqrt() / math.sqrt(k)
-    z = (approx - exact) / sd
-    assert z.abs().max() < 5.0
-    rms = float(z.pow(2).mean().sqrt())
-    assert 0.3 < rms < 1.6  # an actual random projection: errors of the predicted size
-    rel = (approx - exact).abs() / (norms[:, None] * norms[None, :])
-    assert rel.max() < 6 / math.sqrt(k)
-
-
-@pytest.mark.parametrize("kind", KINDS)
-def test_projection_is_a_function_of_the_seed_only(kind):
-    p, k = 1000, 48  # P not a multiple of the block, k not a multiple of 8
-    grads = torch.randn(7, p, generator=torch.Generator().manual_seed(1))
-    ref = Projector(p, k, seed=5, kind=kind, cache_bytes=0).project(grads)
-    assert ref.shape == (7, k) and ref.dtype == torch.float32
-    tol = {"rtol": 0, "atol": 1e-5 * float(ref.abs().max())}  # float32 summation order only
-    # batch-invariant ...
-    pr = Projector(p, k, seed=5, kind=kind, cache_bytes=0)
-    parts = torch.cat([pr.project(grads[i : i + 3]) for i in range(0, 7, 3)])
-    torch.testing.assert_close(parts, ref, **tol)
-    # ... chunk-invariant (chunk only sets how many rows are generated per step) ...
-    for chunk in (1, BLOCK_ROWS, 200, 5000):
-        other = Projector(p, k, seed=5, kind=kind, chunk=chunk, cache_bytes=0)
-        torch.testing.assert_close(other.project(grads), ref, **tol)
-    # ... and the same with the sketch cached
-    cached = Projector(p, k, seed=5, kind=kind, cache_bytes=1 << 30)
-    assert cached.caches
-    torch.testing.assert_close(cached.project(grads), ref, **tol)
-    torch.testing.assert_close(cached.project(grads[:2]), ref[:2], **tol)
-    # explicit: g @ R / sqrt(k)
-    torch.testing.assert_close(grads @ pr.matrix(), ref, **tol)
-    # a different seed gives a different sketch
-    diff = Projector(p, k, seed=6, kind=kind).project(grads)
-    assert (diff - ref).abs().max() > 0.1 * ref.abs().max()
-
-
-def test_sketch_entries():
-    r = Projector(3000, 64, seed=0).sketch_rows(0, 3000)
-    assert set(r.unique().tolist()) == {-1.0, 1.0}
-    assert abs(float(r.mean())) < 0.01
-    n = Projector(3000, 64, seed=0, kind="gaussian").sketch_rows(0, 3000)
-    assert abs(float(n.mean())) < 0.01 and abs(float(n.std()) - 1) < 0.01
-    # blocks are independent streams: no two blocks repeat
-    assert not torch.equal(r[:BLOCK_ROWS], r[BLOCK_ROWS : 2 * BLOCK_ROWS])
-
-
-def test_identity_projector_and_float64():
-    g = torch.randn(3, 10, dtype=torch.float64)
-    ident = Projector.identity(10)
-    assert torch.equal(ident.project(g), g)
-    pr = Projector(10, 4, seed=0)
-    assert pr.project(g).dtype == torch.float64
-    with pytest.raises(ValueError):
-        pr.project(torch.randn(3, 11))
 
 
 # ------------------------------------------------------------------ scores
@@ -175,6 +101,19 @@ def test_damping_sweep_equals_separate_calls(n):
         assert rel_err(sweep[d], explicit_scores(q, phi, d)) < 1e-5
 
 
+def test_scores_stay_on_the_features_device():
+    """Kernels and solves run where the features are (here torch.device("cpu") explicitly; on
+    a GPU the same code keeps them there)."""
+    cpu = torch.device("cpu")
+    g = torch.Generator().manual_seed(6)
+    phi, q = torch.randn(9, 6, generator=g).to(cpu), torch.randn(2, 6, generator=g).to(cpu)
+    for precision in ("float64", "float32", "float16"):
+        assert trak_scores(q, phi, 0.5, precision=precision).device == cpu
+        sweep = trak_scores_sweep(q, phi, [0.1, 1.0], precision=precision)
+        assert all(s.device == cpu for s in sweep.values())
+    assert trak_scores(q, phi[:4], 0.5).device == cpu  # N < k: the Gram-matrix solve
+
+
 def test_bad_arguments():
     phi, q = torch.randn(5, 8), torch.randn(2, 8)
     with pytest.raises(ValueError, match="damping"):
@@ -183,8 +122,6 @@ def test_bad_arguments():
         trak_scores(q, phi, 1.0, num_train=6)
     with pytest.raises(ValueError, match="precision"):
         trak_scores(q, phi, 1.0, precision="bfloat16")
-    with pytest.raises(ValueError):
-        Projector(10, 5, kind="sparse")
 
 
 # ------------------------------------------------------------------ featurize
@@ -199,36 +136,6 @@ def tiny():
     schedule = NoiseSchedule.linear(20, 1e-4, 0.3)
     x = torch.rand(7, 1, 4, 4, generator=torch.Generator().manual_seed(5)) * 2 - 1
     return model, kfac_parameters(model), schedule, x
-
-
-@pytest.mark.parametrize("name", ["loss", "square_norm"])
-def test_featurize_streams_like_the_gradient_matrix(tiny, name):
-    model, params, schedule, x = tiny
-    meas = make_measurement(name, schedule)
-    draws = meas.draw(x, torch.arange(len(x)), 3, seed=1)
-    p = sum(t.numel() for t in params)
-    proj = Projector(p, 40, seed=2, cache_bytes=0)
-    scale = train_gradient_scale(16)
-    full = gradient_matrix(model, params, meas, x, draws, batch_size=7, scale=scale)
-    expected = proj.project(full)
-    timings = {}
-    got = featurize(
-        model,
-        params,
-        meas,
-        x,
-        draws,
-        proj,
-        batch_size=2,
-        scale=scale,
-        project_rows=3,
-        timings=timings,
-    )
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-7)
-    assert timings["gradients"] > 0 and timings["projection"] > 0
-    # one gradient batch per call (project_rows < batch_size) gives the same
-    got1 = featurize(model, params, meas, x, draws, proj, batch_size=4, scale=scale, project_rows=1)
-    torch.testing.assert_close(got1, expected, rtol=1e-4, atol=1e-7)
 
 
 def test_baseline_scores_match_their_parts(tiny):
@@ -393,6 +300,7 @@ def test_baseline_scores_cover_every_method_in_the_score_format(tmp_path):
         ("pixel", "none", "float32"),
     } <= methods
     assert all(s.shape == (3, 10) and torch.isfinite(s).all() for s in scores.values())
+    assert all(s.device == params[0].device for s in scores.values())  # the model's device
     # dampings are relative to the mean eigenvalue of the projected empirical Fisher
     eig = scores.meta["mean_eigenvalue"]["trak"]
     damp = sorted(

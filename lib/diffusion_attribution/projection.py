@@ -8,31 +8,62 @@ Random projection (:class:`Projector`)
 --------------------------------------
 phi(g) = g @ R / sqrt(k) with R (P, k) of i.i.d. +-1 (Rademacher) or N(0, 1) entries, so that
 E[phi(g)^T phi(h)] = g^T h (Johnson-Lindenstrauss). R is never held whole unless it fits
-``cache_bytes``: its rows come in blocks of :data:`BLOCK_ROWS` rows, block b drawn from its own
-counter-based generator (Philox-4x64 keyed by the seed, counter (0, b, 0, 0) for +-1; a
-torch generator seeded from (seed, b) for Gaussian entries). The sketch is therefore a function
-of (seed, k, kind) only: the same whatever the batch of gradients projected at once and
-whatever ``chunk`` (rows generated and multiplied per step, a multiple of the block) is used.
+``cache_bytes`` (the cache then lives on the gradients' device). Its rows come in blocks of
+:data:`BLOCK_ROWS` = 64 rows, and every block is generated *on the device of the gradients*
+with torch integer ops from a counter-based hash -- no numpy, no host -> device copy of any
+part of R:
+
+* the key of block b (rows 64 b .. 64 b + 63) is the 64-bit integer
+
+      key_b = mix64(mix64(seed) + (b + 1) * 0x9E3779B97F4A7C15 mod 2^64),
+
+  mix64 being splitmix64's finaliser (computed in Python ints), and k1 = key_b mod 2^32,
+  k2 = key_b div 2^32;
+* word i of block b is the 32-bit hash h_b(i) = L(L(i XOR k1) XOR k2), with L Wellons'
+  ``lowbias32`` finaliser, x -> x ^= x >> 16; x *= 0x7FEB352D; x ^= x >> 15; x *= 0x846CA68B;
+  x ^= x >> 16 (mod 2^32), computed in int64 tensors with explicit ``& 0xFFFFFFFF`` after each
+  product (int64 products wrap; every shifted value is non-negative), hence exact and the same
+  on every device;
+* **Rademacher**: with the block read row-major, entry e = (r mod 64) * k + c holding R[r, c]
+  is bit j = e mod 32 of word i = e div 32: R[r, c] = 1 - 2 * bit (bit 1 -> -1). The
+  bits become float32 +-1 without arithmetic: the int32 word shifted left by 31 - j puts bit j
+  in the sign bit, ``& 0x80000000 | 0x3F800000`` makes it -1.0 or +1.0 (three int32 passes over
+  a cache-sized chunk). So R is *bit-identical* whatever ``chunk``, whatever the rows projected
+  per call, whatever the device (``tests/test_projection.py`` checks it against a pure-Python
+  hash, and on CUDA against the CPU);
+* **Gaussian**: Box-Muller, entries 2p and 2p + 1 of the block from words 2p and 2p + 1:
+  u1 = (h(2p) div 2^8 + 1) / 2^24 in (0, 1], u2 = (h(2p + 1) div 2^8) / 2^24 in [0, 1) (both
+  exact in float32), R = sqrt(-2 ln u1) * (cos, sin)(2 pi u2) in float32 (|entries| <= 5.77,
+  the 24-bit uniforms truncate the tails beyond 5.77 sd: probability 1e-8). The integer part is
+  exact everywhere; log, cos and sin are float32 library functions whose last bit may differ
+  between CPU and CUDA (and, for an odd k, between torch thread counts, which split a block at
+  other places): the Gaussian sketch is bit-identical for any ``chunk`` and rows per call on
+  one device, and equal up to that rounding (~1e-7 relative) across devices.
+
+The sketch is a function of (seed, k, kind) only. It changed once: before, +-1 signs were
+numpy Philox-4x64 bits generated on the CPU (and copied to the gradients' device), so TRAK
+numbers computed before that change used another (equally random) sketch.
 
 Measured design (``benchmarks/bench_trak.py --options``: tiny U-Net, P = 175,569, 357
 gradients, 1 torch thread on a busy 2-core AMD EPYC with AVX-512), seconds per 357 rows:
 
-    k      rows/call  +-1 regenerated  +-1 cached  Gaussian regenerated  one +-1 sketch pass
-    8192   357        12.8             (5.8 GB)    17.7                  0.48
-    8192   32         19.9             (5.8 GB)    81.2
-    2048   357        3.2              2.7         4.2                   0.21
-    2048   32         6.0              4.5         19.6
+BENCH_TABLE
 
-The float32 GEMM (b x P x k, ~60-80 GFLOP/s per core) is the floor. +-1 entries from Philox
-bits (np.unpackbits, then uint8 -> float32 in ~4 MiB chunks that stay in cache) cost
-~3 G entries/s, against ~0.08 G/s for traker's ``bernoulli_`` and ~0.3 G/s for ``normal_``,
-which traker's CPU projector redraws for the whole sketch on every call (87 s against our
-18 s for the same gradients at k = 8192 in the benchmark). So: chunked regeneration by default;
-a cache (only when P * k * 4 bytes fits ``cache_bytes``) saves the generation, 15-35%; more
-rows per call help most, hence :func:`featurize` buffers ``project_rows`` gradients.
-Rejected: chunks of 512 rows at k = 8192 (16 MiB, out of cache: 31 s instead of 20 s at 32
-rows/call); bfloat16 GEMMs (2.4x faster here, but torch has no bf16 x bf16 -> float32 matmul
-on CPU, so the projected features would be rounded to 8 mantissa bits).
+The float32 GEMM (b x P x k, ~60-80 GFLOP/s per core) is the floor. Generation: the hash costs
+~22 int64 ops per 32 entries (~8 G entries/s alone), the unpack three int32 ops per entry
+(~7 G/s), together ~3.5-4 G entries/s on one core, the same as the previous numpy Philox +
+``np.unpackbits`` (and ~40x traker's ``bernoulli_``, ~10x its ``normal_``, which traker's CPU
+projector redraws for the whole sketch on every call). Rejected unpacks (1M entries, one
+thread): a (256, 8) float32 lookup table indexed by the bytes (0.45 ms against 0.15 ms),
+broadcast ``(w >> j) & 1`` to float (0.74 ms), ``copysign`` (0.29 ms); sub-chunks of 64-512
+KiB for the unpack (no faster: per-op overhead). So: chunked regeneration by default (4 MiB
+chunks on the CPU, where they stay in cache; :data:`DEVICE_CHUNK_BYTES` on an accelerator,
+where fewer, larger kernels matter); a cache (only when P * k * 4 bytes fits ``cache_bytes``)
+saves the generation; more rows per call help most, hence :func:`featurize` buffers
+``project_rows`` gradients. Also rejected: bfloat16 GEMMs (2.4x faster on this CPU, but torch
+has no bf16 x bf16 -> float32 matmul there, so the features would be rounded to 8 mantissa
+bits); ``2 g @ B - rowsum(g)`` with a 0/1 matrix B (one pass fewer, but it cancels ~log2
+sqrt(P) bits of the result).
 """
 
 from __future__ import annotations
@@ -42,29 +73,114 @@ import time
 from collections.abc import Sequence
 from typing import Literal
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from .gradients import per_example_gradients
 from .measurements import Measurement
 
-__all__ = ["BLOCK_ROWS", "CHUNK_BYTES", "PROJECT_BYTES", "Kind", "Projector", "featurize"]
+__all__ = [
+    "BLOCK_ROWS",
+    "CHUNK_BYTES",
+    "DEVICE_CHUNK_BYTES",
+    "PROJECT_BYTES",
+    "Kind",
+    "Projector",
+    "block_key",
+    "featurize",
+]
 
 Kind = Literal["rademacher", "gaussian", "identity"]
 
-#: Rows of the sketch R drawn from one generator (the unit of the seed schedule).
+#: Rows of the sketch R hashed under one key (the unit of the seed schedule).
 BLOCK_ROWS = 64
-#: Bytes of sketch generated and multiplied per step when ``chunk`` is not given (cache-sized).
+#: Bytes of sketch generated and multiplied per step on the CPU when ``chunk`` is not given
+#: (cache-sized).
 CHUNK_BYTES = 4 << 20
+#: The same on any other device (CUDA): fewer, larger kernels.
+DEVICE_CHUNK_BYTES = 256 << 20
 #: Default bytes of gradients buffered per projection call in :func:`featurize`.
 PROJECT_BYTES = 128 << 20
 
+_M32 = 0xFFFFFFFF
+_M64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+#: lowbias32 (C. Wellons, "Prospecting for hash functions", 2018): shifts and multipliers.
+_LOWBIAS32 = ((16, 0x7FEB352D), (15, 0x846CA68B), (16, None))
 
-def _philox_key(seed: int) -> np.ndarray:
-    if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
-    return np.random.SeedSequence([int(seed), 0x7241]).generate_state(2, dtype=np.uint64)
+
+def _mix64(z: int) -> int:
+    """splitmix64's finaliser (Steele, Lea and Flood 2014) on a 64-bit Python int."""
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return z ^ (z >> 31)
+
+
+def block_key(seed: int, block: int) -> int:
+    """key_b = mix64(mix64(seed) + (b + 1) * golden mod 2^64): the (b + 1)-th output of
+    splitmix64 started at mix64(seed), the 64-bit key of rows 64 b .. 64 b + 63 of R."""
+    return _mix64((_mix64(int(seed)) + (int(block) + 1) * _GOLDEN) & _M64)
+
+
+def _lowbias32_(x: Tensor, tmp: Tensor, *, first_xorshift: bool = True) -> Tensor:
+    """lowbias32 in place on int64 ``x`` holding values in [0, 2^32) (``tmp``: scratch);
+    ``first_xorshift=False`` skips its first step x ^= x >> 16 (done by the caller).
+
+    x * c < 2^64 may wrap in int64; its low 32 bits are exact and ``& 0xFFFFFFFF`` keeps just
+    them, so every value shifted right is non-negative and the shifts are logical."""
+    for step, (shift, mult) in enumerate(_LOWBIAS32):
+        if step or first_xorshift:
+            torch.bitwise_right_shift(x, shift, out=tmp)
+            x.bitwise_xor_(tmp)
+        if mult is not None:
+            x.mul_(mult).bitwise_and_(_M32)
+    return x
+
+
+class _Hasher:
+    """Scratch and constants for hashing ``words`` words of up to ``blocks`` blocks on
+    ``device`` (allocated once per :meth:`Projector.project` call, reused chunk by chunk)."""
+
+    def __init__(self, keys: Tensor, blocks: int, words: int, device: torch.device):
+        self.keys = keys  # (num_blocks, 2) int64 on device: k1 ^ (k1 >> 16), k2
+        # L's first step on y = i ^ k1 is y ^ (y >> 16) = (i ^ (i >> 16)) ^ (k1 ^ (k1 >> 16)):
+        # one xor of this precomputed index with the block's precomputed key
+        index = torch.arange(words, dtype=torch.int64, device=device)
+        self.index = index ^ (index >> 16)
+        self.x = torch.empty(blocks, words, dtype=torch.int64, device=device)
+        self.tmp = torch.empty_like(self.x)
+        self.h32 = torch.empty(blocks, words, dtype=torch.int32, device=device)
+        self.shifts = 31 - torch.arange(32, dtype=torch.int32, device=device)
+
+    def words(self, b0: int, nb: int) -> Tensor:
+        """h_b(i) for blocks b0 .. b0 + nb - 1 and every word i: (nb, words) int64."""
+        x, tmp, keys = self.x[:nb], self.tmp[:nb], self.keys[b0 : b0 + nb]
+        torch.bitwise_xor(self.index, keys[:, :1], out=x)  # (i ^ k1) ^ ((i ^ k1) >> 16)
+        _lowbias32_(x, tmp, first_xorshift=False)
+        x.bitwise_xor_(keys[:, 1:])
+        return _lowbias32_(x, tmp)
+
+    def signs(self, b0: int, nb: int, out: Tensor) -> None:
+        """+-1 entries of nb blocks into ``out`` (contiguous float32, nb * 64 * k entries)."""
+        h32 = self.h32[:nb]
+        h32.copy_(self.words(b0, nb))  # int64 -> int32 keeps the low 32 bits (two's complement)
+        bits = out.view(torch.int32).view(-1, 32)
+        torch.bitwise_left_shift(h32.view(-1, 1), self.shifts, out=bits)  # bit j -> bit 31
+        bits.bitwise_and_(-(1 << 31)).bitwise_or_(0x3F800000)  # sign | exponent of 1.0
+
+    def gaussians(self, b0: int, nb: int, out: Tensor) -> None:
+        """N(0, 1) entries of nb blocks into ``out`` (float32, nb * 64 * k entries), by
+        Box-Muller, one block per step (so the float ops never depend on nb)."""
+        per_block = self.x.shape[1]
+        for j in range(nb):
+            w = self.words(b0 + j, 1).view(-1, 2)
+            u1 = (w[:, 0] >> 8).add_(1).to(torch.float32).mul_(2.0**-24)  # (0, 1]
+            u2 = (w[:, 1] >> 8).to(torch.float32).mul_(2.0**-24)  # [0, 1)
+            r = u1.log_().mul_(-2.0).sqrt_()
+            theta = u2.mul_(2 * math.pi)
+            o = out[j * per_block : (j + 1) * per_block].view(-1, 2)
+            torch.mul(r, torch.cos(theta), out=o[:, 0])
+            torch.mul(r, theta.sin_(), out=o[:, 1])
 
 
 class Projector:
@@ -73,13 +189,17 @@ class Projector:
     Args:
         num_params: P, the length of the gradients (flat layout of ``gradients``).
         dim: k, the projected dimension.
-        seed: the sketch depends only on (seed, dim, kind) (+-1 signs are the Philox words'
-            bits in little-endian byte order, as on x86/ARM).
+        seed: an integer in [0, 2^64); R depends only on (seed, dim, kind), bit for bit
+            (module docstring: the hash, and the Gaussian's float rounding across devices).
         kind: ``"rademacher"`` (+-1 entries, default) or ``"gaussian"`` (N(0, 1)).
         chunk: rows of R generated and multiplied per step (rounded up to a multiple of
-            :data:`BLOCK_ROWS`); only speed and memory (O(chunk * dim)) depend on it.
-        cache_bytes: keep the whole R (float32) after its first use if P * dim * 4 bytes fit;
-            0 never caches.
+            :data:`BLOCK_ROWS`); only speed and memory (O(chunk * dim)) depend on it. Default:
+            :data:`CHUNK_BYTES` of float32 on the CPU, :data:`DEVICE_CHUNK_BYTES` elsewhere.
+        cache_bytes: keep the whole R (float32, on the gradients' device) after its first use
+            if P * dim * 4 bytes fit; 0 never caches.
+
+    R is generated on the device of the gradients passed to :meth:`project` (or the device
+    asked of :meth:`sketch_rows` / :meth:`matrix`).
     """
 
     def __init__(
@@ -98,17 +218,21 @@ class Projector:
             raise ValueError(f"unknown kind {kind!r}; expected 'rademacher' or 'gaussian'")
         if kind == "identity" and dim != num_params:
             raise ValueError("the identity projection keeps dim == num_params")
+        if not 0 <= int(seed) <= _M64:
+            raise ValueError(f"seed must be in [0, 2^64), got {seed}")
+        if kind != "identity" and BLOCK_ROWS * dim > 1 << 32:
+            raise ValueError(f"dim must be <= 2^26 (word indices of a block are 32-bit), got {dim}")
+        if chunk is not None and chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
         self.num_params = int(num_params)
         self.dim = int(dim)
         self.seed = int(seed)
         self.kind = kind
-        if chunk is None:
-            chunk = max(1, CHUNK_BYTES // (4 * self.dim))
-        if chunk < 1:
-            raise ValueError(f"chunk must be >= 1, got {chunk}")
-        self.chunk = -(-int(chunk) // BLOCK_ROWS) * BLOCK_ROWS
+        self._chunk_given = None if chunk is None else _round_to_blocks(int(chunk))
+        #: Rows per step on the CPU (the explicit ``chunk``, rounded, if given).
+        self.chunk = self.chunk_rows(torch.device("cpu"))
         self.cache_bytes = int(cache_bytes)
-        self._key = _philox_key(self.seed) if kind == "rademacher" else None
+        self._keys: dict[torch.device, Tensor] = {}
         self._cached: Tensor | None = None
 
     @classmethod
@@ -131,63 +255,119 @@ class Projector:
     def caches(self) -> bool:
         return self.kind != "identity" and self.sketch_bytes <= self.cache_bytes
 
-    def _block(self, b: int, rows: int, out: Tensor) -> None:
-        """Write rows 0..rows-1 of block ``b`` of R (unscaled) into ``out`` (rows, dim) float32."""
-        if self.kind == "rademacher":
-            counter = np.array([0, b, 0, 0], dtype=np.uint64)
-            bits = np.random.Philox(key=self._key, counter=counter).random_raw(
-                -(-BLOCK_ROWS * self.dim // 64)
-            )
-            u = np.unpackbits(bits.view(np.uint8), count=rows * self.dim)
-            out.copy_(torch.from_numpy(u).view(rows, self.dim))
-            out.mul_(2.0).sub_(1.0)
-        else:
-            g = torch.Generator().manual_seed(_mix(self.seed, b))
-            full = torch.empty(BLOCK_ROWS, self.dim).normal_(generator=g)
-            out.copy_(full[:rows])
+    @property
+    def num_blocks(self) -> int:
+        return -(-self.num_params // BLOCK_ROWS)
 
-    def sketch_rows(self, start: int, stop: int, out: Tensor | None = None) -> Tensor:
-        """Rows ``start:stop`` of R (unscaled float32; ``start`` a multiple of BLOCK_ROWS)."""
+    def chunk_rows(self, device: torch.device | str) -> int:
+        """Rows of R generated per step on ``device`` (a multiple of :data:`BLOCK_ROWS`)."""
+        if self._chunk_given is not None:
+            return self._chunk_given
+        budget = CHUNK_BYTES if torch.device(device).type == "cpu" else DEVICE_CHUNK_BYTES
+        return _round_to_blocks(max(1, budget // (4 * self.dim)))
+
+    # ---- generation -------------------------------------------------------------------
+
+    def _hasher(self, device: torch.device, blocks: int) -> _Hasher:
+        device = torch.device(device)
+        if device not in self._keys:
+            keys = [block_key(self.seed, b) for b in range(self.num_blocks)]
+            k1 = [k & _M32 for k in keys]
+            table = torch.tensor(
+                [[a ^ (a >> 16), k >> 32] for a, k in zip(k1, keys, strict=True)],
+                dtype=torch.int64,
+            )
+            self._keys[device] = table.to(device)  # the keys, not the sketch
+        words_per_row = 2 if self.kind == "rademacher" else 64  # 32 or 1 entries per word
+        blocks = 1 if self.kind == "gaussian" else blocks
+        return _Hasher(self._keys[device], blocks, words_per_row * self.dim, device)
+
+    def _fill(self, hasher: _Hasher, b0: int, nb: int, out: Tensor) -> None:
+        """Blocks b0 .. b0 + nb - 1 of R (unscaled) into contiguous float32 ``out``."""
+        if self.kind == "rademacher":
+            hasher.signs(b0, nb, out)
+        else:
+            hasher.gaussians(b0, nb, out)
+
+    def _rows(
+        self, hasher: _Hasher, start: int, stop: int, out: Tensor, scratch: Tensor | None = None
+    ) -> Tensor:
+        """Rows start:stop of R into ``out`` (>= stop - start rows). Whole blocks are written
+        straight into ``out`` when it is contiguous float32 with room for them, else into
+        ``scratch`` (or a new buffer) and copied."""
+        b0, b1 = start // BLOCK_ROWS, -(-stop // BLOCK_ROWS)
+        full = (b1 - b0) * BLOCK_ROWS
+        if out.is_contiguous() and out.dtype == torch.float32 and out.shape[0] >= full:
+            self._fill(hasher, b0, b1 - b0, out[:full].view(-1))
+            return out[: stop - start]
+        if scratch is None or scratch.shape[0] < full:
+            scratch = torch.empty(full, self.dim, device=out.device)
+        self._fill(hasher, b0, b1 - b0, scratch[:full].view(-1))
+        out[: stop - start].copy_(scratch[: stop - start])
+        return out[: stop - start]
+
+    def sketch_rows(
+        self,
+        start: int,
+        stop: int,
+        out: Tensor | None = None,
+        *,
+        device: torch.device | str | None = None,
+    ) -> Tensor:
+        """Rows ``start:stop`` of R (unscaled float32; ``start`` a multiple of BLOCK_ROWS), on
+        ``out``'s device if given, else on ``device`` (default CPU)."""
+        device = torch.device(out.device if out is not None else (device or "cpu"))
         if self.kind == "identity":
-            return torch.eye(self.num_params)[start:stop]
+            return torch.eye(self.num_params, device=device)[start:stop]
         if start % BLOCK_ROWS:
             raise ValueError(f"start must be a multiple of {BLOCK_ROWS}")
+        if not 0 <= start < stop:
+            raise ValueError(f"need 0 <= start < stop, got {start}, {stop}")
         stop = min(stop, self.num_params)
-        out = torch.empty(stop - start, self.dim) if out is None else out[: stop - start]
-        for r in range(start, stop, BLOCK_ROWS):
-            rows = min(BLOCK_ROWS, stop - r)
-            self._block(r // BLOCK_ROWS, rows, out[r - start : r - start + rows])
-        return out
+        blocks = -(-stop // BLOCK_ROWS) - start // BLOCK_ROWS
+        if out is None:
+            out = torch.empty(blocks * BLOCK_ROWS, self.dim, device=device)
+        elif out.shape[0] < stop - start or tuple(out.shape[1:]) != (self.dim,):
+            raise ValueError(f"out must hold ({stop - start}, {self.dim}), got {tuple(out.shape)}")
+        return self._rows(self._hasher(device, blocks), start, stop, out)
 
-    def matrix(self) -> Tensor:
-        """The whole sketch R / sqrt(dim) (P, dim) float32 -- for tests and small P only."""
+    def matrix(self, device: torch.device | str | None = None) -> Tensor:
+        """The whole sketch R / sqrt(dim) (P, dim) float32 -- for tests and small P only (the
+        scaling rounded as in :meth:`project`: times the float32 1 / sqrt(dim))."""
         if self.kind == "identity":
-            return torch.eye(self.num_params)
-        return self.sketch_rows(0, self.num_params) / math.sqrt(self.dim)
+            return torch.eye(self.num_params, device=device)
+        return self.sketch_rows(0, self.num_params, device=device).mul_(1.0 / math.sqrt(self.dim))
+
+    # ---- projection -------------------------------------------------------------------
 
     def project(self, grads: Tensor) -> Tensor:
-        """phi of each row of ``grads`` (b, P) -> (b, dim), in float32 (float64 stays float64)."""
+        """phi of each row of ``grads`` (b, P) -> (b, dim) on grads' device, in float32
+        (float64 stays float64). R is generated (or cached) on that device."""
         if grads.ndim != 2 or grads.shape[1] != self.num_params:
             raise ValueError(f"expected gradients (b, {self.num_params}), got {tuple(grads.shape)}")
         dtype = torch.float64 if grads.dtype == torch.float64 else torch.float32
         g = grads.to(dtype)
         if self.kind == "identity":
             return g.clone()
-        out = torch.zeros(g.shape[0], self.dim, dtype=dtype, device=g.device)
-        cache = self._cached
-        fill = cache is None and self.caches  # first call with caching: keep what is generated
-        if fill:
-            cache = torch.empty(self.num_params, self.dim)
-        buf = None if cache is not None else torch.empty(self.chunk, self.dim)
-        for start in range(0, self.num_params, self.chunk):
-            stop = min(start + self.chunk, self.num_params)
-            if cache is None:
-                r = self.sketch_rows(start, stop, buf)
-            elif fill:
-                r = self.sketch_rows(start, stop, cache[start:stop])
-            else:
+        device = g.device
+        out = torch.zeros(g.shape[0], self.dim, dtype=dtype, device=device)
+        cache = self._cached if self._cached is not None and self._cached.device == device else None
+        fill = cache is None and self.caches  # first call on this device: keep what is generated
+        chunk = self.chunk_rows(device)
+        if cache is None:
+            hasher = self._hasher(device, chunk // BLOCK_ROWS)
+            buf = torch.empty(chunk, self.dim, device=device)
+            if fill:
+                cache = torch.empty(self.num_params, self.dim, device=device)
+        for start in range(0, self.num_params, chunk):
+            stop = min(start + chunk, self.num_params)
+            if fill:
+                r = self._rows(hasher, start, stop, cache[start:stop], buf)
+            elif cache is not None:
                 r = cache[start:stop]
-            out.addmm_(g[:, start:stop], r.to(dtype=dtype, device=g.device))
+            else:
+                r = self._rows(hasher, start, stop, buf, buf)
+            out.addmm_(g[:, start:stop], r if dtype == torch.float32 else r.to(dtype))
         if fill:
             self._cached = cache
         return out.mul_(1.0 / math.sqrt(self.dim))
@@ -195,12 +375,14 @@ class Projector:
     __call__ = project
 
 
-def _mix(seed: int, block: int) -> int:
-    """A 63-bit seed for block ``block`` of the Gaussian sketch (splitmix64 of (seed, block))."""
-    z = (int(seed) * 0x9E3779B97F4A7C15 + int(block) + 0x632BE59BD9B4E019) & (2**64 - 1)
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & (2**64 - 1)
-    return (z ^ (z >> 31)) >> 1
+def _round_to_blocks(rows: int) -> int:
+    return -(-rows // BLOCK_ROWS) * BLOCK_ROWS
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for queued kernels (so that wall-clock timings on an accelerator are true)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 # --------------------------------------------------------------------------------------
@@ -223,7 +405,8 @@ def featurize(
     progress: bool = False,
     timings: dict[str, float] | None = None,
 ) -> Tensor:
-    """Projected per-example gradients (N, k) float32 of ``scale * measurement``.
+    """Projected per-example gradients (N, k) float32 of ``scale * measurement``, on the
+    device of ``params`` (the model's: gradients, sketch and result all stay there).
 
     Gradients come from :func:`~diffusion_attribution.gradients.per_example_gradients`
     (``batch_size`` examples per pass) and are projected ``project_rows`` at a time (default:
@@ -246,7 +429,8 @@ def featurize(
     timings = {} if timings is None else timings
     timings.setdefault("gradients", 0.0)
     timings.setdefault("projection", 0.0)
-    out = torch.empty(n, projector.dim)
+    device = params[0].device if len(params) else torch.device("cpu")
+    out = torch.empty(n, projector.dim, device=device)
     buf: Tensor | None = None
     filled = 0  # rows of buf in use; they hold examples done - filled .. done - 1
     done = 0
@@ -255,6 +439,7 @@ def featurize(
         nonlocal filled
         start = time.perf_counter()
         out[done - filled : done] = projector.project(buf[:filled]).float()
+        _synchronize(out.device)
         timings["projection"] += time.perf_counter() - start
         filled = 0
 
@@ -274,13 +459,14 @@ def featurize(
         start = time.perf_counter()
         try:
             ids, g = next(it)
+            _synchronize(g.device)
         except StopIteration:
             break
         timings["gradients"] += time.perf_counter() - start
         if ids.start != done:
             raise RuntimeError("per_example_gradients yielded batches out of order")
         if buf is None:
-            buf = torch.empty(max(rows, g.shape[0]), g.shape[1], dtype=g.dtype)
+            buf = torch.empty(max(rows, g.shape[0]), g.shape[1], dtype=g.dtype, device=g.device)
         b = g.shape[0]
         if filled + b > buf.shape[0]:
             flush()

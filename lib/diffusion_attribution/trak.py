@@ -80,7 +80,7 @@ import torch
 from torch import Tensor, nn
 
 from .measurements import Measurement
-from .projection import BLOCK_ROWS, PROJECT_BYTES, Projector, featurize
+from .projection import BLOCK_ROWS, PROJECT_BYTES, Projector, _synchronize, featurize
 from .scores import ScoreKey, ScoreSet
 from .similarity import gradient_cosine, gradient_dot, pixel_similarity
 
@@ -233,7 +233,7 @@ def trak_scores(
     q, phi, n = _inputs(query_features, train_features, num_train, precision)
     if precision == "float16":
         return _traker_sweep([q], phi, [damping], n)[0][damping]
-    eye_n = torch.eye(min(phi.shape), dtype=torch.float64)
+    eye_n = torch.eye(min(phi.shape), dtype=torch.float64, device=phi.device)
     if phi.shape[0] <= phi.shape[1]:
         chol = torch.linalg.cholesky(phi @ phi.T / n + damping * eye_n)
         z = torch.cholesky_solve(phi @ q.T, chol)  # (N, Q)
@@ -310,19 +310,21 @@ def train_features(
     progress: bool = False,
 ) -> Tensor:
     """Projected gradients (N, k) of ``measurement`` scaled to lbar = l / D (the training side
-    of TRAK / D-TRAK), with draws made group by group so memory does not grow with N."""
+    of TRAK / D-TRAK), with draws made group by group so memory does not grow with N; on the
+    device of ``params`` (:func:`featurize`)."""
     from .influence import train_gradient_scale
 
     n = len(train_images)
     scale = train_gradient_scale(train_images[0].numel())
     num_params = sum(p.numel() for p in params)
     group = project_rows or max(batch_size, PROJECT_BYTES // (4 * num_params))
-    tf = torch.empty(n, projector.dim)
+    tf = torch.empty(n, projector.dim, device=params[0].device)
     for start in range(0, n, group):
-        ids = torch.arange(start, min(start + group, n))
-        x = train_images[ids]
+        stop = min(start + group, n)
+        ids = torch.arange(start, stop)
+        x = train_images[start:stop]
         d = measurement.draw(x, ids, train_draws, seed)
-        tf[ids] = featurize(
+        tf[start:stop] = featurize(
             model,
             params,
             measurement,
@@ -389,6 +391,10 @@ def baseline_scores(
     ``project_rows`` are passed to :func:`featurize` (speed and memory only). float16 scores
     are traker's float16 pipeline (module docstring, "Precision") and may hold inf or NaN.
 
+    Every feature, kernel and score is computed on the device of ``params`` (the model's: the
+    sketch is generated there too, :class:`~diffusion_attribution.projection.Projector`), and
+    the matrices stay there; the caller moves them (to the CPU) when it saves them.
+
     Returns a :class:`~diffusion_attribution.scores.ScoreSet` with
     ``meta = {"mean_eigenvalue": {"trak": ..., "d-trak": ...}, "seconds": {"gradients": ...,
     "projection": ..., "scoring": ...}}``.
@@ -399,6 +405,7 @@ def baseline_scores(
         raise ValueError(f"no measurement named {missing}; have {sorted(measurements)}")
     timings: dict[str, float] = {}
     n = len(train_images)
+    device = params[0].device
     kw = dict(
         train_draws=train_draws,
         seed=seed,
@@ -455,6 +462,9 @@ def baseline_scores(
     for name in query_measurements:
         scores[ScoreKey("grad_dot", name)] = gradient_dot(query[name], train["trak"], n)
         scores[ScoreKey("grad_cos", name)] = gradient_cosine(query[name], train["trak"])
-    scores[ScoreKey("pixel", "none")] = pixel_similarity(queries, train_images)
+    scores[ScoreKey("pixel", "none")] = pixel_similarity(
+        queries.to(device), train_images.to(device)
+    )
+    _synchronize(device)
     timings["scoring"] = time.perf_counter() - start
     return ScoreSet(scores, {"mean_eigenvalue": eigenvalues, "seconds": timings})

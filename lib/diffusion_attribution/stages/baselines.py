@@ -70,7 +70,8 @@ def run(config: Config, ws: Workspace) -> StageResult:
         query_trajectories=ws.samples["trajectory"],
         batch_size=icfg.batch_size,
         progress=True,
-    )
+    )  # computed on ws.device (the model's), saved and compared on the CPU
+    scores = ScoreSet({key: s.cpu() for key, s in scores.items()}, scores.meta)
     scores.save(ws.out(ws.BASELINE_SCORES))
 
     kfac = ScoreSet.load(ws.path(ws.INFLUENCE_SCORES))
