@@ -31,6 +31,19 @@ def tests_importable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PYTHONPATH", _python_path())
 
 
+EXECUTION_SETTINGS = (
+    "DA_EXECUTOR", "DA_MAX_PARALLEL", "DA_CLUSTER", "DA_SLURM_PARTITION", "DA_SLURM_TIME_MIN",
+    "DA_SLURM_GPUS",
+)  # fmt: skip
+
+
+@pytest.fixture
+def no_execution_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """None of the DA_* execution settings (diffusion_attribution.jobs) of the caller's shell."""
+    for var in EXECUTION_SETTINGS:
+        monkeypatch.delenv(var, raising=False)
+
+
 def _stop_cluster(folder: str) -> None:
     subprocess.run([str(SLURM_SCRIPT), "stop", folder], capture_output=True, timeout=60)
 

@@ -43,10 +43,8 @@ def runs(task: Task) -> int:
 
 
 @pytest.fixture(autouse=True)
-def no_execution_settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    for var in ("DA_EXECUTOR", "DA_MAX_PARALLEL", "DA_CLUSTER", "DA_SLURM_PARTITION",
-                "DA_SLURM_TIME_MIN", "DA_SLURM_GPUS"):  # fmt: skip
-        monkeypatch.delenv(var, raising=False)
+def _no_settings(no_execution_settings) -> None:
+    """No DA_* execution setting of the caller's shell applies."""
 
 
 def test_cluster_file_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -104,7 +102,7 @@ def test_bad_cluster_file_stops_before_anything_runs(tmp_path: Path, monkeypatch
     assert runs(task) == 0
 
 
-def test_arguments_checked(tmp_path: Path) -> None:
+def test_arguments_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     a, b = Task("a", str(tmp_path / "x")), Task("b", str(tmp_path / "x"))
     with pytest.raises(ValueError, match="same output"):
         run_tasks(write_output, [a, b], name="t", executor="inline", folder=tmp_path)
@@ -116,6 +114,10 @@ def test_arguments_checked(tmp_path: Path) -> None:
         run_tasks(write_output, [str(tmp_path)], name="t", executor="inline", folder=tmp_path)
     with pytest.raises(TypeError, match="module-level function"):
         run_tasks(lambda t: None, [a], name="t", executor="local", folder=tmp_path)
+    monkeypatch.setenv("DA_MAX_PARALLEL", "two")
+    with pytest.raises(ValueError, match="DA_MAX_PARALLEL must be int, got 'two'"):
+        run_tasks(write_output, [a], name="t", executor="inline", folder=tmp_path)
+    assert runs(a) == 0
 
 
 @pytest.mark.parametrize("executor", ["inline", "local"])
@@ -212,3 +214,16 @@ def test_progress_lines(capsys) -> None:
     quiet = jobs._Progress("x", total=1, done=0, enabled=False)
     quiet.update(1, 0, final=True)
     assert capsys.readouterr().out == ""
+
+
+def test_call_is_requeueable(tmp_path: Path) -> None:
+    """submitit's checkpoint protocol (before a SLURM time limit): the call resubmits itself
+    with the same task, and runs ``fn`` again when requeued."""
+    import cloudpickle
+
+    task = Task("a", str(tmp_path / "a.out"))
+    call = jobs._Call(write_output)
+    again = call.checkpoint(task)
+    assert again.function is call and again.args == (task,)
+    again = cloudpickle.loads(cloudpickle.dumps(again))  # as submitit stores it
+    assert again.result() == task.output and runs(task) == 1

@@ -35,7 +35,7 @@ Executors:
   script again; a task exits at once on SIGTERM without writing a result, and its rerun
   resumes (``fn`` from its own checkpoint, otherwise from the start). Before its time limit
   (``--signal=USR2@90``) a task asks submitit to requeue it (``_Call.checkpoint`` resubmits
-  the same call, at most 3 times). Two drivers on the same ``<folder>/<name>`` at once are not
+  the same call; at most 3 time-outs). Two drivers on the same ``<folder>/<name>`` at once are not
   supported; a driver killed between ``sbatch`` and the record may leave a task that a rerun
   submits again (both runs write the same output atomically).
 
@@ -44,7 +44,7 @@ results). Environment variables:
 
 - ``DA_EXECUTOR``: ``local`` (default), ``slurm`` or ``inline``.
 - ``DA_MAX_PARALLEL``: tasks running at once (local: default ``os.cpu_count()``; SLURM: the
-  array parallelism, default the cluster file's ``array_parallelism``, else no limit).
+  array parallelism, default the cluster file's ``array_parallelism``, else submitit's 256).
 - ``DA_DEVICE``: the torch device tasks use (read by the task functions; default ``cpu``).
 - ``DA_SLURM_PARTITION``, ``DA_SLURM_TIME_MIN``, ``DA_SLURM_GPUS``: override the cluster
   file's ``partition``, ``time_min`` and ``gpus_per_task``.
@@ -57,7 +57,7 @@ results). Environment variables:
       cpus_per_task: 4        # default 1
       gpus_per_task: 1        # default 0
       time_min: 240           # time limit per task, default 240
-      array_parallelism: 64   # tasks running at once, default no limit
+      array_parallelism: 64   # tasks running at once, default 256
       python: python          # how the nodes run Python; default this interpreter's path
       setup:                  # shell commands run before each task
         - module load cuda
@@ -399,7 +399,12 @@ def run_tasks(
     if on_failure not in ON_FAILURE:
         raise ValueError(f"on_failure must be one of {ON_FAILURE}, got {on_failure!r}")
     if max_parallel is None and os.environ.get("DA_MAX_PARALLEL"):
-        max_parallel = int(os.environ["DA_MAX_PARALLEL"])
+        try:
+            max_parallel = int(os.environ["DA_MAX_PARALLEL"])
+        except ValueError:
+            raise ValueError(
+                f"DA_MAX_PARALLEL must be int, got {os.environ['DA_MAX_PARALLEL']!r}"
+            ) from None
     if max_parallel is not None and max_parallel < 1:
         raise ValueError(f"max_parallel must be >= 1, got {max_parallel}")
     settings = slurm_settings(name)  # checks DA_CLUSTER whatever the executor
@@ -659,18 +664,19 @@ class _Slurm:
         paths = {o: JobPaths(self.folder, job_id=j, task_id=0) for o, j in ids.items()}
         failures: list[Failure] = []
         gone_since: dict[str, float] = {}
-        finished, last_squeue, running = prog.done, float("-inf"), 0
+        finished, last_squeue, squeue_ok = prog.done, float("-inf"), True
         try:
             while watching:
                 now = time.monotonic()
                 if now - last_squeue >= 2.0:
+                    last_squeue = now
                     try:
-                        states, last_squeue = squeue_states(), now
-                    except RuntimeError as err:  # a controller restart: keep waiting
-                        print(f"{self.name}: {err}; retrying", flush=True)
-                        states, last_squeue = {}, now
+                        states, squeue_ok = squeue_states(), True
+                    except RuntimeError as err:  # e.g. a controller restart: keep the states
+                        if squeue_ok:
+                            print(f"{self.name}: {err}; retrying", flush=True)
+                        squeue_ok = False
                         gone_since.clear()
-                    running = sum(states.get(ids[o]) == "RUNNING" for o in watching)
                 for out, task in list(watching.items()):
                     failure, done = self.check(task, ids[out], paths[out], states, gone_since)
                     if not done:
@@ -683,6 +689,7 @@ class _Slurm:
                             rest = [ids[o] for o in watching]
                             subprocess.run(["scancel", *rest], capture_output=True, timeout=60)
                             return failures, len(rest)
+                running = sum(states.get(ids[o]) == "RUNNING" for o in watching)
                 prog.update(finished, running, final=not watching)
                 if watching:
                     time.sleep(0.5)
