@@ -16,15 +16,23 @@ set -euo pipefail
 cmd=${1:?usage: $0 start|stop DIR}
 dir=$(realpath -m "${2:?usage: $0 start|stop DIR}")
 
-stop() {
-    for pidfile in "$dir"/slurmd.pid "$dir"/slurmctld.pid "$dir"/munged.pid; do
+stop_daemons() {  # SIGTERM to each daemon named, then wait for all (SIGKILL after 5 s)
+    local pids=() pidfile pid
+    for pidfile in "$@"; do
         [ -f "$pidfile" ] || continue
         pid=$(cat "$pidfile")
-        kill "$pid" 2>/dev/null || true
-        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-        kill -9 "$pid" 2>/dev/null || true
+        kill "$pid" 2>/dev/null && pids+=("$pid")
         rm -f "$pidfile"
     done
+    for pid in "${pids[@]}"; do
+        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        kill -9 "$pid" 2>/dev/null || true
+    done
+}
+
+stop() {
+    stop_daemons "$dir"/slurmd.pid "$dir"/slurmctld.pid
+    stop_daemons "$dir"/munged.pid  # last: the SLURM daemons talk to it until they exit
 }
 
 if [ "$cmd" = stop ]; then

@@ -77,7 +77,12 @@ def test_slurm_models_equal_local_models(data_path: str, tmp_path: Path) -> None
     assert not list((tmp_path / "slurm").glob("*.ckpt"))
 
 
-def test_slurm_failure_reported_others_finish(tmp_path: Path, capsys) -> None:
+def test_slurm_failure_reported_others_finish(tmp_path: Path, capsys, monkeypatch) -> None:
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text(
+        "time_min: 30\nsetup: [export DA_SETUP_RAN=1]\noverrides:\n  fail: {time_min: 7}\n"
+    )
+    monkeypatch.setenv("DA_CLUSTER", str(cluster))
     tasks = [Task(f"t{i}", str(tmp_path / f"t{i}.out"), fail=i == 1) for i in range(3)]
     with pytest.raises(TasksFailed) as info:
         run_tasks(write_output, tasks, name="fail", executor="slurm", folder=tmp_path / "s")
@@ -89,6 +94,14 @@ def test_slurm_failure_reported_others_finish(tmp_path: Path, capsys) -> None:
     assert f"see its submitit log {failure.log}" in str(info.value)
     assert "FAILED task 't1'" in capsys.readouterr().out
     assert Path(tasks[0].output).exists() and Path(tasks[2].output).exists()
+    # the cluster file reached sbatch: requeueable, its setup, the override for this name
+    (script,) = (tmp_path / "s" / "fail").glob("*_submission.sh")
+    lines = script.read_text().splitlines()
+    for line in ("#SBATCH --requeue", "#SBATCH --time=7", "#SBATCH --job-name=da_fail"):
+        assert line in lines
+    assert lines.index("export DA_SETUP_RAN=1") < next(
+        i for i, line in enumerate(lines) if line.startswith("srun ")
+    )
 
 
 @dataclass(frozen=True)
