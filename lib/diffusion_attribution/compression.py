@@ -45,8 +45,13 @@ class Quantized:
         scales = self.scales if rows is None else self.scales[rows]
         if self.bits == 4:
             codes = _unpack4(codes, sum(self.block_sizes))
-        per_entry = torch.repeat_interleave(scales, torch.tensor(self.block_sizes), dim=1)
+        repeats = torch.tensor(self.block_sizes, device=scales.device)
+        per_entry = torch.repeat_interleave(scales, repeats, dim=1)
         return codes.to(dtype) * per_entry.to(dtype)
+
+    def to(self, device: torch.device | str) -> Quantized:
+        """The same codes and scales on ``device``."""
+        return Quantized(self.codes.to(device), self.scales.to(device), self.bits, self.block_sizes)
 
 
 def _levels(bits: int) -> int:
@@ -72,7 +77,7 @@ def quantize(x: Tensor, bits: int = 8, block_sizes: Sequence[int] | None = None)
     blocks = torch.split(x.float(), sizes, dim=1)
     scales = torch.stack([b.abs().amax(1) for b in blocks], dim=1) / qmax  # (Q, num_blocks)
     safe = torch.where(scales > 0, scales, torch.ones_like(scales))
-    per_entry = torch.repeat_interleave(safe, torch.tensor(sizes), dim=1)
+    per_entry = torch.repeat_interleave(safe, torch.tensor(sizes, device=x.device), dim=1)
     codes = torch.round(x.float() / per_entry).clamp_(-qmax, qmax).to(torch.int8)
     if bits == 4:
         codes = _pack4(codes)
@@ -83,7 +88,8 @@ def _pack4(codes: Tensor) -> Tensor:
     """Two 4-bit codes in [-7, 7] per byte (offset by 8), low nibble first."""
     u = (codes.to(torch.int16) + 8).to(torch.uint8)
     if u.shape[1] % 2:
-        u = torch.cat([u, torch.full((u.shape[0], 1), 8, dtype=torch.uint8)], dim=1)
+        pad = torch.full((u.shape[0], 1), 8, dtype=torch.uint8, device=u.device)
+        u = torch.cat([u, pad], dim=1)
     return u[:, 0::2] | (u[:, 1::2] << 4)
 
 

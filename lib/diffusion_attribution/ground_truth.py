@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -90,14 +92,13 @@ def measure(
 
 
 def measurement_code() -> str:
-    """:func:`~diffusion_attribution.identity.code_digest` of the modules that compute a
-    measurement (this one, ``measurements``, ``ddpm``, ``unet``, ``train``): docstrings and
-    comments do not count."""
-    import sys
-
+    """:func:`~diffusion_attribution.identity.code_digest` of the code that computes a
+    measurement (:func:`measure` and :func:`describe` here, the modules ``measurements``,
+    ``ddpm``, ``unet``, ``train``): docstrings and comments do not count, nor does how the
+    models are fanned out over processes or jobs."""
     from . import ddpm, measurements, train, unet
 
-    return code_digest(sys.modules[__name__], measurements, ddpm, unet, train)
+    return code_digest(measure, describe, measurements, ddpm, unet, train)
 
 
 def cache_settings(
@@ -131,32 +132,49 @@ def cache_key(settings: Mapping[str, object], model_path: str | Path) -> str:
     return fingerprint(plain, file_digest(model_path), measurement_code())
 
 
-# What every job of one measure_models call shares: sent to each worker process once.
-_SHARED: dict = {}
+@dataclass(frozen=True)
+class MeasureTask:
+    """Models to measure in one job: ``models`` are (label, model file, cache file, cache
+    key); ``inputs`` a tensor file with the queries and trajectories; ``output`` the last
+    model's cache file (written last, so it exists only when the whole task is done)."""
+
+    name: str
+    output: str
+    models: tuple[tuple[str, str, str, str], ...]
+    inputs: str
+    measurements: dict
+    num_draws: dict
+    seed: int
+    batch_size: int
+    threads: int = 1
 
 
-def _share(shared: dict) -> None:
-    _SHARED.clear()
-    _SHARED.update(shared)
-
-
-def _measure_one(job: tuple) -> dict[str, Tensor]:
-    model_path, cache_path, key = job
+def run_measure_task(task: MeasureTask) -> str:
+    """Measure each model of ``task`` whose cache file does not exist yet (one torch thread
+    per process by default), saving each model's values atomically as soon as they exist."""
     from .train import load_model
 
-    torch.set_num_threads(1)
-    model = load_model(model_path, device=os.environ.get("DA_DEVICE", "cpu"))
-    values = measure(
-        model,
-        _SHARED["measurements"],
-        _SHARED["queries"],
-        _SHARED["num_draws"],
-        _SHARED["seed"],
-        trajectories=_SHARED["trajectories"],
-        batch_size=_SHARED["batch_size"],
-    )
-    atomic_save({"key": key, "values": values}, cache_path)
-    return values
+    threads = torch.get_num_threads()
+    torch.set_num_threads(task.threads)
+    try:
+        inputs = torch.load(task.inputs, weights_only=True)
+        for _, model_path, cache_path, key in task.models:
+            if Path(cache_path).exists():
+                continue
+            model = load_model(model_path, device=os.environ.get("DA_DEVICE", "cpu"))
+            values = measure(
+                model,
+                task.measurements,
+                inputs["queries"],
+                task.num_draws,
+                task.seed,
+                trajectories=inputs["trajectories"],
+                batch_size=task.batch_size,
+            )
+            atomic_save({"key": key, "values": values}, cache_path)
+    finally:
+        torch.set_num_threads(threads)
+    return task.output
 
 
 def describe(m: Measurement) -> dict[str, object]:
@@ -188,6 +206,7 @@ def measure_models(
     progress: bool = True,
     prune: bool = False,
     stale_dir: str | Path,
+    folder: str | Path | None = None,
 ) -> MeasuredModels:
     """:func:`measure` on every model file (``{label: path}``); returns ``{label: {name: (Q,)}}``
     (a :class:`MeasuredModels`, which also says which labels were measured rather than cached).
@@ -201,12 +220,13 @@ def measure_models(
     so that no caller loses a measurement by accident) should lie outside the DVC outputs,
     e.g. ``.cache/stale/measure``. Entries of the older key scheme are recomputed unless
     :func:`~diffusion_attribution.migrate.adopt_legacy_measurements` re-keyed them first.
+
+    The models are measured by tasks of :func:`~diffusion_attribution.jobs.run_tasks`
+    (``DA_EXECUTOR``: in this process when ``workers`` is 1, else local subprocesses or a
+    SLURM job array), several models per task locally (a process start costs seconds), one
+    per task on SLURM (``DA_MODELS_PER_TASK`` overrides both); ``folder`` (default: a hidden
+    folder beside ``cache_dir``) holds the tasks' shared inputs and submitit's files.
     """
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-    from multiprocessing import get_context
-
-    from tqdm.auto import tqdm
-
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     settings = cache_settings(measurements, queries, num_draws, seed, trajectories, batch_size)
@@ -230,36 +250,81 @@ def measure_models(
     if moved:
         print(f"measure: moved {len(moved)} stale cache entries to {moved[0][1].parent}")
     if todo:
-        shared = {
-            "measurements": measurements,
-            "queries": queries,
-            "num_draws": dict(num_draws),
-            "seed": seed,
-            "trajectories": trajectories,
-            "batch_size": batch_size,
-        }
-        workers = min(workers or os.cpu_count() or 1, len(todo))
-        bar = tqdm(total=len(todo), desc="measuring models", disable=not progress)
-        if workers == 1:
-            threads = torch.get_num_threads()
-            _share(shared)
-            try:
-                for label, job in todo:
-                    results[label] = _measure_one(job)
-                    bar.update(1)
-            finally:
-                torch.set_num_threads(threads)
-        else:
-            ctx = get_context("spawn")
-            with ProcessPoolExecutor(workers, ctx, initializer=_share, initargs=(shared,)) as pool:
-                futures = {pool.submit(_measure_one, job): label for label, job in todo}
-                for fut in as_completed(futures):
-                    results[futures[fut]] = fut.result()
-                    bar.update(1)
-        bar.close()
+        _run_measure_tasks(
+            todo,
+            measurements,
+            queries,
+            num_draws,
+            seed,
+            trajectories,
+            batch_size,
+            workers=workers,
+            folder=Path(folder) if folder else cache_dir.parent / f".{cache_dir.name}.jobs",
+            progress=progress,
+        )
+        for label, (_, cache, key) in todo:
+            saved = torch.load(cache, weights_only=True)
+            if saved.get("key") != key:
+                raise RuntimeError(f"measure: {cache} was written with another key")
+            results[label] = saved["values"]
     out = MeasuredModels({label: results[label] for label in models})
     out.measured = tuple(label for label, _ in todo)
     return out
+
+
+def _run_measure_tasks(
+    todo: list,
+    measurements: Mapping[str, Measurement],
+    queries: Tensor,
+    num_draws: Mapping[str, int],
+    seed: int,
+    trajectories: Tensor | None,
+    batch_size: int,
+    *,
+    workers: int | None,
+    folder: Path,
+    progress: bool,
+) -> None:
+    from .jobs import run_tasks
+
+    executor = os.environ.get("DA_EXECUTOR", "local")
+    workers = min(workers or os.cpu_count() or 1, len(todo))
+    if workers == 1 and executor != "slurm":
+        executor = "inline"
+    per = int(os.environ.get("DA_MODELS_PER_TASK", "0")) or (
+        1 if executor == "slurm" else math.ceil(len(todo) / (2 * workers))
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    inputs = folder / f"inputs_{fingerprint(queries, trajectories)}.pt"
+    if not inputs.exists():
+        atomic_save({"queries": queries, "trajectories": trajectories}, inputs)
+    tasks = []
+    for i in range(0, len(todo), per):
+        group = todo[i : i + per]
+        models = tuple((label, str(p), str(c), k) for label, (p, c, k) in group)
+        tasks.append(
+            MeasureTask(
+                name=f"measure_{group[0][0]}"
+                + (f"_and_{len(group) - 1}" if len(group) > 1 else ""),
+                output=models[-1][2],
+                models=models,
+                inputs=str(inputs),
+                measurements=dict(measurements),
+                num_draws=dict(num_draws),
+                seed=seed,
+                batch_size=batch_size,
+                threads=torch.get_num_threads() if executor == "inline" else 1,
+            )
+        )
+    run_tasks(
+        run_measure_task,
+        tasks,
+        name="measure",
+        executor=executor,
+        max_parallel=workers,
+        folder=str(folder / "submitit"),
+        progress=progress,
+    )
 
 
 def stack(

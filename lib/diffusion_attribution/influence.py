@@ -110,6 +110,7 @@ def influence_scores(
     train_gradients: Iterable[tuple[slice, Tensor]],
     num_train: int,
     *,
+    columns: range | None = None,
     query_chunk: int = 256,
     train_chunk_bytes: int = 256 * 2**20,
 ) -> dict[object, Tensor]:
@@ -121,9 +122,18 @@ def influence_scores(
     float32 gradients, used for every query set (each dequantised ``query_chunk`` rows at a
     time, so dequantisation is paid once per chunk, not per batch) and then dropped: memory
     holds one chunk of training gradients, one chunk of dequantised queries and the scores.
+
+    ``columns`` (default ``range(num_train)``) is the block of training ids this call scores
+    (a shard of the training set): the result has ``len(columns)`` columns, still divided by
+    the whole set's ``num_train`` (the 1/N of the score convention). Scores are accumulated
+    on the device of the gradients and returned on the CPU.
     """
-    scores = {name: torch.zeros(_rows(q), num_train) for name, q in queries.items()}
-    seen = torch.zeros(num_train, dtype=torch.bool)
+    columns = range(num_train) if columns is None else columns
+    if columns.step != 1 or columns.start < 0 or columns.stop > num_train:
+        raise ValueError(f"columns must be a contiguous block of range({num_train}), got {columns}")
+    width = len(columns)
+    scores: dict[object, Tensor] = {}
+    seen = torch.zeros(width, dtype=torch.bool)
     buffer: list[tuple[Tensor, Tensor]] = []
 
     def flush() -> None:
@@ -131,14 +141,18 @@ def influence_scores(
         g = torch.cat([x for _, x in buffer]).float()
         buffer.clear()
         for name, q in queries.items():
+            out = scores.setdefault(name, torch.zeros(_rows(q), width, device=g.device))
             for start in range(0, _rows(q), query_chunk):
                 rows = slice(start, min(start + query_chunk, _rows(q)))
-                scores[name][rows, ids] = _dense(q, rows) @ g.T
+                out[rows, ids.to(g.device)] = _dense(q, rows).to(g.device) @ g.T
         seen[ids] = True
 
     buffered = 0
     for ids, grads in train_gradients:
-        buffer.append((torch.arange(num_train)[ids], grads))
+        local = torch.arange(num_train)[ids] - columns.start
+        if len(local) and (local.min() < 0 or local.max() >= width):
+            raise ValueError(f"training ids {ids} lie outside the columns {columns}")
+        buffer.append((local, grads))
         buffered += grads.numel() * 4
         if buffered >= train_chunk_bytes:
             flush()
@@ -146,10 +160,8 @@ def influence_scores(
     if buffer:
         flush()
     if not seen.all():
-        raise ValueError(f"training gradients covered {int(seen.sum())} of {num_train} examples")
-    for s in scores.values():
-        s /= num_train
-    return scores
+        raise ValueError(f"training gradients covered {int(seen.sum())} of {width} examples")
+    return {name: (s / num_train).cpu() for name, s in scores.items()}
 
 
 @dataclass
@@ -186,6 +198,135 @@ def _timed(
         yield item
 
 
+def _check_specs(specs, curvatures, measurements) -> None:
+    not_kfac = sorted({s.method for s in specs} - {"kfac"})
+    if not_kfac:
+        raise ValueError(f"attribute computes K-FAC influence only, got methods {not_kfac}")
+    unknown = {s.curvature for s in specs} - set(curvatures)
+    if unknown:
+        raise ValueError(f"no curvature fitted for variants {sorted(unknown)}")
+    missing = {s.measurement for s in specs} - set(measurements)
+    if missing:
+        raise ValueError(f"no measurement named {sorted(missing)}")
+
+
+def precondition_queries(
+    model: nn.Module,
+    params: Sequence[Tensor],
+    queries: Tensor,
+    measurements: Mapping[str, Measurement],
+    curvatures: Mapping[str, Curvature],
+    specs: Sequence[ScoreKey],
+    *,
+    query_draws: int,
+    seed: int,
+    query_ids: Tensor | None = None,
+    query_trajectories: Tensor | None = None,
+    batch_size: int = 16,
+    draw_chunk: int | None = 64,
+    progress: bool = False,
+    timings: Timings | None = None,
+) -> dict[ScoreKey, Tensor | Quantized]:
+    """The query side of :func:`attribute`: for each spec, ``(K + damping I)^{-1} grad m`` of
+    every query row, compressed as the spec says (rows on the model's device).
+
+    For each measurement named in ``specs`` the per-example gradients of the queries
+    (``query_draws`` draws each, seed ``seed + 1``, drawn by query id: ``query_ids``, default
+    ``0..Q-1``, so a block of queries gets the same draws as in the whole set) are computed
+    once, then preconditioned by every requested curvature and damping (one rotation into
+    each eigenbasis for all dampings of a variant) and compressed.
+    """
+    from .gradients import gradient_matrix
+
+    _check_specs(specs, curvatures, measurements)
+    timings = Timings() if timings is None else timings
+    shapes = [p.shape for p in params]
+    q_ids = torch.arange(len(queries)) if query_ids is None else query_ids
+    pre: dict[ScoreKey, Tensor | Quantized] = {}
+    for name in dict.fromkeys(s.measurement for s in specs):
+        m = measurements[name]
+        start = time.perf_counter()
+        draws = m.draw(queries, q_ids, query_draws, seed + 1, trajectories=query_trajectories)
+        grads = gradient_matrix(
+            model, params, m, queries, draws, batch_size=batch_size, draw_chunk=draw_chunk
+        )
+        if progress:
+            print(f"query gradients of {name}: {time.perf_counter() - start:.1f} s", flush=True)
+        timings.query_gradients += time.perf_counter() - start
+        start = time.perf_counter()
+        mine = [s for s in specs if s.measurement == name]
+        for variant in dict.fromkeys(s.curvature for s in mine):
+            dampings = [s.damping for s in mine if s.curvature == variant]
+            solved = curvatures[variant].inverse_apply_sweep(grads, dampings)
+            for spec in (s for s in mine if s.curvature == variant):
+                _check_finite(solved[spec.damping], spec.damping)
+                pre[spec] = compress(solved[spec.damping], spec.compression, shapes)
+            del solved
+        timings.precondition += time.perf_counter() - start
+        del grads
+    return pre
+
+
+def score_columns(
+    model: nn.Module,
+    params: Sequence[Tensor],
+    train_images: Tensor,
+    preconditioned: Mapping[ScoreKey, Tensor | Quantized],
+    *,
+    train_measurement: Measurement,
+    train_draws: int,
+    seed: int,
+    columns: range | None = None,
+    batch_size: int = 16,
+    draw_chunk: int | None = 64,
+    progress: bool = False,
+    timings: Timings | None = None,
+) -> dict[ScoreKey, Tensor]:
+    """The training side of :func:`attribute`: score columns ``columns`` (default: all) of
+    every preconditioned query set, ``(Q, len(columns))`` each.
+
+    The gradients of ``train_measurement`` (the training loss, scaled to lbar = l / D;
+    ``train_draws`` draws each, seed ``seed``) are streamed once for all query sets. Draws
+    depend only on (seed, training id), so the columns of a shard equal those columns of the
+    whole matrix (up to float round-off of batching): shards computed in separate jobs and
+    concatenated give :func:`attribute`'s scores.
+    """
+    from tqdm.auto import tqdm
+
+    from .gradients import per_example_gradients
+
+    timings = Timings() if timings is None else timings
+    n = len(train_images)
+    columns = range(n) if columns is None else columns
+    scale = train_gradient_scale(train_images[0].numel())
+
+    def train_stream() -> Iterator[tuple[slice, Tensor]]:
+        # draws made batch by batch (they depend only on (seed, index)), so memory is bounded
+        # by the batch, not by N
+        starts = range(columns.start, columns.stop, batch_size)
+        for start in tqdm(starts, desc="train gradients", disable=not progress, mininterval=5):
+            ids = torch.arange(start, min(start + batch_size, columns.stop))
+            x = train_images[ids]
+            draws = train_measurement.draw(x, ids, train_draws, seed)
+            for sl, g in per_example_gradients(
+                model,
+                params,
+                train_measurement,
+                x,
+                draws,
+                batch_size=batch_size,
+                draw_chunk=draw_chunk,
+                scale=scale,
+            ):
+                yield slice(start + sl.start, start + sl.stop), g
+
+    start = time.perf_counter()
+    before = timings.train_gradients
+    scores = influence_scores(preconditioned, _timed(train_stream(), timings), n, columns=columns)
+    timings.scoring += time.perf_counter() - start - (timings.train_gradients - before)
+    return scores
+
+
 def attribute(
     model: nn.Module,
     params: Sequence[Tensor],
@@ -207,78 +348,44 @@ def attribute(
     """Score matrices (Q, N) for all ``specs`` (K-FAC keys: ``method="kfac"``, ``curvature`` a
     key of ``curvatures``) in one pass, as a :class:`~diffusion_attribution.scores.ScoreSet`.
 
-    Query side: for each measurement named in ``specs``, the per-example gradients of the
-    ``Q`` queries (``query_draws`` draws each, seed ``seed + 1``) are computed once, then
-    preconditioned by every requested curvature / damping and compressed. Train side: the
-    gradients of ``train_measurement`` (the training loss, scaled to lbar = l / D;
-    ``train_draws`` draws each, seed ``seed``) are streamed once for all of them. Memory is
-    bounded by ``batch_size`` examples x ``draw_chunk`` draws per forward pass.
+    :func:`precondition_queries` (query side: gradients of the ``Q`` queries, ``query_draws``
+    draws each, seed ``seed + 1``, preconditioned by every curvature / damping and
+    compressed), then :func:`score_columns` (train side: gradients of ``train_measurement``,
+    ``train_draws`` draws each, seed ``seed``, streamed once for all of them). Memory is
+    bounded by ``batch_size`` examples x ``draw_chunk`` draws per forward pass. For work
+    split over jobs (shards of the training set, blocks of queries) see
+    :mod:`diffusion_attribution.shards`.
     """
-    from tqdm.auto import tqdm
-
-    from .gradients import gradient_matrix, per_example_gradients
-
+    _check_specs(specs, curvatures, measurements)
     timings = Timings()
-    shapes = [p.shape for p in params]
-    not_kfac = sorted({s.method for s in specs} - {"kfac"})
-    if not_kfac:
-        raise ValueError(f"attribute computes K-FAC influence only, got methods {not_kfac}")
-    unknown = {s.curvature for s in specs} - set(curvatures)
-    if unknown:
-        raise ValueError(f"no curvature fitted for variants {sorted(unknown)}")
-    missing = {s.measurement for s in specs} - set(measurements)
-    if missing:
-        raise ValueError(f"no measurement named {sorted(missing)}")
-    q_ids = torch.arange(len(queries))
-    pre: dict[ScoreKey, Tensor | Quantized] = {}
-    for name in dict.fromkeys(s.measurement for s in specs):
-        m = measurements[name]
-        start = time.perf_counter()
-        draws = m.draw(queries, q_ids, query_draws, seed + 1, trajectories=query_trajectories)
-        grads = gradient_matrix(
-            model, params, m, queries, draws, batch_size=batch_size, draw_chunk=draw_chunk
-        )
-        if progress:
-            print(f"query gradients of {name}: {time.perf_counter() - start:.1f} s", flush=True)
-        timings.query_gradients += time.perf_counter() - start
-        start = time.perf_counter()
-        mine = [s for s in specs if s.measurement == name]
-        for variant in dict.fromkeys(s.curvature for s in mine):
-            # one rotation into each eigenbasis for all dampings of this variant
-            dampings = [s.damping for s in mine if s.curvature == variant]
-            solved = curvatures[variant].inverse_apply_sweep(grads, dampings)
-            for spec in (s for s in mine if s.curvature == variant):
-                _check_finite(solved[spec.damping], spec.damping)
-                pre[spec] = compress(solved[spec.damping], spec.compression, shapes)
-            del solved
-        timings.precondition += time.perf_counter() - start
-        del grads
-    n = len(train_images)
-    scale = train_gradient_scale(train_images[0].numel())
-
-    def train_stream() -> Iterator[tuple[slice, Tensor]]:
-        # draws made batch by batch (they depend only on (seed, index)), so memory is bounded
-        # by the batch, not by N
-        starts = range(0, n, batch_size)
-        for start in tqdm(starts, desc="train gradients", disable=not progress, mininterval=5):
-            ids = torch.arange(start, min(start + batch_size, n))
-            x = train_images[ids]
-            draws = train_measurement.draw(x, ids, train_draws, seed)
-            for sl, g in per_example_gradients(
-                model,
-                params,
-                train_measurement,
-                x,
-                draws,
-                batch_size=batch_size,
-                draw_chunk=draw_chunk,
-                scale=scale,
-            ):
-                yield slice(start + sl.start, start + sl.stop), g
-
-    start = time.perf_counter()
-    scores = influence_scores(pre, _timed(train_stream(), timings), n)
-    timings.scoring = time.perf_counter() - start - timings.train_gradients
+    pre = precondition_queries(
+        model,
+        params,
+        queries,
+        measurements,
+        curvatures,
+        specs,
+        query_draws=query_draws,
+        seed=seed,
+        query_trajectories=query_trajectories,
+        batch_size=batch_size,
+        draw_chunk=draw_chunk,
+        progress=progress,
+        timings=timings,
+    )
+    scores = score_columns(
+        model,
+        params,
+        train_images,
+        pre,
+        train_measurement=train_measurement,
+        train_draws=train_draws,
+        seed=seed,
+        batch_size=batch_size,
+        draw_chunk=draw_chunk,
+        progress=progress,
+        timings=timings,
+    )
     return ScoreSet(scores), timings
 
 

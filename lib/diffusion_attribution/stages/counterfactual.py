@@ -139,6 +139,7 @@ def run(config: Config, ws: Workspace) -> StageResult:
         workers=ws.threads,
         prune=True,
         stale_dir=ws.stale_dir("counterfactual"),
+        folder=ws.folder(".cache/jobs/counterfactual-measure"),
     )
     seconds = time.perf_counter() - start
     ref = values["full"]["loss"]

@@ -17,8 +17,9 @@ from .. import claims
 from ..compression import score_agreement, svd_nbytes
 from ..config import MAIN_VARIANT, Config, main_variant
 from ..figures import plot_top_influences
-from ..influence import attribute, influence_specs
+from ..influence import influence_specs
 from ..scores import ScoreKey
+from ..shards import sharded_attribute
 from ..unet import kfac_parameters
 from ..workspace import Workspace, schedule_of
 from . import StageResult
@@ -42,7 +43,6 @@ def run(config: Config, ws: Workspace) -> StageResult:
     params = kfac_parameters(net)
     schedule = schedule_of(config.diffusion)
     measurements = ws.measurements(config.diffusion, icfg.timesteps)
-    curvatures = {v: ws.curvature(v) for v in ccfg.variants}
     compressions = ["int8", "int4", *(f"svd{r}" for r in icfg.svd_ranks)]
     specs = influence_specs(
         ccfg.variants,
@@ -54,21 +54,8 @@ def run(config: Config, ws: Workspace) -> StageResult:
         ablation_measurements=icfg.ablation_measurements,
     )
     print(f"{len(queries)} queries x {len(ds)} training examples; {len(specs)} score matrices")
-    scores, timings = attribute(
-        net,
-        params,
-        ds.images,
-        queries,
-        measurements,
-        curvatures,
-        specs,
-        train_measurement=measurements["loss"],
-        train_draws=icfg.train_draws,
-        query_draws=icfg.query_draws,
-        seed=icfg.seed,
-        query_trajectories=ws.samples["trajectory"],
-        batch_size=icfg.batch_size,
-        progress=True,
+    scores, timings = sharded_attribute(
+        ws, specs, diffusion=config.diffusion, influence=config.influence
     )
     scores.save(ws.out(ws.INFLUENCE_SCORES))
     peak_rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

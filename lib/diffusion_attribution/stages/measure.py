@@ -97,6 +97,7 @@ def run(config: Config, ws: Workspace) -> StageResult:
         workers=ws.threads,
         prune=True,
         stale_dir=ws.stale_dir("measure"),
+        folder=ws.folder(".cache/jobs/measure-measure"),
         **common,
     )
     seconds = time.perf_counter() - start

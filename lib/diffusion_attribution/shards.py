@@ -1,0 +1,446 @@
+"""K-FAC influence split into jobs: blocks of queries x shards of the training set.
+
+Score columns are independent given the preconditioned queries (eq. 6: score[q, j] is a dot
+product of query q's preconditioned gradient with training example j's gradient), so the
+influence stage (:mod:`diffusion_attribution.stages.influence`) computes its score matrices in
+two phases of independent tasks, each run through :func:`diffusion_attribution.jobs.run_tasks`
+(inline, local subprocesses or a SLURM job array):
+
+1. **Query blocks** (:class:`QueryBlockTask`, :func:`run_query_block`): rows ``a:b`` of the
+   queries, their gradients preconditioned by every curvature and damping and compressed
+   (:func:`~diffusion_attribution.influence.precondition_queries`), saved to one file. A block
+   holds as many queries as fit ``DA_QUERY_BLOCK_BYTES`` (default 8 GiB) of stored
+   preconditioned gradients for all score matrices together: at paper scale (35.7 M
+   parameters) one query costs 36 MB per int8 matrix and 143 MB per float32 one.
+2. **Score shards** (:class:`ScoreShardTask`, :func:`run_score_shard`): for one query block and
+   one shard of ``DA_SHARD_EXAMPLES`` training examples (default: the whole set), the score
+   columns of that shard (:func:`~diffusion_attribution.influence.score_columns`), saved to
+   one file.
+
+:func:`gather` concatenates the shards into the (Q, N) matrices. Draws depend only on (seed,
+example id) and (seed, query id), so the result equals the unsharded computation up to float
+round-off of batching (a test checks it); shard sizes and executors are execution settings,
+not parameters.
+
+Resumption. Every task writes its file atomically and last; a task whose file exists is
+never run again, so a killed stage resumes with the tasks that had not finished, and a killed
+task is recomputed alone. The files live in ``.cache/influence/<fingerprint>/`` outside the
+stage's DVC outputs (DVC deletes those before rerunning a stage), named by a fingerprint of
+everything that determines them (:func:`cache_fingerprint`: the input files' bytes, the
+parameters the stage reads, the score specs and the code); folders of other fingerprints are
+moved aside into ``.cache/stale/influence/``, never deleted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .compression import Quantized
+from .influence import Timings, precondition_queries, score_columns
+from .io import atomic_save
+from .scores import ScoreKey, ScoreSet
+
+__all__ = [
+    "QueryBlockTask",
+    "ScoreShardTask",
+    "blocks",
+    "cache_fingerprint",
+    "gather",
+    "load_preconditioned",
+    "query_bytes",
+    "run_query_block",
+    "run_score_shard",
+    "save_preconditioned",
+    "sharded_attribute",
+]
+
+_FORMAT_QUERIES = "diffusion_attribution.shards.queries/1"
+_FORMAT_SCORES = "diffusion_attribution.shards.scores/1"
+#: Default bytes of stored preconditioned queries per block (all score matrices together).
+QUERY_BLOCK_BYTES = 8 << 30
+
+
+def blocks(n: int, size: int) -> list[range]:
+    """``range(n)`` cut into consecutive blocks of ``size`` (the last may be shorter);
+    ``size <= 0`` means one block."""
+    if n < 1:
+        raise ValueError(f"nothing to split: n = {n}")
+    size = n if size <= 0 else int(size)
+    return [range(a, min(a + size, n)) for a in range(0, n, size)]
+
+
+def query_bytes(specs: Sequence[ScoreKey], num_params: int, num_blocks: int) -> int:
+    """Bytes one query's preconditioned gradients take for all ``specs``: P for int8, P / 2
+    for int4 (plus 4 bytes of scale per parameter tensor), 4 P for float32 (``none`` and the
+    reconstructed ``svd<r>``)."""
+    total = 0
+    for s in specs:
+        if s.compression == "int8":
+            total += num_params + 4 * num_blocks
+        elif s.compression == "int4":
+            total += math.ceil(num_params / 2) + 4 * num_blocks
+        else:
+            total += 4 * num_params
+    return total
+
+
+# ---- files ------------------------------------------------------------------------------
+
+
+def save_preconditioned(
+    pre: Mapping[ScoreKey, Tensor | Quantized], path: str | Path, **meta
+) -> None:
+    """Preconditioned (compressed) queries, atomically, as plain tensors and values
+    (loadable with ``torch.load(weights_only=True)``)."""
+    entries = []
+    for key, q in pre.items():
+        entry: dict = {"key": asdict(key)}
+        if isinstance(q, Quantized):
+            entry.update(
+                codes=q.codes.cpu(),
+                scales=q.scales.cpu(),
+                bits=q.bits,
+                block_sizes=list(q.block_sizes),
+            )
+        else:
+            entry["dense"] = q.cpu()
+        entries.append(entry)
+    atomic_save({"format": _FORMAT_QUERIES, "entries": entries, "meta": meta}, path)
+
+
+def load_preconditioned(
+    path: str | Path, device: torch.device | str = "cpu"
+) -> dict[ScoreKey, Tensor | Quantized]:
+    """Inverse of :func:`save_preconditioned`, on ``device``."""
+    state = torch.load(path, weights_only=True, map_location="cpu")
+    if not isinstance(state, dict) or state.get("format") != _FORMAT_QUERIES:
+        raise ValueError(f"{path} is not a query block written by save_preconditioned")
+    out: dict[ScoreKey, Tensor | Quantized] = {}
+    for e in state["entries"]:
+        key = ScoreKey(**e["key"])
+        if "dense" in e:
+            out[key] = e["dense"].to(device)
+        else:
+            q = Quantized(e["codes"], e["scales"], int(e["bits"]), tuple(e["block_sizes"]))
+            out[key] = q.to(device)
+    return out
+
+
+def _save_scores(scores: Mapping[ScoreKey, Tensor], path: Path, **meta) -> None:
+    keys = list(scores)
+    atomic_save(
+        {
+            "format": _FORMAT_SCORES,
+            "keys": [asdict(k) for k in keys],
+            "scores": [scores[k].cpu() for k in keys],
+            "meta": meta,
+        },
+        path,
+    )
+
+
+def _load_scores(path: Path) -> tuple[dict[ScoreKey, Tensor], dict]:
+    state = torch.load(path, weights_only=True, map_location="cpu")
+    if not isinstance(state, dict) or state.get("format") != _FORMAT_SCORES:
+        raise ValueError(f"{path} is not a score shard written by run_score_shard")
+    keys = [ScoreKey(**d) for d in state["keys"]]
+    return dict(zip(keys, state["scores"], strict=True)), state["meta"]
+
+
+# ---- tasks --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QueryBlockTask:
+    """Preconditioned queries ``start:stop`` for ``specs`` (dicts of :class:`ScoreKey`),
+    written to ``output``; ``root`` is the workspace, ``diffusion`` and ``influence`` the
+    validated sections (``model_dump(mode="json")``), ``threads`` the task's torch threads."""
+
+    name: str
+    output: str
+    root: str
+    diffusion: dict
+    influence: dict
+    specs: tuple[dict, ...]
+    start: int
+    stop: int
+    threads: int = 1
+
+
+@dataclass(frozen=True)
+class ScoreShardTask:
+    """Score columns ``start:stop`` of the training set against the query block file
+    ``block`` (rows ``query_start`` onwards), written to ``output``."""
+
+    name: str
+    output: str
+    root: str
+    diffusion: dict
+    influence: dict
+    block: str
+    query_start: int
+    start: int
+    stop: int
+    threads: int = 1
+
+
+def _context(task):
+    from .config import DiffusionConfig, InfluenceConfig
+    from .unet import kfac_parameters
+    from .workspace import Workspace
+
+    icfg = InfluenceConfig(**task.influence)
+    ws = Workspace(task.root, threads=task.threads)
+    ws.set_threads()
+    net = ws.model
+    measurements = ws.measurements(DiffusionConfig(**task.diffusion), icfg.timesteps)
+    return icfg, ws, net, kfac_parameters(net), measurements
+
+
+def run_query_block(task: QueryBlockTask) -> str:
+    """Compute and save one query block (module docstring, phase 1); returns its path."""
+    if Path(task.output).exists():
+        return task.output
+    start = time.perf_counter()
+    icfg, ws, net, params, measurements = _context(task)
+    specs = [ScoreKey(**d) for d in task.specs]
+    curvatures = {v: ws.curvature(v) for v in dict.fromkeys(s.curvature for s in specs)}
+    rows = slice(task.start, task.stop)
+    timings = Timings()
+    pre = precondition_queries(
+        net,
+        params,
+        ws.samples["images"][rows],
+        measurements,
+        curvatures,
+        specs,
+        query_draws=icfg.query_draws,
+        seed=icfg.seed,
+        query_ids=torch.arange(task.start, task.stop),
+        query_trajectories=ws.samples["trajectory"][:, rows],  # (T + 1, Q, C, H, W)
+        batch_size=icfg.batch_size,
+        timings=timings,
+    )
+    # the timings beside the block (read without loading GBs of queries), then the block
+    from .workspace import write_json
+
+    write_json(_timings_path(task.output), asdict(timings))
+    save_preconditioned(
+        pre, task.output, start=task.start, stop=task.stop, seconds=time.perf_counter() - start
+    )
+    return task.output
+
+
+def _timings_path(output: str | Path) -> Path:
+    return Path(f"{output}.timings.json")
+
+
+def run_score_shard(task: ScoreShardTask) -> str:
+    """Compute and save the score columns of one (query block, training shard) pair (module
+    docstring, phase 2); returns its path."""
+    if Path(task.output).exists():
+        return task.output
+    start = time.perf_counter()
+    icfg, ws, net, params, measurements = _context(task)
+    pre = load_preconditioned(task.block, device=next(net.parameters()).device)
+    timings = Timings()
+    scores = score_columns(
+        net,
+        params,
+        ws.dataset.images,
+        pre,
+        train_measurement=measurements["loss"],
+        train_draws=icfg.train_draws,
+        seed=icfg.seed,
+        columns=range(task.start, task.stop),
+        batch_size=icfg.batch_size,
+        timings=timings,
+    )
+    del pre
+    _save_scores(
+        scores,
+        Path(task.output),
+        query_start=task.query_start,
+        start=task.start,
+        stop=task.stop,
+        timings=asdict(timings),
+        seconds=time.perf_counter() - start,
+    )
+    return task.output
+
+
+# ---- the whole computation ------------------------------------------------------------------
+
+
+def cache_fingerprint(ws, diffusion, influence, specs: Sequence[ScoreKey]) -> str:
+    """What determines the shard files (module docstring): the bytes of the training set,
+    the model, the samples and every curvature file used (which stand for the ``curvature``
+    parameters), the ``diffusion`` and ``influence`` parameters, the specs and the code that
+    computes them."""
+    from . import (
+        compression,
+        curvature,
+        ddpm,
+        gradients,
+        influence,
+        kronecker,
+        measurements,
+        unet,
+    )
+    from .identity import code_digest, file_digest, fingerprint
+
+    files = [ws.path(ws.TRAIN_SET), ws.path(ws.MODEL), ws.path(ws.SAMPLES)]
+    files += [ws.path(ws.CURVATURE.format(variant=v)) for v in sorted({s.curvature for s in specs})]
+    sections = {
+        "diffusion": diffusion.model_dump(mode="json"),
+        "influence": influence.model_dump(mode="json"),
+    }
+    code = code_digest(
+        compression, curvature, ddpm, gradients, influence, kronecker, measurements, unet,
+        run_query_block, run_score_shard, save_preconditioned, load_preconditioned,
+    )  # fmt: skip
+    return fingerprint(
+        *(file_digest(f) for f in files),
+        json.dumps(sections, sort_keys=True),
+        json.dumps([asdict(s) for s in specs]),
+        code,
+    )
+
+
+def _plan(ws, diffusion, influence, specs: Sequence[ScoreKey], folder: Path, threads: int):
+    from .unet import kfac_parameters
+
+    sections = (diffusion.model_dump(mode="json"), influence.model_dump(mode="json"))
+    net_params = kfac_parameters(ws.model)
+    per_query = query_bytes(specs, sum(p.numel() for p in net_params), len(net_params))
+    budget = int(os.environ.get("DA_QUERY_BLOCK_BYTES", "0")) or QUERY_BLOCK_BYTES
+    q_blocks = blocks(len(ws.samples["images"]), max(1, budget // per_query))
+    shards = blocks(len(ws.dataset), int(os.environ.get("DA_SHARD_EXAMPLES", "0")))
+    spec_dicts = tuple(asdict(s) for s in specs)
+    root = str(ws.root)
+    q_tasks = [
+        QueryBlockTask(
+            f"queries_{b.start:05d}_{b.stop:05d}",
+            str(folder / f"queries_{b.start:05d}_{b.stop:05d}.pt"),
+            root,
+            *sections,
+            spec_dicts,
+            b.start,
+            b.stop,
+            threads,
+        )  # fmt: skip
+        for b in q_blocks
+    ]
+    s_tasks = [
+        ScoreShardTask(
+            f"scores_q{b.start:05d}_n{s.start:06d}_{s.stop:06d}",
+            str(folder / f"scores_q{b.start:05d}_n{s.start:06d}_{s.stop:06d}.pt"),
+            root,
+            *sections,
+            qt.output,
+            b.start,
+            s.start,
+            s.stop,
+            threads,
+        )  # fmt: skip
+        for qt, b in zip(q_tasks, q_blocks, strict=True)
+        for s in shards
+    ]
+    return q_tasks, s_tasks
+
+
+def gather(
+    shard_files: Sequence[str | Path], num_queries: int, num_train: int
+) -> tuple[ScoreSet, Timings]:
+    """The (Q, N) matrices from score shards that tile queries x training set exactly (an
+    error names what is missing or doubly covered), and the shards' summed timings."""
+    out: dict[ScoreKey, Tensor] = {}
+    covered = torch.zeros(num_queries, num_train, dtype=torch.int32)
+    timings = Timings()
+    for f in shard_files:
+        scores, meta = _load_scores(Path(f))
+        for key, s in scores.items():
+            full = out.setdefault(key, torch.full((num_queries, num_train), float("nan")))
+            rows = slice(meta["query_start"], meta["query_start"] + s.shape[0])
+            full[rows, meta["start"] : meta["stop"]] = s
+        first = next(iter(scores.values()))
+        rows = slice(meta["query_start"], meta["query_start"] + first.shape[0])
+        covered[rows, meta["start"] : meta["stop"]] += 1
+        for k, v in meta["timings"].items():
+            setattr(timings, k, getattr(timings, k) + v)
+    if not bool((covered == 1).all()):
+        bad = int((covered != 1).sum())
+        raise ValueError(
+            f"score shards cover {bad} of {covered.numel()} (query, example) pairs not exactly once"
+        )
+    return ScoreSet(out), timings
+
+
+def sharded_attribute(
+    ws, specs: Sequence[ScoreKey], *, diffusion, influence, progress: bool = True
+) -> tuple[ScoreSet, Timings]:
+    """Every K-FAC score matrix of ``specs`` for the workspace's queries and training set
+    (the ``diffusion`` and ``influence`` sections of the parameters; the curvatures are the
+    workspace's),
+    computed as query-block and score-shard tasks (module docstring) through
+    :func:`~diffusion_attribution.jobs.run_tasks`, resuming from finished task files; the
+    query blocks' timings are added to the shards'. With one task per phase the tasks run in
+    this process (no subprocess needed)."""
+    from .identity import move_aside
+    from .jobs import run_tasks
+
+    root = ws.path(".cache/influence")
+    fp = cache_fingerprint(ws, diffusion, influence, specs)
+    folder = root / fp
+    stale = [p for p in root.glob("*") if p.is_dir() and p.name != fp] if root.exists() else []
+    moved = move_aside(stale, ws.stale_dir("influence"))
+    if moved:
+        print(
+            f"influence: moved {len(moved)} shard folders of other inputs to {moved[0][1].parent}"
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    executor = os.environ.get("DA_EXECUTOR", "local")
+    parallel = int(os.environ.get("DA_MAX_PARALLEL", "0")) or os.cpu_count() or 1
+    q_tasks, s_tasks = _plan(ws, diffusion, influence, specs, folder, ws.threads)
+    n_shards = len(s_tasks) // len(q_tasks)
+    done = sum(Path(t.output).exists() for t in (*q_tasks, *s_tasks))
+    print(
+        f"influence: {len(q_tasks)} query block(s) x {n_shards} training shard(s) "
+        f"({done} of {len(q_tasks) + len(s_tasks)} task files exist) in {folder}",
+        flush=True,
+    )
+    for phase, fn, tasks in (
+        ("influence-queries", run_query_block, q_tasks),
+        ("influence-scores", run_score_shard, s_tasks),
+    ):
+        todo = [t for t in tasks if not Path(t.output).exists()]
+        inline = executor == "inline" or (executor == "local" and len(todo) <= 1)
+        if not inline and executor == "local":
+            # several local subprocesses share the cores
+            per = max(1, ws.threads // min(parallel, len(todo)))
+            tasks = [type(t)(**{**asdict(t), "threads": per}) for t in tasks]
+        run_tasks(
+            fn,
+            tasks,
+            name=phase,
+            executor="inline" if inline else executor,
+            folder=str(ws.folder(f".cache/submitit/{phase}")),
+            progress=progress,
+        )
+    scores, timings = gather(
+        [t.output for t in s_tasks], len(ws.samples["images"]), len(ws.dataset)
+    )
+    for t in q_tasks:
+        meta = json.loads(_timings_path(t.output).read_text())
+        timings.query_gradients += meta["query_gradients"]
+        timings.precondition += meta["precondition"]
+    return scores, timings
