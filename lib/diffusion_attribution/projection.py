@@ -23,10 +23,11 @@ part of R:
   ``lowbias32`` finaliser, x -> x ^= x >> 16; x *= 0x7FEB352D; x ^= x >> 15; x *= 0x846CA68B;
   x ^= x >> 16 (mod 2^32), computed in int64 tensors with explicit ``& 0xFFFFFFFF`` after each
   product (int64 products wrap; every shifted value is non-negative), hence exact and the same
-  on every device;
+  on every device (16 int64 ops per word after two exact identities, :meth:`_Hasher.words`);
 * **Rademacher**: with the block read row-major, entry e = (r mod 64) * k + c holding R[r, c]
   is bit j = e mod 32 of word i = e div 32: R[r, c] = 1 - 2 * bit (bit 1 -> -1). The
-  bits become float32 +-1 without arithmetic: the int32 word shifted left by 31 - j puts bit j
+  bits become float32 +-1 without arithmetic: the word as int32 (int64 -> int32 keeps the low
+  32 bits, two's complement, on CPU and CUDA) shifted left by 31 - j puts bit j
   in the sign bit, ``& 0x80000000 | 0x3F800000`` makes it -1.0 or +1.0 (three int32 passes over
   a cache-sized chunk). So R is *bit-identical* whatever ``chunk``, whatever the rows projected
   per call, whatever the device (``tests/test_projection.py`` checks it against a pure-Python
@@ -44,19 +45,39 @@ The sketch is a function of (seed, k, kind) only. It changed once: before, +-1 s
 numpy Philox-4x64 bits generated on the CPU (and copied to the gradients' device), so TRAK
 numbers computed before that change used another (equally random) sketch.
 
-Measured design (``benchmarks/bench_trak.py --options``: tiny U-Net, P = 175,569, 357
-gradients, 1 torch thread on a busy 2-core AMD EPYC with AVX-512), seconds per 357 rows:
+Measured design (``benchmarks/bench_trak.py --only-generators --options``: tiny U-Net,
+P = 175,569, 357 random gradients, 1 torch thread on a 2-core AMD EPYC with AVX-512), wall
+seconds per 357 rows, re-measured with this sketch -- but at a 1-min load of 7-8 from other
+jobs on the 2 cores, so 2-4x the quiet-machine times of the previous table (12.8 s for 357
+rows at k = 8192) and too noisy to rank the options (the run was stopped after k = 8192's
++-1 rows; Gaussian, cached and k = 2048 rows not re-measured):
 
-BENCH_TABLE
+    option                         k      rows/call  s per 357 rows
+    regenerate, chunk 64 rows      8192   32         55.5
+    regenerate, chunk 64 rows      8192   357        46.3
+    regenerate, chunk 512 rows     8192   32         63.4
+    regenerate, chunk 512 rows     8192   357        19.0
+    regenerate, 4 MiB (default)    8192   32         42.4
+    regenerate, 4 MiB (default)    8192   357        27.9
 
 The float32 GEMM (b x P x k, ~60-80 GFLOP/s per core) is the floor. Generation: the hash costs
-~22 int64 ops per 32 entries (~8 G entries/s alone), the unpack three int32 ops per entry
-(~7 G/s), together ~3.5-4 G entries/s on one core, the same as the previous numpy Philox +
-``np.unpackbits`` (and ~40x traker's ``bernoulli_``, ~10x its ``normal_``, which traker's CPU
-projector redraws for the whole sketch on every call). Rejected unpacks (1M entries, one
-thread): a (256, 8) float32 lookup table indexed by the bytes (0.45 ms against 0.15 ms),
-broadcast ``(w >> j) & 1`` to float (0.74 ms), ``copysign`` (0.29 ms); sub-chunks of 64-512
-KiB for the unpack (no faster: per-op overhead). So: chunked regeneration by default (4 MiB
+16 int64 ops per 32 entries (~10 G entries/s alone on a quiet core), the unpack three int32
+ops per entry (~7 G/s), together ~3.5-4 G entries/s on one core: as fast as the previous numpy
+Philox + ``np.unpackbits`` on the CPU, and ~10-40x traker's ``normal_`` / ``bernoulli_``,
+which traker's CPU projector redraws for the whole sketch on every call. Measured side by side
+(``bench_trak.py --only-generators``, k = 8192, real TRAK gradients, one thread, CPU seconds
+at a 1-min load of 8.6 on the 2 cores, best of 2 interleaved rounds):
+
+    sketch                    one pass of R   G entries/s   s/batch of 32   s/batch of 191
+    this (torch hash)         0.40            3.58          1.95            7.33
+    previous (numpy Philox)   0.45            3.21          2.16            7.18
+    traker BasicProjector     4.06 (normal_)  0.35          5.45            --
+
+(batches of 191, featurize's default, are GEMM-bound: equal within the noise.)
+Rejected unpacks (1M entries, one thread): a (256, 8) float32 lookup table indexed by the
+bytes (0.45 ms against 0.15 ms), broadcast ``(w >> j) & 1`` to float (0.74 ms), ``copysign``
+(0.29 ms), two int32 lanes per int64 op (no faster); sub-chunks of 64-512 KiB for the unpack
+(no faster: per-op overhead). So: chunked regeneration by default (4 MiB
 chunks on the CPU, where they stay in cache; :data:`DEVICE_CHUNK_BYTES` on an accelerator,
 where fewer, larger kernels matter); a cache (only when P * k * 4 bytes fits ``cache_bytes``)
 saves the generation; more rows per call help most, hence :func:`featurize` buffers
@@ -122,14 +143,14 @@ def block_key(seed: int, block: int) -> int:
     return _mix64((_mix64(int(seed)) + (int(block) + 1) * _GOLDEN) & _M64)
 
 
-def _lowbias32_(x: Tensor, tmp: Tensor, *, first_xorshift: bool = True) -> Tensor:
+def _lowbias32_(x: Tensor, tmp: Tensor, *, first: bool = True, last: bool = True) -> Tensor:
     """lowbias32 in place on int64 ``x`` holding values in [0, 2^32) (``tmp``: scratch);
-    ``first_xorshift=False`` skips its first step x ^= x >> 16 (done by the caller).
+    ``first`` / ``last`` = False skip its first / last step x ^= x >> 16 (done by the caller).
 
     x * c < 2^64 may wrap in int64; its low 32 bits are exact and ``& 0xFFFFFFFF`` keeps just
     them, so every value shifted right is non-negative and the shifts are logical."""
     for step, (shift, mult) in enumerate(_LOWBIAS32):
-        if step or first_xorshift:
+        if (step or first) and (mult is not None or last):
             torch.bitwise_right_shift(x, shift, out=tmp)
             x.bitwise_xor_(tmp)
         if mult is not None:
@@ -142,9 +163,7 @@ class _Hasher:
     ``device`` (allocated once per :meth:`Projector.project` call, reused chunk by chunk)."""
 
     def __init__(self, keys: Tensor, blocks: int, words: int, device: torch.device):
-        self.keys = keys  # (num_blocks, 2) int64 on device: k1 ^ (k1 >> 16), k2
-        # L's first step on y = i ^ k1 is y ^ (y >> 16) = (i ^ (i >> 16)) ^ (k1 ^ (k1 >> 16)):
-        # one xor of this precomputed index with the block's precomputed key
+        self.keys = keys  # (num_blocks, 2) int64 on device: k ^ (k >> 16) for k = k1, k2
         index = torch.arange(words, dtype=torch.int64, device=device)
         self.index = index ^ (index >> 16)
         self.x = torch.empty(blocks, words, dtype=torch.int64, device=device)
@@ -153,12 +172,17 @@ class _Hasher:
         self.shifts = 31 - torch.arange(32, dtype=torch.int32, device=device)
 
     def words(self, b0: int, nb: int) -> Tensor:
-        """h_b(i) for blocks b0 .. b0 + nb - 1 and every word i: (nb, words) int64."""
+        """h_b(i) = L(L(i ^ k1) ^ k2) for blocks b0 .. b0 + nb - 1 and every word i: (nb,
+        words) int64, in 16 int64 ops instead of 22 by two exact identities of the xorshift
+        S(y) = y ^ (y >> 16) on 32-bit y: S(a ^ b) = S(a) ^ S(b), and S(S(y)) = y (the last
+        step of the first L and the first of the second cancel). So with S(i) precomputed
+        and S(k1), S(k2) in the key table, h = L'(L''(S(i) ^ S(k1)) ^ S(k2)), L'' / L' being
+        L without its first / last S."""
         x, tmp, keys = self.x[:nb], self.tmp[:nb], self.keys[b0 : b0 + nb]
-        torch.bitwise_xor(self.index, keys[:, :1], out=x)  # (i ^ k1) ^ ((i ^ k1) >> 16)
-        _lowbias32_(x, tmp, first_xorshift=False)
+        torch.bitwise_xor(self.index, keys[:, :1], out=x)
+        _lowbias32_(x, tmp, first=False, last=False)
         x.bitwise_xor_(keys[:, 1:])
-        return _lowbias32_(x, tmp)
+        return _lowbias32_(x, tmp, first=False)
 
     def signs(self, b0: int, nb: int, out: Tensor) -> None:
         """+-1 entries of nb blocks into ``out`` (contiguous float32, nb * 64 * k entries)."""
@@ -272,10 +296,9 @@ class Projector:
         device = torch.device(device)
         if device not in self._keys:
             keys = [block_key(self.seed, b) for b in range(self.num_blocks)]
-            k1 = [k & _M32 for k in keys]
+            halves = [(k & _M32, k >> 32) for k in keys]  # k1, k2
             table = torch.tensor(
-                [[a ^ (a >> 16), k >> 32] for a, k in zip(k1, keys, strict=True)],
-                dtype=torch.int64,
+                [[a ^ (a >> 16), b ^ (b >> 16)] for a, b in halves], dtype=torch.int64
             )
             self._keys[device] = table.to(device)  # the keys, not the sketch
         words_per_row = 2 if self.kind == "rademacher" else 64  # 32 or 1 entries per word
@@ -321,8 +344,8 @@ class Projector:
             return torch.eye(self.num_params, device=device)[start:stop]
         if start % BLOCK_ROWS:
             raise ValueError(f"start must be a multiple of {BLOCK_ROWS}")
-        if not 0 <= start < stop:
-            raise ValueError(f"need 0 <= start < stop, got {start}, {stop}")
+        if not 0 <= start < min(stop, self.num_params):
+            raise ValueError(f"need 0 <= start < min(stop, {self.num_params}), got {start}, {stop}")
         stop = min(stop, self.num_params)
         blocks = -(-stop // BLOCK_ROWS) - start // BLOCK_ROWS
         if out is None:
