@@ -73,10 +73,10 @@ def test_measure_models_caches_and_resumes(setup, tmp_path: Path, monkeypatch):
     # a rerun measures nothing: the worker is never called
     import diffusion_attribution.ground_truth as gt
 
-    def boom(job):
+    def boom(*args, **kwargs):
         raise AssertionError("a cached model was measured again")
 
-    monkeypatch.setattr(gt, "_measure_one", boom)
+    monkeypatch.setattr(gt, "measure", boom)
     again = measure_models(paths, measurements, out.x0, draws, 4, cache, **kw)
     for label in paths:
         for name in measurements:
@@ -140,10 +140,12 @@ def test_cache_key_ignores_comments_not_code(setup, tmp_path: Path, monkeypatch)
 
     def edited(obj, replace: tuple[str, str]) -> str:
         text = real(obj)
-        return text.replace(*replace) if obj is gt else text
+        return text.replace(*replace) if obj is gt.measure else text
 
     monkeypatch.setattr(
-        identity.inspect, "getsource", lambda o: edited(o, ('"""Ground-truth', '"""Edited.'))
+        identity.inspect,
+        "getsource",
+        lambda o: edited(o, ('"""Every measurement of every query', '"""Edited.')),
     )
     assert gt.cache_key(settings, path) == key
     monkeypatch.setattr(

@@ -356,10 +356,10 @@ def test_adopt_legacy_models_and_measurements(
         for o, j in zip(old[:2], jobs[:2], strict=True)
     )
 
-    def boom(job):
+    def boom(*args, **kwargs):
         raise AssertionError("an adopted measurement was measured again")
 
-    monkeypatch.setattr(ground_truth, "_measure_one", boom)
+    monkeypatch.setattr(ground_truth, "measure", boom)
     values = ground_truth.measure_models(
         labels, *settings, 3, cache, workers=1, progress=False, prune=True, stale_dir=stale
     )

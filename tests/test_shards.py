@@ -25,7 +25,7 @@ from diffusion_attribution.shards import (
 )
 from diffusion_attribution.stages import curvature, data, sample, train
 from diffusion_attribution.unet import kfac_parameters
-from diffusion_attribution.workspace import Workspace
+from diffusion_attribution.workspace import Workspace, schedule_of
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -191,3 +191,41 @@ def test_other_inputs_move_the_shards_aside(smoke_ws, monkeypatch, tmp_path):
     stale = list((copy / ".cache" / "stale" / "influence").rglob("scores_*.pt"))
     assert len(stale) == 1, "the first run's shard should have been moved aside, not deleted"
     assert os.path.isdir(copy / ".cache" / "stale" / "influence")
+
+
+def test_sharded_curvature_equals_one_shard(smoke_ws, monkeypatch):
+    """The curvature stage's factors from 3 shards equal those from one (the stage's run in
+    the fixture), for K-FAC and EK-FAC, and equal a direct fit_kfac."""
+    from diffusion_attribution.curvature import KFAC, fit_kfac
+    from diffusion_attribution.measurements import DiffusionLoss
+    from diffusion_attribution.shards import sharded_curvatures
+
+    config, root = smoke_ws
+    ws = Workspace(root, device="cpu", threads=2)
+    ccfg = config.curvature
+    monkeypatch.setenv("DA_EXECUTOR", "inline")
+    monkeypatch.setenv("DA_SHARD_EXAMPLES", str(-(-len(ws.dataset) // 3)))
+    sharded = sharded_curvatures(
+        ws, ccfg.variants, diffusion=config.diffusion, curvature=ccfg, progress=False
+    )
+    folder = next(p for p in (root / ".cache" / "curvature").iterdir() if p.is_dir())
+    assert len(list(folder.glob("factors_mc_expand_*.pt"))) == 1 + 3  # the stage's + 3 shards
+    assert len(list(folder.glob("corrections_mc_expand_*.pt"))) == 1 + 3
+    net = ws.model
+    params = kfac_parameters(net)
+    ds = ws.dataset
+    draws = DiffusionLoss(schedule_of(config.diffusion)).draw(
+        ds.images, torch.arange(len(ds)), ccfg.num_draws, ccfg.seed
+    )
+    direct = fit_kfac(
+        net, params, schedule_of(config.diffusion), ds.images, draws["t"], draws["eps"],
+        fisher="mc", kfac="expand", ekfac=True, batch_size=ccfg.batch_size, mc_seed=ccfg.seed,
+    )  # fmt: skip
+    v = torch.randn(3, sum(p.numel() for p in params), generator=torch.Generator().manual_seed(0))
+    for variant in ccfg.variants:
+        whole = KFAC.load(root / "outputs" / "curvature" / f"{variant}.pt")
+        a, b = sharded[variant].matvec(v.double()), whole.matvec(v.double())
+        assert float((a - b).norm() / b.norm()) < 1e-5, variant
+    c = direct.matvec(v.double())
+    b = KFAC.load(root / "outputs" / "curvature" / "ekfac_mc_expand.pt").matvec(v.double())
+    assert float((c - b).norm() / b.norm()) < 1e-5

@@ -74,11 +74,22 @@ NAMING = {"train.py": {"fingerprint"}, "ground_truth.py": {"_cache_key"}}
 #:
 #: - ``ground_truth.measure_models``: moves stale entries aside instead of deleting them and
 #:   computes its settings through ``cache_settings``, and says which labels it measured
-#:   (``MeasuredModels``); what it measures and how is unchanged.
+#:   (``MeasuredModels``); what it measures and how is unchanged. Since the job fan-out
+#:   (``jobs.run_tasks``) it runs ``run_measure_task`` tasks instead of a process pool of
+#:   ``_measure_one`` (with ``_SHARED`` / ``_share``, removed): the same ``measure`` call per
+#:   model, cached under the same key.
+#: - ``ground_truth.measurement_code`` hashes ``measure`` and ``describe`` instead of the whole
+#:   module, so that how models are fanned out does not rename measurements.
 #: - ``unet.UNetConfig`` lost its defaults and ``unet.TINY_DIGITS`` moved to ``testing``:
 #:   ``train.build_model`` passes every field, so a trained network is the same.
 REVIEWED: dict[str, dict[str, str | None]] = {
-    "ground_truth.py": {"measure_models": "8227db28325701da"},
+    "ground_truth.py": {
+        "measure_models": "e5345485638f6d10",
+        "measurement_code": "900f7156a1c08afa",
+        "_SHARED": None,
+        "_share": None,
+        "_measure_one": None,
+    },
     "unet.py": {"UNetConfig": "24098dce616998a3", "TINY_DIGITS": None},
 }
 _RECIPE_FILES = ("train.py", "ddpm.py", "unet.py")

@@ -444,3 +444,195 @@ def sharded_attribute(
         timings.query_gradients += meta["query_gradients"]
         timings.precondition += meta["precondition"]
     return scores, timings
+
+
+# ---- curvature factors in shards ------------------------------------------------------------
+#
+# K-FAC factors are sums over rows (:mod:`diffusion_attribution.factors`): the curvature
+# stage fits each (Fisher, expand / reduce) pair as factor sums over shards of the training
+# set, adds them and eigendecomposes once; an EK-FAC variant adds a second pass of
+# correction sums over the same shards in the combined eigenbases.
+
+
+@dataclass(frozen=True)
+class FactorShardTask:
+    """Factor sums (``kind="factors"``) or EK-FAC correction sums (``kind="corrections"``,
+    in the eigenbases of the K-FAC file ``basis``) of training examples ``start:stop`` for
+    one (``fisher``, ``kfac``) pair, written to ``output``."""
+
+    name: str
+    output: str
+    root: str
+    diffusion: dict
+    curvature: dict
+    fisher: str
+    kfac: str
+    start: int
+    stop: int
+    kind: str = "factors"
+    basis: str = ""
+    threads: int = 1
+
+
+def run_factor_shard(task: FactorShardTask) -> str:
+    """Compute and save one shard's factor or correction sums; returns its path."""
+    from . import factors
+    from .config import CurvatureConfig, DiffusionConfig
+    from .measurements import DiffusionLoss
+    from .unet import kfac_parameters
+    from .workspace import Workspace, schedule_of
+
+    if Path(task.output).exists():
+        return task.output
+    start = time.perf_counter()
+    ccfg = CurvatureConfig(**task.curvature)
+    schedule = schedule_of(DiffusionConfig(**task.diffusion))
+    ws = Workspace(task.root, threads=task.threads)
+    ws.set_threads()
+    net = ws.model
+    params = kfac_parameters(net)
+    ids = torch.arange(task.start, task.stop)
+    x0 = ws.dataset.images[ids]
+    # (t, eps) depend only on (seed, example id): a shard draws its own examples' draws
+    draws = DiffusionLoss(schedule).draw(x0, ids, ccfg.num_draws, ccfg.seed)
+    device = ws.device
+    args = (net, params, schedule, x0.to(device), draws["t"].to(device), draws["eps"].to(device))
+    kw = dict(example_offset=task.start, batch_size=ccfg.batch_size, mc_seed=ccfg.seed)
+    if task.kind == "factors":
+        sums = factors.factor_sums(*args, fisher=task.fisher, kfac=task.kfac, **kw)
+    elif task.kind == "corrections":
+        from .curvature import KFAC
+
+        basis = KFAC.load(task.basis).to(device)
+        sums = factors.correction_sums(*args, basis, fisher=task.fisher, **kw)
+    else:
+        raise ValueError(f"unknown factor task kind {task.kind!r}")
+    from .workspace import write_json
+
+    write_json(_timings_path(task.output), {"seconds": time.perf_counter() - start})
+    sums.save(task.output)
+    return task.output
+
+
+def curvature_fingerprint(ws, diffusion, curvature) -> str:
+    """What determines the factor shards: the bytes of the training set and the model, the
+    ``diffusion`` and ``curvature`` parameters and the code that computes them."""
+    from . import curvature as curvature_module
+    from . import ddpm, factors, kronecker, measurements, unet
+    from .identity import code_digest, file_digest, fingerprint
+
+    sections = {
+        "diffusion": diffusion.model_dump(mode="json"),
+        "curvature": curvature.model_dump(mode="json"),
+    }
+    code = code_digest(
+        factors, kronecker, curvature_module, ddpm, measurements, unet, run_factor_shard
+    )
+    return fingerprint(
+        file_digest(ws.path(ws.TRAIN_SET)),
+        file_digest(ws.path(ws.MODEL)),
+        json.dumps(sections, sort_keys=True),
+        code,
+    )
+
+
+def sharded_curvatures(
+    ws, variants: Sequence[str], *, diffusion, curvature, progress: bool = True
+) -> dict[str, object]:
+    """The K-FAC (or EK-FAC) of every variant (``"<fisher>_<kfac>"``, ``"ekfac_..."``),
+    fitted as factor-sum shards of ``DA_SHARD_EXAMPLES`` training examples (default: one
+    shard) through :func:`~diffusion_attribution.jobs.run_tasks`, resumable per shard in
+    ``.cache/curvature/<fingerprint>/``. Variants sharing (Fisher, expand / reduce) share
+    their factor sums. Each result's ``meta["fit_seconds"]`` is its tasks' summed time."""
+    from . import factors
+    from .config import parse_variant
+    from .curvature import KFAC
+    from .identity import move_aside
+    from .jobs import run_tasks
+
+    root = ws.path(".cache/curvature")
+    fp = curvature_fingerprint(ws, diffusion, curvature)
+    folder = root / fp
+    stale = [p for p in root.glob("*") if p.is_dir() and p.name != fp] if root.exists() else []
+    moved = move_aside(stale, ws.stale_dir("curvature"))
+    if moved:
+        print(
+            f"curvature: moved {len(moved)} shard folders of other inputs to {moved[0][1].parent}"
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    executor = os.environ.get("DA_EXECUTOR", "local")
+    shards = blocks(len(ws.dataset), int(os.environ.get("DA_SHARD_EXAMPLES", "0")))
+    sections = (diffusion.model_dump(mode="json"), curvature.model_dump(mode="json"))
+    parsed = {v: parse_variant(v) for v in variants}
+    pairs = list(dict.fromkeys((f, k) for f, k, _ in parsed.values()))
+
+    def tasks_for(kind: str, pair_list, basis=None) -> list[FactorShardTask]:
+        return [
+            FactorShardTask(
+                f"{kind}_{f}_{k}_{s.start:06d}_{s.stop:06d}",
+                str(folder / f"{kind}_{f}_{k}_{s.start:06d}_{s.stop:06d}.pt"),
+                str(ws.root),
+                *sections,
+                f,
+                k,
+                s.start,
+                s.stop,
+                kind,
+                "" if basis is None else str(basis[(f, k)]),
+                ws.threads,
+            )
+            for f, k in pair_list
+            for s in shards
+        ]
+
+    def run(phase: str, tasks: list[FactorShardTask]) -> None:
+        todo = [t for t in tasks if not Path(t.output).exists()]
+        inline = executor == "inline" or (executor == "local" and len(todo) <= 1)
+        if not inline and executor == "local":
+            per = max(1, ws.threads // min(os.cpu_count() or 1, len(todo)))
+            tasks = [type(t)(**{**asdict(t), "threads": per}) for t in tasks]
+        run_tasks(
+            run_factor_shard,
+            tasks,
+            name=phase,
+            executor="inline" if inline else executor,
+            folder=str(ws.folder(f".cache/submitit/{phase}")),
+            progress=progress,
+        )
+
+    def seconds(tasks) -> float:
+        return sum(json.loads(_timings_path(t.output).read_text())["seconds"] for t in tasks)
+
+    print(
+        f"curvature: {len(pairs)} factor fit(s) x {len(shards)} training shard(s) in {folder}",
+        flush=True,
+    )
+    fit_tasks = tasks_for("factors", pairs)
+    run("curvature-factors", fit_tasks)
+    fitted: dict[tuple[str, str], KFAC] = {}
+    basis_files: dict[tuple[str, str], Path] = {}
+    for pair in pairs:
+        mine = [t for t in fit_tasks if (t.fisher, t.kfac) == pair]
+        sums = factors.combine(factors.FactorSums.load(t.output) for t in mine)
+        K = factors.to_kfac(sums, meta={"batch_size": curvature.batch_size})
+        K.meta["fit_seconds"] = seconds(mine)
+        fitted[pair] = K
+        basis_files[pair] = folder / f"kfac_{pair[0]}_{pair[1]}.pt"
+    ek_pairs = list(dict.fromkeys((f, k) for f, k, e in parsed.values() if e))
+    for pair in ek_pairs:
+        if not basis_files[pair].exists():
+            fitted[pair].save(basis_files[pair])
+    corr_tasks = tasks_for("corrections", ek_pairs, basis_files)
+    if corr_tasks:
+        run("curvature-corrections", corr_tasks)
+    out = {}
+    for v, (f, k, ekfac) in parsed.items():
+        K = fitted[(f, k)]
+        if ekfac:
+            mine = [t for t in corr_tasks if (t.fisher, t.kfac) == (f, k)]
+            basis = KFAC.load(basis_files[(f, k)])
+            corr = factors.combine(factors.CorrectionSums.load(t.output) for t in mine)
+            K = factors.apply_corrections(basis, corr)
+            K.meta["fit_seconds"] = fitted[(f, k)].meta["fit_seconds"] + seconds(mine)
+        out[v] = K
+    return out

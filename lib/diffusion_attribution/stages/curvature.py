@@ -13,11 +13,10 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import torch
 
-from ..config import Config, parse_variant
-from ..curvature import fit_kfac
-from ..measurements import DiffusionLoss
+from ..config import Config
+from ..shards import sharded_curvatures
 from ..unet import kfac_parameters
-from ..workspace import Workspace, schedule_of
+from ..workspace import Workspace
 from . import StageResult
 
 NOTEBOOK = "04_curvature.ipynb"
@@ -34,30 +33,16 @@ def run(config: Config, ws: Workspace) -> StageResult:
     damping = config.influence.damping
     ds, net = ws.dataset, ws.model
     params = kfac_parameters(net)
-    schedule = schedule_of(config.diffusion)
-    draws = DiffusionLoss(schedule).draw(
-        ds.images, torch.arange(len(ds)), ccfg.num_draws, ccfg.seed
-    )
     print(
         f"{len(ds)} examples x {ccfg.num_draws} draws = {len(ds) * ccfg.num_draws} rows; "
         f"{sum(p.numel() for p in params):,} parameters in {len(params)} tensors"
     )
     rows, spectra = [], {}
+    fitted = sharded_curvatures(
+        ws, ccfg.variants, diffusion=config.diffusion, curvature=config.curvature
+    )
     for variant in ccfg.variants:
-        fisher, kfac, ekfac = parse_variant(variant)
-        K = fit_kfac(
-            net,
-            params,
-            schedule,
-            ds.images.to(ws.device),
-            draws["t"].to(ws.device),
-            draws["eps"].to(ws.device),
-            fisher=fisher,
-            kfac=kfac,
-            ekfac=ekfac,
-            batch_size=ccfg.batch_size,
-            mc_seed=ccfg.seed,
-        )
+        K = fitted[variant]
         K.save(ws.out(ws.CURVATURE.format(variant=variant)))
         ev = K.eigenvalues()
         spectra[variant] = ev.sort(descending=True).values
