@@ -194,11 +194,47 @@ def _layers(model: nn.Module, params: Sequence[Tensor]) -> list[_Layer]:
     return layers
 
 
-def _inputs(module: nn.Module, x: Tensor) -> Tensor:
-    """(B, S_l, d_in) inputs at the layer's positions (Conv2d: unfold patches)."""
+def _conv_crops(conv: nn.Conv2d, x: Tensor) -> list[Tensor]:
+    """The k1 * k2 strided crops of the zero-padded input, each (C, B, H', W'): crop
+    ``(i, j)`` holds the input entry that kernel tap ``(i, j)`` multiplies at every output
+    position, so stacking them after the channel gives ``unfold``'s patches (channel-major,
+    then taps)."""
+    (k1, k2), (s1, s2), (p1, p2), (d1, d2) = (
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+    )
+    xp = F.pad(x.transpose(0, 1), (p2, p2, p1, p1))  # (C, B, H + 2 p1, W + 2 p2)
+    ho = (x.shape[2] + 2 * p1 - d1 * (k1 - 1) - 1) // s1 + 1
+    wo = (x.shape[3] + 2 * p2 - d2 * (k2 - 1) - 1) // s2 + 1
+    return [
+        xp[:, :, i * d1 : i * d1 + s1 * (ho - 1) + 1 : s1, j * d2 : j * d2 + s2 * (wo - 1) + 1 : s2]
+        for i in range(k1)
+        for j in range(k2)
+    ]
+
+
+def _input_columns(module: nn.Module, x: Tensor, expand: bool) -> Tensor:
+    """(d_in, rows) inputs as columns: expand, one column per (row, position) -- for a Conv2d
+    the ``unfold`` patch, built from strided crops (faster than ``im2col`` on CPUs); reduce,
+    one column per row, the mean over positions (for a Conv2d the mean of each crop, so no
+    patch is materialised)."""
     if isinstance(module, nn.Conv2d):
-        p = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
-        return p.transpose(1, 2)  # (B, L, c_in * k1 * k2)
+        crops = _conv_crops(module, x)
+        c, b = crops[0].shape[:2]
+        if expand:
+            return torch.stack(crops, 1).reshape(c * len(crops), -1)
+        return torch.stack([cr.mean((2, 3)) for cr in crops], 1).reshape(c * len(crops), b)
+    rows = x.reshape(x.shape[0], -1, x.shape[-1])
+    return (rows.reshape(-1, rows.shape[-1]) if expand else rows.mean(1)).T
+
+
+def _inputs(module: nn.Module, x: Tensor) -> Tensor:
+    """(B, S_l, d_in) inputs at the layer's positions (Conv2d: ``unfold`` patches)."""
+    if isinstance(module, nn.Conv2d):
+        cols = _input_columns(module, x, expand=True)
+        return cols.reshape(cols.shape[0], x.shape[0], -1).permute(1, 2, 0)
     return x.reshape(x.shape[0], -1, x.shape[-1])
 
 
@@ -565,9 +601,8 @@ def factor_sums(
                     getattr(m, "dilation", None),
                 )
                 if key not in shared:  # q, k, v read the same tokens: one covariance
-                    inp = _inputs(m, x)
-                    rows = inp.reshape(-1, inp.shape[-1]) if expand else inp.mean(1)
-                    shared[key] = (rows.T @ rows, rows.sum(0))
+                    cols = _input_columns(m, x, expand)
+                    shared[key] = (cols @ cols.T, cols.sum(1))
                 aaT, asum = shared[key]
                 _accumulate(A, ly.name, aaT)
                 _accumulate(a, ly.name, asum)
