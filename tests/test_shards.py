@@ -229,3 +229,26 @@ def test_sharded_curvature_equals_one_shard(smoke_ws, monkeypatch):
     c = direct.matvec(v.double())
     b = KFAC.load(root / "outputs" / "curvature" / "ekfac_mc_expand.pt").matvec(v.double())
     assert float((c - b).norm() / b.norm()) < 1e-5
+
+
+def test_sharded_influence_through_slurm_equals_inline(
+    smoke_ws, slurm_cluster, no_execution_settings, monkeypatch, tmp_path
+):
+    """The query-block and score-shard tasks as SLURM job arrays (the local controller of the
+    ``slurm_cluster`` fixture) give bitwise the scores of the same tasks run inline."""
+    config, root = smoke_ws
+    results = {}
+    for executor in ("inline", "slurm"):
+        copy = tmp_path / executor
+        shutil.copytree(root, copy, ignore=shutil.ignore_patterns(".cache"))
+        ws = Workspace(copy, device="cpu", threads=1)
+        specs = specs_of(config, ws)[:3]
+        monkeypatch.setenv("DA_EXECUTOR", executor)
+        monkeypatch.setenv("DA_SHARD_EXAMPLES", str(-(-len(ws.dataset) // 2)))
+        results[executor], _ = sharded_attribute(
+            ws, specs, diffusion=config.diffusion, influence=config.influence, progress=False
+        )
+    submitted = list((tmp_path / "slurm" / ".cache" / "submitit").rglob("submitted.json"))
+    assert len(submitted) == 2, "both phases should have gone through SLURM"
+    for key, s in results["inline"].items():
+        assert torch.equal(results["slurm"][key], s), key.label

@@ -286,16 +286,8 @@ def cache_fingerprint(ws, diffusion, influence, specs: Sequence[ScoreKey]) -> st
     the model, the samples and every curvature file used (which stand for the ``curvature``
     parameters), the ``diffusion`` and ``influence`` parameters, the specs and the code that
     computes them."""
-    from . import (
-        compression,
-        curvature,
-        ddpm,
-        gradients,
-        influence,
-        kronecker,
-        measurements,
-        unet,
-    )
+    from . import compression, curvature, ddpm, gradients, kronecker, measurements, unet
+    from . import influence as influence_module
     from .identity import code_digest, file_digest, fingerprint
 
     files = [ws.path(ws.TRAIN_SET), ws.path(ws.MODEL), ws.path(ws.SAMPLES)]
@@ -305,7 +297,7 @@ def cache_fingerprint(ws, diffusion, influence, specs: Sequence[ScoreKey]) -> st
         "influence": influence.model_dump(mode="json"),
     }
     code = code_digest(
-        compression, curvature, ddpm, gradients, influence, kronecker, measurements, unet,
+        compression, curvature, ddpm, gradients, influence_module, kronecker, measurements, unet,
         run_query_block, run_score_shard, save_preconditioned, load_preconditioned,
     )  # fmt: skip
     return fingerprint(
