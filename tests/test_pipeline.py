@@ -280,3 +280,36 @@ def test_smoke_profile_end_to_end(tmp_path):
             if lds:
                 steps_seen.add(data["params"]["params.yaml"]["data"]["retrain"]["steps"])
     assert {steps, steps + 10} <= steps_seen, show.stdout[:2000]
+
+
+def test_stage_output_reaches_the_terminal(tmp_path):
+    """What a stage's cells print reaches the terminal while it runs, a tqdm bar as plain
+    lines (no carriage returns), and ipykernel's unencrypted-TCP warning does not."""
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    cells = [
+        nbformat.v4.new_code_cell("params = None", metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell(
+            "import sys\n"
+            "from tqdm.std import tqdm\n"
+            "print('hello from a cell')\n"
+            "print('a warning line', file=sys.stderr)\n"
+            "for _ in tqdm(range(3), desc='bar', mininterval=0):\n"
+            "    pass"
+        ),
+    ]
+    nb = nbformat.v4.new_notebook(cells=cells)
+    kernelspec = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.metadata["kernelspec"] = kernelspec
+    (tmp_path / "notebooks").mkdir()
+    nbformat.write(nb, tmp_path / "notebooks" / notebook("data"))
+    code = "from diffusion_attribution.pipeline import run_stage; run_stage('data', root='.')"
+    run = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    assert "hello from a cell\n" in run.stdout, run.stdout
+    assert "a warning line\n" in run.stderr, run.stderr
+    bar = [line for line in run.stderr.splitlines() if line.startswith("bar:")]
+    assert bar and bar[-1].startswith("bar: 100%") and "\r" not in run.stderr, run.stderr
+    assert "without encryption" not in run.stdout + run.stderr, run.stderr
+    assert (tmp_path / "reports" / "notebooks" / notebook("data")).exists()

@@ -272,10 +272,10 @@ def per_example_gradients(
         return {k: (v.to(cast) if v.is_floating_point() else v) for k, v in state.items()}
 
     def batches() -> Iterator[tuple[slice, Tensor]]:
-        from tqdm.auto import tqdm
+        from tqdm.std import tqdm
 
         starts = range(0, n, batch_size)
-        for start in tqdm(starts, desc="gradients", disable=not progress, mininterval=2):
+        for start in tqdm(starts, desc="gradients", disable=not progress, mininterval=5):
             rows = slice(start, min(start + batch_size, n))
             xb = x0[rows].to(device=device, dtype=cast)
             with _eval_mode(model), torch.enable_grad():

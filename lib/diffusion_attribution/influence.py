@@ -291,7 +291,7 @@ def score_columns(
     whole matrix (up to float round-off of batching): shards computed in separate jobs and
     concatenated give :func:`attribute`'s scores.
     """
-    from tqdm.auto import tqdm
+    from tqdm.std import tqdm
 
     from .gradients import per_example_gradients
 

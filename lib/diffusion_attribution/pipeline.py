@@ -11,14 +11,24 @@ Execution settings are environment variables, not parameters, so changing them d
 invalidate results (:mod:`diffusion_attribution.workspace`): ``DA_DEVICE`` (torch device,
 default ``cpu``), ``DA_THREADS`` (torch threads, default all cores); retraining jobs also read
 ``DA_EXECUTOR`` and friends (:mod:`diffusion_attribution.retrain`).
+
+Progress: what a notebook's cells print reaches this process's stdout and stderr as it is
+printed (papermill's ``stdout_file`` / ``stderr_file``), one plain line per line or per
+carriage return, so a tqdm bar (the library's bars are ``tqdm.std`` with ``mininterval=5``; the
+kernel gets ``TQDM_MININTERVAL=5`` for other bars) reads as a line at most every 5 seconds in a
+terminal or a CI log. The kernel's transport is encrypted with CurveZMQ keys the kernel manager
+provisions where pyzmq supports it, which is also what keeps ipykernel's "running over TCP
+without encryption" warning out of every stage's output.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from pathlib import Path
+from typing import TextIO
 
 from . import stages
 from .config import ConfigError, load_config
@@ -29,10 +39,90 @@ def notebook(name: str) -> str:
     return stages.module(name).NOTEBOOK
 
 
-def run_stage(name: str, params_file: str = "params.yaml", root: str | Path = ".") -> Path:
-    """Validate ``params_file`` and execute the notebook of stage ``name``; returns its path."""
+class LineWriter:
+    """A file-like object that writes the text it is given to ``out`` as whole lines.
+
+    A carriage return ends a line as a newline does (tqdm redraws a bar with ``\\r``), so each
+    redraw becomes one plain line instead of an ever-growing one; empty redraws are dropped.
+    Text after the last line end is held until the next line end or :meth:`close`.
+    """
+
+    _LINE = re.compile(r"([^\r\n]*)(\r\n|\r|\n)")
+
+    def __init__(self, out: TextIO):
+        self.out = out
+        self.pending = ""
+        self.last_end = "\n"
+
+    def write(self, text: str) -> int:
+        written = len(text)
+        text = self.pending + text
+        consumed = 0
+        for match in self._LINE.finditer(text):
+            line, end = match.groups()
+            consumed = match.end()
+            # "\r" alone with nothing before it, or "\n" right after a "\r": no line of its own
+            if line or (end != "\r" and self.last_end != "\r"):
+                self.out.write(line + "\n")
+            self.last_end = end
+        self.pending = text[consumed:]
+        self.out.flush()
+        return written
+
+    def flush(self) -> None:
+        self.out.flush()
+
+    def close(self) -> None:
+        if self.pending:
+            self.out.write(self.pending + "\n")
+            self.pending = ""
+        self.out.flush()
+
+
+def kernel_config():
+    """Traitlets config for the notebook's kernel manager: CurveZMQ transport encryption where
+    pyzmq has it (the kernelspec of ipykernel declares support; "auto" falls back to plain TCP
+    for one that does not)."""
+    import zmq
+    from traitlets.config import Config
+
+    if not zmq.has("curve"):
+        return Config()
+    return Config({"KernelManager": {"transport_encryption": "auto"}})
+
+
+def execute(source: str | Path, out: str | Path, parameters: dict, cwd: str | Path) -> None:
+    """Execute the notebook ``source`` into ``out`` with papermill, streaming what its cells
+    print to this process's stdout / stderr as plain lines (:class:`LineWriter`)."""
     import papermill
 
+    # The "python3" kernel must be this interpreter, not a user-level kernelspec elsewhere.
+    kernels = Path(sys.prefix) / "share" / "jupyter"
+    os.environ["JUPYTER_PATH"] = os.pathsep.join(
+        p for p in (str(kernels), os.environ.get("JUPYTER_PATH", "")) if p
+    )
+    # tqdm bars the library does not create (its own pass mininterval=5) redraw as rarely.
+    os.environ.setdefault("TQDM_MININTERVAL", "5")
+    stdout, stderr = LineWriter(sys.stdout), LineWriter(sys.stderr)
+    try:
+        papermill.execute_notebook(
+            str(source),
+            str(out),
+            parameters=parameters,
+            cwd=str(cwd),
+            kernel_name="python3",
+            progress_bar=False,
+            stdout_file=stdout,
+            stderr_file=stderr,
+            config=kernel_config(),
+        )
+    finally:
+        stdout.close()
+        stderr.close()
+
+
+def run_stage(name: str, params_file: str = "params.yaml", root: str | Path = ".") -> Path:
+    """Validate ``params_file`` and execute the notebook of stage ``name``; returns its path."""
     if name not in stages.NAMES:
         raise ConfigError(f"unknown stage {name!r}; stages are: {', '.join(stages.NAMES)}")
     root = Path(root)
@@ -40,21 +130,8 @@ def run_stage(name: str, params_file: str = "params.yaml", root: str | Path = ".
     nb = notebook(name)
     out = root / "reports" / "notebooks" / nb
     out.parent.mkdir(parents=True, exist_ok=True)
-    # The "python3" kernel must be this interpreter, not a user-level kernelspec elsewhere.
-    kernels = Path(sys.prefix) / "share" / "jupyter"
-    os.environ["JUPYTER_PATH"] = os.pathsep.join(
-        p for p in (str(kernels), os.environ.get("JUPYTER_PATH", "")) if p
-    )
     start = time.perf_counter()
-    papermill.execute_notebook(
-        str(root / "notebooks" / nb),
-        str(out),
-        parameters={"params": config.model_dump(mode="json")},
-        cwd=str(root),
-        kernel_name="python3",
-        progress_bar=False,
-        log_output=True,
-    )
+    execute(root / "notebooks" / nb, out, {"params": config.model_dump(mode="json")}, cwd=root)
     print(f"stage {name}: {time.perf_counter() - start:.1f} s, executed notebook {out}")
     return out
 
