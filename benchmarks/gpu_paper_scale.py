@@ -137,13 +137,13 @@ TINY = Scale(
 
 #: Share of ``--budget`` per section (the rest is slack for set-up and transfers).
 WEIGHTS = {
-    "train": 0.08,
-    "sample": 0.12,
+    "train": 0.07,
+    "sample": 0.18,
     "gradients": 0.10,
-    "kfac_fit": 0.22,
+    "kfac_fit": 0.20,
     "projection": 0.12,
-    "scoring": 0.10,
-    "kronfluence": 0.18,
+    "scoring": 0.08,
+    "kronfluence": 0.15,
 }
 
 

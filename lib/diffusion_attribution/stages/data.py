@@ -26,7 +26,11 @@ METRICS: tuple[str, ...] = ()
 def run(config: Config, ws: Workspace) -> StageResult:
     """Load the configured data set and save it to ``outputs/data/train.pt``."""
     data = config.data
-    ds = load_dataset(data.dataset, **data.model_dump(exclude={"dataset"}))
+    # a relative archive path is relative to the workspace (the repository root), not the cwd
+    archive = ws.path(data.cifar_archive)
+    ds = load_dataset(
+        data.dataset, **data.model_dump(exclude={"dataset", "cifar_archive"}), cifar_archive=archive
+    )
     ds.save(ws.out(ws.TRAIN_SET))
     counts = {
         name: int((ds.labels == label).sum())

@@ -33,6 +33,28 @@ METRICS = ("metrics/sample.json",)
 NEIGHBOURS_SHOWN = 16
 
 
+#: Rows of the distance matrix computed at once by :func:`nearest`.
+DISTANCE_ROWS = 1024
+
+
+def nearest(
+    a: torch.Tensor, b: torch.Tensor, exclude_self: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2 distance from each row of ``a`` to its nearest row of ``b``, and that row's index;
+    with ``exclude_self`` (``a`` is ``b``) a row is not its own neighbour. Computed
+    :data:`DISTANCE_ROWS` rows at a time: the whole (N, N) matrix of CIFAR-10 would take 10 GB."""
+    dist, idx = [], []
+    for start in range(0, len(a), DISTANCE_ROWS):
+        d = torch.cdist(a[start : start + DISTANCE_ROWS], b)
+        if exclude_self:
+            rows = torch.arange(len(d))
+            d[rows, rows + start] = float("inf")
+        m = d.min(1)
+        dist.append(m.values)
+        idx.append(m.indices)
+    return torch.cat(dist), torch.cat(idx)
+
+
 def run(config: Config, ws: Workspace) -> StageResult:
     """Sample, save, and check that the samples look like the classes without copying."""
     ds = ws.dataset
@@ -69,8 +91,8 @@ def run(config: Config, ws: Workspace) -> StageResult:
 
     generated = res.x0.clamp(-1, 1)
     flat_train = ds.images.flatten(1)
-    nn_gen, nn_idx = torch.cdist(generated.flatten(1), flat_train).min(1)
-    nn_train = torch.cdist(flat_train, flat_train).fill_diagonal_(float("inf")).min(1).values
+    nn_gen, nn_idx = nearest(generated.flatten(1), flat_train)
+    nn_train, _ = nearest(flat_train, flat_train, exclude_self=True)
     knn = KNeighborsClassifier(n_neighbors=5).fit(flat_train.numpy(), ds.labels.numpy())
     predicted = torch.as_tensor(knn.predict(generated.flatten(1).numpy()))
     classes = ds.labels.unique().tolist()
