@@ -231,7 +231,7 @@ def sample(
     bounds how many images go through the model at once) nor on ``device`` (noise is drawn
     on the CPU). No noise is added at t = 1. Recorded tensors stay on the CPU.
     """
-    from tqdm.std import tqdm
+    from tqdm.auto import tqdm
 
     T = schedule.num_timesteps
     bs = batch_size or n
@@ -243,7 +243,7 @@ def sample(
     variances = torch.cat([torch.zeros(1, dtype=torch.float64), variances])
     if traj is not None:
         traj[T] = x.cpu()
-    for t_int in tqdm(range(T, 0, -1), desc="sampling", disable=not progress, mininterval=5):
+    for t_int in tqdm(range(T, 0, -1), desc="sampling", disable=not progress, mininterval=2):
         t = torch.full((n,), t_int, dtype=torch.int64, device=device)
         eps_pred = torch.cat([eps_model(x[i : i + bs], t[i : i + bs]) for i in range(0, n, bs)])
         mean = p_mean(schedule, x, t, eps_pred.to(x.dtype))
