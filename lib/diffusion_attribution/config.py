@@ -4,7 +4,18 @@ Every profile in ``configs/`` has the same keys. :func:`load_config` validates a
 raises :class:`ConfigError` with one line per problem, each naming the offending key, e.g.
 ``train.steps: Input should be greater than 0 (got -5)``. The command-line entry
 ``python -m diffusion_attribution.config params.yaml`` prints that message without a
-traceback and exits with status 2, before anything is computed.
+traceback and exits with status 2, before anything is computed; with ``--write PATH`` it
+also writes a small marker file (the output of the ``validate`` stage of ``dvc.yaml``, on
+which every other stage depends, so that a bad file stops ``dvc repro`` before DVC deletes
+any stage's outputs).
+
+A parameters *file* must be complete: every section and every key spelled out (as the
+profiles in ``configs/`` are), so that DVC's per-key parameter dependencies see every value;
+a missing section or key, a key given twice, an empty file or text that is not YAML is
+rejected like a bad value. Numbers must be finite, integers must be integers (not ``true``,
+not ``2.5``), and settings are checked against each other and against the training set's size
+and image size (:data:`TRAIN_SIZES`, :data:`IMAGE_SIZES`), e.g. a U-Net whose levels or
+attention resolutions do not fit the images.
 
 Where a job runs (CPU or GPU, local processes or SLURM) is an execution setting, not an
 experiment setting: it lives in environment variables (see :mod:`diffusion_attribution.pipeline`),
@@ -13,21 +24,67 @@ so moving to a cluster does not invalidate results.
 
 from __future__ import annotations
 
+import json
+import math
 import sys
 from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
-PositiveInt = Annotated[int, Field(gt=0)]
-NonNegInt = Annotated[int, Field(ge=0)]
-PositiveFloat = Annotated[float, Field(gt=0)]
-Probability = Annotated[float, Field(ge=0, lt=1)]
+
+def _not_bool(v: object) -> object:
+    """YAML reads ``yes`` / ``true`` as a bool; a number field must not take it as 1."""
+    if isinstance(v, bool):
+        raise ValueError(f"Input should be a number, not a boolean ({v})")
+    return v
+
+
+def _nonempty(v: tuple) -> tuple:
+    if not v:
+        raise ValueError("must list at least one entry")
+    return v
+
+
+def _distinct(v: tuple) -> tuple:
+    seen = [x for i, x in enumerate(v) if x in v[:i]]
+    if seen:
+        raise ValueError(f"entries must be distinct, {seen[0]!r} is given twice")
+    return v
+
+
+# Integers are strict (no bools, no 2.5, no "10"); floats accept ints and YAML's "1e-3"
+# (PyYAML reads exponents without a dot as strings) but no bools; neither accepts NaN or Inf.
+PositiveInt = Annotated[int, Field(strict=True, gt=0)]
+NonNegInt = Annotated[int, Field(strict=True, ge=0)]
+#: Seeds fit torch's generators (and leave room for the offsets added to them).
+Seed = Annotated[int, Field(strict=True, ge=0, lt=2**62)]
+Float = Annotated[float, BeforeValidator(_not_bool)]
+PositiveFloat = Annotated[Float, Field(gt=0)]
+Probability = Annotated[Float, Field(ge=0, lt=1)]
+UnitInterval = Annotated[Float, Field(gt=0, lt=1)]
+
+#: Training-set size of each dataset (digits2: the two classes' counts in scikit-learn's
+#: digits, :data:`DIGIT_COUNTS`; cifar2: ``data.cifar2_size``); a test checks them.
+DIGIT_COUNTS = (178, 182, 177, 183, 181, 182, 181, 179, 174, 180)
+TRAIN_SIZES = {"digits10": sum(DIGIT_COUNTS), "cifar10": 50000}
+#: Side length of each dataset's square images.
+IMAGE_SIZES = {"digits2": 8, "digits10": 8, "cifar2": 32, "cifar10": 32}
+#: Images per class in CIFAR-10's training set (the most CIFAR-2 can draw from each).
+CIFAR_PER_CLASS = 5000
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class DataConfig(_Section):
@@ -37,13 +94,32 @@ class DataConfig(_Section):
     digits_classes: tuple[Annotated[int, Field(ge=0, le=9)], ...] = (3, 8)
     cifar_archive: str = "data/cifar-10-binary.tar.gz"
     cifar2_size: PositiveInt = 5000
-    seed: NonNegInt = 0
+    seed: Seed = 0
 
     @model_validator(mode="after")
     def _check_classes(self) -> DataConfig:
         if self.dataset == "digits2" and len(set(self.digits_classes)) != 2:
-            raise ValueError("digits_classes: digits2 needs exactly two distinct classes")
+            raise ValueError(
+                f"data.digits_classes: digits2 needs exactly two distinct classes in 0..9, "
+                f"got {list(self.digits_classes)}"
+            )
+        if self.dataset == "cifar2" and (
+            self.cifar2_size % 2 or self.cifar2_size > 2 * CIFAR_PER_CLASS
+        ):
+            raise ValueError(
+                f"data.cifar2_size: {self.cifar2_size} must be even (an even class split) and "
+                f"at most {2 * CIFAR_PER_CLASS} (CIFAR-10 has {CIFAR_PER_CLASS} per class)"
+            )
         return self
+
+    @property
+    def num_train(self) -> int:
+        """Size of the training set these settings give."""
+        if self.dataset == "digits2":
+            return sum(DIGIT_COUNTS[c] for c in set(self.digits_classes))
+        if self.dataset == "cifar2":
+            return self.cifar2_size
+        return TRAIN_SIZES[self.dataset]
 
 
 class ModelConfig(_Section):
@@ -61,14 +137,17 @@ class DiffusionConfig(_Section):
     """Noise schedule and reverse-process variance (Sec. 2.1; Ho et al. 2020)."""
 
     num_timesteps: PositiveInt = 1000
-    beta_start: Annotated[float, Field(gt=0, lt=1)] = 1e-4
-    beta_end: Annotated[float, Field(gt=0, lt=1)] = 0.02
+    beta_start: UnitInterval = 1e-4
+    beta_end: UnitInterval = 0.02
     variance: Literal["fixed_large", "fixed_small"] = "fixed_large"
 
     @model_validator(mode="after")
     def _check_betas(self) -> DiffusionConfig:
         if self.beta_start > self.beta_end:
-            raise ValueError("beta_start: must not exceed beta_end")
+            raise ValueError(
+                f"diffusion.beta_start: {self.beta_start:g} must not exceed diffusion.beta_end "
+                f"= {self.beta_end:g}"
+            )
         return self
 
 
@@ -79,16 +158,19 @@ class TrainConfig(_Section):
     batch_size: PositiveInt = 64
     lr: PositiveFloat = 1e-3
     warmup_steps: NonNegInt = 100
-    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    weight_decay: Annotated[Float, Field(ge=0)] = 0.0
     grad_clip: PositiveFloat = 1.0
     ema_decay: Probability = 0.995
     checkpoint_every: PositiveInt = 500
-    seed: NonNegInt = 0
+    seed: Seed = 0
 
     @model_validator(mode="after")
     def _check_warmup(self) -> TrainConfig:
         if self.warmup_steps >= self.steps:
-            raise ValueError("warmup_steps: must be smaller than steps")
+            raise ValueError(
+                f"train.warmup_steps: {self.warmup_steps} must be smaller than steps "
+                f"(train.steps = {self.steps})"
+            )
         return self
 
 
@@ -97,7 +179,7 @@ class SampleConfig(_Section):
 
     num_samples: PositiveInt = 64
     batch_size: PositiveInt = 64
-    seed: NonNegInt = 1
+    seed: Seed = 1
 
 
 KFACVariant = Literal[
@@ -131,7 +213,9 @@ class CurvatureConfig(_Section):
     correction (George et al., 2018), which the paper's code supports.
     """
 
-    variants: tuple[KFACVariant, ...] = (
+    variants: Annotated[
+        tuple[KFACVariant, ...], AfterValidator(_nonempty), AfterValidator(_distinct)
+    ] = (
         "mc_expand",
         "mc_reduce",
         "empirical_expand",
@@ -140,7 +224,7 @@ class CurvatureConfig(_Section):
     )
     num_draws: PositiveInt = 8
     batch_size: PositiveInt = 512
-    seed: NonNegInt = 2
+    seed: Seed = 2
 
 
 class InfluenceConfig(_Section):
@@ -148,14 +232,25 @@ class InfluenceConfig(_Section):
 
     train_draws: PositiveInt = 256
     query_draws: PositiveInt = 256
-    timesteps: tuple[PositiveInt, ...] = (10, 100, 250, 500, 750)
-    ablation_measurements: tuple[str, ...] = ("loss", "elbo")
+    timesteps: Annotated[tuple[PositiveInt, ...], AfterValidator(_distinct)] = (
+        10,
+        100,
+        250,
+        500,
+        750,
+    )
+    ablation_measurements: Annotated[tuple[str, ...], AfterValidator(_distinct)] = (
+        "loss",
+        "elbo",
+    )
     damping: PositiveFloat = 1e-8
-    damping_sweep: tuple[PositiveFloat, ...] = (1e-8, 1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+    damping_sweep: Annotated[
+        tuple[PositiveFloat, ...], AfterValidator(_nonempty), AfterValidator(_distinct)
+    ] = (1e-8, 1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
     compression: Literal["int8", "int4", "none"] = "int8"
-    svd_ranks: tuple[PositiveInt, ...] = (1, 4, 16)
+    svd_ranks: Annotated[tuple[PositiveInt, ...], AfterValidator(_distinct)] = (1, 4, 16)
     batch_size: PositiveInt = 16
-    seed: NonNegInt = 3
+    seed: Seed = 3
 
 
 class TrakConfig(_Section):
@@ -170,7 +265,9 @@ class TrakConfig(_Section):
 
     projection_dim: PositiveInt = 2048
     projection: Literal["rademacher", "gaussian"] = "rademacher"
-    relative_dampings: tuple[PositiveFloat, ...] = (
+    relative_dampings: Annotated[
+        tuple[PositiveFloat, ...], AfterValidator(_nonempty), AfterValidator(_distinct)
+    ] = (
         1e-6,
         1e-5,
         1e-4,
@@ -182,8 +279,10 @@ class TrakConfig(_Section):
         100.0,
         1000.0,
     )
-    query_measurements: tuple[str, ...] = ("loss", "elbo", "trajectory")
-    seed: NonNegInt = 4
+    query_measurements: Annotated[
+        tuple[str, ...], AfterValidator(_nonempty), AfterValidator(_distinct)
+    ] = ("loss", "elbo", "trajectory")
+    seed: Seed = 4
 
 
 class RetrainConfig(_Section):
@@ -201,14 +300,14 @@ class RetrainConfig(_Section):
     shared with any other model), against which the LDS is reported too.
     """
 
-    num_subsets: Annotated[int, Field(ge=2)] = 32
-    fraction: Annotated[float, Field(gt=0, lt=1)] = 0.5
-    num_seeds: Annotated[int, Field(ge=2)] = 3
-    first_seed: NonNegInt = 100
+    num_subsets: Annotated[int, Field(strict=True, ge=2)] = 32
+    fraction: UnitInterval = 0.5
+    num_seeds: Annotated[int, Field(strict=True, ge=2)] = 3
+    first_seed: Seed = 100
     steps: PositiveInt = 500
     epoch_matched: bool = True
     independent_subsets: NonNegInt = 8
-    seed: NonNegInt = 5
+    seed: Seed = 5
 
     @property
     def seeds(self) -> tuple[int, ...]:
@@ -235,7 +334,7 @@ class MeasureConfig(_Section):
     draws: PositiveInt = 256
     timestep_draws: PositiveInt = 64
     batch_size: PositiveInt = 1024
-    seed: NonNegInt = 6
+    seed: Seed = 6
 
 
 CounterfactualMethod = Literal["kfac", "trak", "d-trak", "random"]
@@ -254,10 +353,17 @@ class CounterfactualConfig(_Section):
     benchmark, as in the paper.
     """
 
-    fractions: tuple[Annotated[float, Field(gt=0, lt=1)], ...] = (0.02, 0.1)
+    fractions: Annotated[
+        tuple[UnitInterval, ...], AfterValidator(_nonempty), AfterValidator(_distinct)
+    ] = (
+        0.02,
+        0.1,
+    )
     num_queries: PositiveInt = 5
-    methods: tuple[CounterfactualMethod, ...] = ("kfac", "trak", "d-trak", "random")
-    seed: NonNegInt = 0
+    methods: Annotated[
+        tuple[CounterfactualMethod, ...], AfterValidator(_nonempty), AfterValidator(_distinct)
+    ] = ("kfac", "trak", "d-trak", "random")
+    seed: Seed = 0
 
 
 class Config(_Section):
@@ -277,19 +383,74 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _check_timesteps(self) -> Config:
-        bad = [t for t in self.influence.timesteps if t > self.diffusion.num_timesteps]
+        T = self.diffusion.num_timesteps
+        bad = [t for t in self.influence.timesteps if t > T]
         if bad:
             raise ValueError(
-                f"influence.timesteps: {bad} exceed diffusion.num_timesteps = {self.diffusion.num_timesteps}"
+                f"influence.timesteps: {bad} exceed diffusion.num_timesteps = {T}; each "
+                f"timestep must lie in 1..{T}"
             )
         names = {"loss", "elbo", "trajectory", "square_norm"} | {
             f"l_t={t}" for t in self.influence.timesteps
         }
-        unknown = sorted(set(self.influence.ablation_measurements) - names)
-        if unknown:
+        for key, given in (
+            ("influence.ablation_measurements", self.influence.ablation_measurements),
+            ("trak.query_measurements", self.trak.query_measurements),
+        ):
+            unknown = sorted(set(given) - names)
+            if unknown:
+                raise ValueError(f"{key}: unknown {unknown}; choose from {sorted(names)}")
+        return self
+
+    @model_validator(mode="after")
+    def _check_model_fits_images(self) -> Config:
+        """The checks the U-Net makes when it is built, made before anything is computed."""
+        m, size = self.model, IMAGE_SIZES[self.data.dataset]
+        if size % 2 ** (len(m.channel_mults) - 1):
             raise ValueError(
-                f"influence.ablation_measurements: unknown {unknown}; choose from {sorted(names)}"
+                f"model.channel_mults: {len(m.channel_mults)} levels halve {size}x{size} "
+                f"{self.data.dataset} images {len(m.channel_mults) - 1} times; at most "
+                f"{int(math.log2(size & -size)) + 1} levels fit"
             )
+        widths = [m.base_channels * k for k in m.channel_mults]
+        if any(w % m.norm_groups for w in widths):
+            raise ValueError(
+                f"model.norm_groups: {m.norm_groups} must divide every level's width "
+                f"model.base_channels * channel_mults = {widths}"
+            )
+        reached = [size // 2**i for i in range(len(m.channel_mults))]
+        if not set(m.attn_resolutions) <= set(reached):
+            raise ValueError(
+                f"model.attn_resolutions: {list(m.attn_resolutions)} must be resolutions some "
+                f"level reaches on {size}x{size} images: {reached}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_subset_sizes(self) -> Config:
+        n = self.data.num_train
+        keep = round(self.retrain.fraction * n)
+        if keep < 2 or n - keep < 2:
+            raise ValueError(
+                f"retrain.fraction: {self.retrain.fraction:g} of the {n} training examples "
+                f"keeps {keep} and drops {n - keep}; both must be at least 2, i.e. the "
+                f"fraction must lie in [{2 / n:.3g}, {1 - 2 / n:.3g}]"
+            )
+        labels = [f"{f:g}" for f in self.counterfactual.fractions]
+        twice = [x for i, x in enumerate(labels) if x in labels[:i]]
+        if twice:
+            raise ValueError(
+                f"counterfactual.fractions: two fractions print as {twice[0]} (models are "
+                "named by it); give distinct values"
+            )
+        for f in self.counterfactual.fractions:
+            left = n - round(f * n)
+            if left < 2 or round(f * n) < 1:
+                raise ValueError(
+                    f"counterfactual.fractions: removing {f:g} of the {n} training examples "
+                    f"removes {round(f * n)} and leaves {left}; it must remove at least 1 and "
+                    "leave at least 2"
+                )
         return self
 
     @model_validator(mode="after")
@@ -342,40 +503,125 @@ class ConfigError(ValueError):
     """Invalid parameters; the message names every offending key."""
 
 
-def _format(err: ValidationError, source: str) -> str:
+def _allowed_keys(loc: tuple) -> str:
+    """The keys allowed where ``loc`` (a section, or the top level) points."""
+    if len(loc) == 1:
+        return ", ".join(Config.model_fields)
+    section = Config.model_fields.get(str(loc[0]))
+    return ", ".join(section.annotation.model_fields) if section else ""
+
+
+def _format(err: ValidationError, source: str, prefix: tuple = ()) -> str:
+    """One line per error of ``err``, naming its key (``prefix`` + its location)."""
     lines = [f"invalid parameters in {source}:"]
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        loc = (*prefix, *e["loc"])
+        key = ".".join(str(p) for p in loc) or "(top level)"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            msg = "unknown key"
+            allowed = _allowed_keys(loc)
+            msg = "unknown key" + (f"; allowed here: {allowed}" if allowed else "")
         elif e["type"] != "missing" and "input" in e and not isinstance(e["input"], dict):
             msg += f" (got {e['input']!r})"
-        # cross-section checks name their keys in the message itself
-        lines.append(f"  {key}: {msg}" if e["loc"] else f"  {msg}")
+        # cross-section and section checks name their keys in the message itself
+        named = not loc or msg.startswith(f"{key}.")
+        lines.append(f"  {msg}" if named else f"  {key}: {msg}")
     return "\n".join(lines)
 
 
-def parse_config(raw: object, source: str = "params") -> Config:
-    """Validate a mapping (e.g. parsed YAML) against :class:`Config`."""
+def _sections() -> str:
+    return ", ".join(Config.model_fields)
+
+
+def missing_keys(raw: dict) -> list[str]:
+    """Lines naming every section and key of :class:`Config` that ``raw`` leaves out (a
+    section that is not a mapping is left to the schema's own message)."""
+    lines = []
+    for name, field in Config.model_fields.items():
+        if name not in raw:
+            lines.append(
+                f"  {name}: missing section (a parameters file lists every section: {_sections()})"
+            )
+            continue
+        if isinstance(raw[name], dict):
+            for key, f in field.annotation.model_fields.items():
+                if key not in raw[name]:
+                    default = json.dumps(
+                        f.default if not isinstance(f.default, tuple) else list(f.default)
+                    )
+                    lines.append(
+                        f"  {name}.{key}: missing key (a parameters file spells out every key; "
+                        f"the default is {default})"
+                    )
+    return lines
+
+
+def parse_config(raw: object, source: str = "params", *, complete: bool = False) -> Config:
+    """Validate a mapping (e.g. parsed YAML) against :class:`Config`; with ``complete``, every
+    section and key must be given (:func:`missing_keys`), as in a parameters file."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"invalid parameters in {source}: expected a mapping at the top level")
-    try:
-        return Config.model_validate(raw)
-    except ValidationError as err:
-        raise ConfigError(_format(err, source)) from None
+        what = "an empty file" if raw is None else f"a {type(raw).__name__}"
+        raise ConfigError(
+            f"invalid parameters in {source}: (top level): expected a mapping of the sections "
+            f"{_sections()}, got {what}"
+        )
+    lines = missing_keys(raw) if complete else []
+    if not lines:
+        try:
+            return Config.model_validate(raw)
+        except ValidationError as err:
+            lines = _format(err, source).splitlines()[1:]
+    else:  # the keys given, each section on its own: no check of defaults nobody chose
+        for name, value in raw.items():
+            field = Config.model_fields.get(name)
+            try:
+                if field is None:
+                    Config.model_validate({name: value})
+                else:
+                    field.annotation.model_validate(value)
+            except ValidationError as err:
+                prefix = () if field is None else (name,)
+                lines += _format(err, source, prefix).splitlines()[1:]
+    raise ConfigError("\n".join([f"invalid parameters in {source}:", *lines]))
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML itself keeps
+    the last one silently)."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False):
+    seen: set = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} is given twice in one mapping", key_node.start_mark
+            )
+        seen.add(key)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
 def load_config(path: str | Path = "params.yaml") -> Config:
-    """Read and validate a parameters file; raises :class:`ConfigError` naming bad keys."""
+    """Read and validate a parameters file; raises :class:`ConfigError` naming bad keys.
+
+    The file must be UTF-8 YAML (safe tags only, no key twice) spelling out every section and
+    key (:func:`parse_config` with ``complete=True``)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"parameters file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except (UnicodeDecodeError, OSError) as err:
+        raise ConfigError(f"{path} cannot be read as UTF-8 text: {err}") from None
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {err}") from None
-    return parse_config(raw, str(path))
+    return parse_config(raw, str(path), complete=True)
 
 
 def dump_config(config: Config) -> str:
@@ -383,15 +629,39 @@ def dump_config(config: Config) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
 
 
+#: What ``--write`` puts in its file: the same bytes for every valid parameters file, so that
+#: the ``validate`` stage's output changes no other stage's dependencies.
+VALID_MARKER = {"params": "valid"}
+
+USAGE = "usage: python -m diffusion_attribution.config [PARAMS.yaml] [--write MARKER.json]"
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m diffusion_attribution.config [params.yaml]``: validate, print errors, exit 2."""
-    args = sys.argv[1:] if argv is None else argv
+    """``python -m diffusion_attribution.config [params.yaml] [--write PATH]``: validate,
+    print errors, exit 2; with ``--write``, write :data:`VALID_MARKER` to ``PATH`` once the
+    file is valid (atomically)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    write = None
+    if "--write" in args:
+        i = args.index("--write")
+        if i + 1 >= len(args):
+            print(USAGE, file=sys.stderr)
+            return 2
+        write = args[i + 1]
+        del args[i : i + 2]
+    if len(args) > 1 or any(a.startswith("-") for a in args):
+        print(USAGE, file=sys.stderr)
+        return 2
     path = args[0] if args else "params.yaml"
     try:
         load_config(path)
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 2
+    if write is not None:
+        from .io import atomic_write_text
+
+        atomic_write_text(json.dumps(VALID_MARKER) + "\n", write)
     print(f"{path}: ok")
     return 0
 

@@ -13,6 +13,14 @@ For each stage of :mod:`diffusion_attribution.stages`:
 - **data dependencies and outputs**: what the module declares (``INPUTS``, ``OUTS``,
   ``PERSIST``, ``FIGURES``, ``METRICS``), plus its notebook.
 
+A first stage, ``validate`` (:func:`validate_spec`), validates the whole ``params.yaml``
+(``python -m diffusion_attribution.config params.yaml --write VALIDATED``) and every other
+stage depends on its small output :data:`VALIDATED`. DVC deletes a stage's outputs right
+before it runs the stage's command, so without it a bad value would first cost the outputs
+of the stage that reports it; with it, ``dvc repro`` stops at ``validate`` and deletes
+nothing. Its output holds the same bytes for every valid file, so editing one parameter
+reruns only the stages that read it.
+
 ``python -m diffusion_attribution.dvcgraph`` prints the ``dvc.yaml`` this gives;
 ``--check`` exits 1 when the committed ``dvc.yaml`` differs (a test runs it).
 """
@@ -36,7 +44,8 @@ HEADER = """\
 # Derived from the stage modules by `python -m diffusion_attribution.dvcgraph > dvc.yaml`:
 # do not edit by hand (a test fails when this file and the stages disagree).
 # Each stage executes one notebook with papermill through
-# `python -m diffusion_attribution.pipeline STAGE`, which first validates params.yaml.
+# `python -m diffusion_attribution.pipeline STAGE`, which first validates params.yaml; the first
+# stage, validate, checks the whole params.yaml before DVC deletes any stage's outputs.
 # Executed notebooks (reports/notebooks/) are outputs, never dependencies: they carry timestamps.
 """
 
@@ -196,6 +205,22 @@ def declarations(path: Path) -> SimpleNamespace:
     return SimpleNamespace(**found)
 
 
+#: Name and output of the stage that validates ``params.yaml`` before any other runs.
+VALIDATE = "validate"
+VALIDATED = "outputs/validate/params.ok.json"
+
+
+def validate_spec() -> dict:
+    """The ``dvc.yaml`` entry of the ``validate`` stage: the whole parameters file and the
+    code that validates it in, :data:`VALIDATED` out (module docstring)."""
+    libs = sorted(_rel(p) for p in library_deps(f"{PACKAGE}.config"))
+    return {
+        "cmd": f"python -m {PACKAGE}.config params.yaml --write {VALIDATED}",
+        "deps": ["params.yaml", *libs],
+        "outs": [VALIDATED],
+    }
+
+
 def stage_spec(name: str) -> dict:
     """The ``dvc.yaml`` entry of stage ``name``."""
     if name not in stages.NAMES:
@@ -206,7 +231,7 @@ def stage_spec(name: str) -> dict:
     libs = sorted(_rel(p) for p in library_deps(module))
     spec: dict = {
         "cmd": f"python -m diffusion_attribution.pipeline {name}",
-        "deps": [f"notebooks/{mod.NOTEBOOK}", *libs, *mod.INPUTS],
+        "deps": [VALIDATED, f"notebooks/{mod.NOTEBOOK}", *libs, *mod.INPUTS],
     }
     params = sorted(params_read(path))
     if params:
@@ -235,7 +260,10 @@ PLOTS = [
 
 def dvc_yaml() -> str:
     """The whole ``dvc.yaml`` text."""
-    body = {"stages": {name: stage_spec(name) for name in stages.NAMES}, "plots": PLOTS}
+    body = {
+        "stages": {VALIDATE: validate_spec(), **{name: stage_spec(name) for name in stages.NAMES}},
+        "plots": PLOTS,
+    }
     return HEADER + yaml.safe_dump(body, sort_keys=False, width=100)
 
 

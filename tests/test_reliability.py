@@ -1,0 +1,555 @@
+"""Reliability: bad parameters, numerical faults and corrupt or hostile files, each tried and
+counted (issue 14, parts 1, 3 and 4).
+
+- **Bad parameters** (:data:`CASES`, a case registry in the manner of curvlinops'
+  ``test/cases.py``): every case is a different key or failure class. Each must make
+  ``python -m diffusion_attribution.config FILE`` and ``python -m diffusion_attribution.pipeline
+  STAGE`` exit with status 2, print one message naming the key and what is allowed, no
+  traceback, and compute nothing. Most cases run through the two ``main`` functions in this
+  process; :data:`SUBPROCESS_CASES` also through real interpreters; one test runs ``dvc repro``
+  on a bad file and checks that no earlier output is deleted.
+- **Numerical faults** (:data:`FAULTS`): a NaN weight, a diverged training run, an Inf
+  curvature factor, a non-finite measurement.
+- **Corrupt and hostile files** (:data:`CORRUPTIONS`): truncated, bit-flipped, empty, a
+  pickle (with code in it) where a tensor file is expected, a full disk during a write; and
+  an AST scan of ``lib/`` for unsafe loads.
+
+The ``test_*_counts`` tests assert and print the counts the README's reliability section
+reports (run with ``-s`` to see them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from diffusion_attribution import config as config_module
+from diffusion_attribution import dvcgraph, pipeline, stages
+from diffusion_attribution.config import VALID_MARKER, Config, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+LIB = ROOT / "lib" / "diffusion_attribution"
+SMOKE = ROOT / "configs" / "smoke.yaml"
+SMOKE_RAW = yaml.safe_load(SMOKE.read_text())
+
+
+# ---- part 1: bad parameters ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Case:
+    """A bad parameters file: ``make`` turns the smoke profile's mapping into the file's text;
+    the message must contain ``key`` and ``allowed`` (what the key may be)."""
+
+    id: str
+    make: Callable[[dict], str]
+    key: str
+    allowed: str
+    #: a problem in the mapping (one line naming one key), not in the file as text
+    one_line: bool = True
+
+
+def _dump(raw: dict) -> str:
+    return yaml.safe_dump(raw, sort_keys=False)
+
+
+def setting(dotted: str, value: object) -> Callable[[dict], str]:
+    def make(raw: dict) -> str:
+        *parents, last = dotted.split(".")
+        node = raw
+        for p in parents:
+            node = node[p]
+        node[last] = value
+        return _dump(raw)
+
+    return make
+
+
+def settings(**values: object) -> Callable[[dict], str]:
+    def make(raw: dict) -> str:
+        for dotted, value in values.items():
+            setting(dotted.replace("__", "."), value)(raw)
+        return _dump(raw)
+
+    return make
+
+
+def dropping(dotted: str) -> Callable[[dict], str]:
+    def make(raw: dict) -> str:
+        *parents, last = dotted.split(".")
+        node = raw
+        for p in parents:
+            node = node[p]
+        del node[last]
+        return _dump(raw)
+
+    return make
+
+
+def text(body: str | bytes) -> Callable[[dict], str | bytes]:
+    return lambda raw: body
+
+
+def editing(old: str, new: str) -> Callable[[dict], str]:
+    def make(raw: dict) -> str:
+        body = _dump(raw)
+        assert old in body, old
+        return body.replace(old, new, 1)
+
+    return make
+
+
+SECTIONS = list(Config.model_fields)
+CASES = [
+    # unknown keys, at the top level and in every section
+    Case("unknown-top-level", setting("bogus", 1), "bogus", "allowed here: data, model"),
+    Case("unknown-data", setting("data.datset", "digits2"), "data.datset", "dataset, digits"),
+    Case("unknown-model", setting("model.channels", 8), "model.channels", "base_channels"),
+    Case("unknown-diffusion", setting("diffusion.T", 10), "diffusion.T", "num_timesteps"),
+    Case("unknown-train", setting("train.stepz", 10), "train.stepz", "steps, batch_size"),
+    Case("unknown-sample", setting("sample.count", 4), "sample.count", "num_samples"),
+    Case("unknown-curvature", setting("curvature.damping", 1.0), "curvature.damping", "variants"),
+    Case("unknown-influence", setting("influence.draws", 4), "influence.draws", "train_draws"),
+    Case("unknown-trak", setting("trak.dim", 64), "trak.dim", "projection_dim"),
+    Case("unknown-retrain", setting("retrain.models", 4), "retrain.models", "num_subsets"),
+    Case("unknown-measure", setting("measure.queries", 4), "measure.queries", "num_queries"),
+    Case(
+        "unknown-counterfactual",
+        setting("counterfactual.steps", 60),
+        "counterfactual.steps",
+        "fractions, num_queries",
+    ),
+    # incomplete files
+    Case("missing-section", dropping("measure"), "measure", "missing section"),
+    Case("missing-key", dropping("train.seed"), "train.seed", "the default is 0"),
+    Case("null-section", setting("train", None), "train", "valid dictionary"),
+    Case("section-is-a-list", setting("model", [1, 2]), "model", "valid dictionary"),
+    # wrong types
+    Case("int-from-text", setting("train.steps", "many"), "train.steps", "valid integer"),
+    Case("int-from-bool", setting("train.batch_size", True), "train.batch_size", "valid integer"),
+    Case("int-from-fraction", setting("sample.num_samples", 2.5), "sample.num_samples", "integer"),
+    Case("float-from-text", setting("train.lr", "fast"), "train.lr", "valid number"),
+    Case("float-from-bool", setting("train.grad_clip", True), "train.grad_clip", "not a boolean"),
+    Case("tuple-from-int", setting("model.channel_mults", 2), "model.channel_mults", "valid tuple"),
+    Case(
+        "tuple-from-text",
+        setting("data.digits_classes", "3,8"),
+        "data.digits_classes",
+        "valid tuple",
+    ),
+    Case(
+        "bool-from-text",
+        setting("retrain.epoch_matched", "maybe"),
+        "retrain.epoch_matched",
+        "valid boolean",
+    ),
+    # not finite
+    Case("nan", editing("lr: 0.003", "lr: .nan"), "train.lr", "finite number"),
+    Case("inf", editing("damping: 1.0e-08", "damping: .inf"), "influence.damping", "finite"),
+    # out of range
+    Case("negative-steps", setting("train.steps", -5), "train.steps", "greater than 0"),
+    Case("zero-lr", setting("train.lr", 0), "train.lr", "greater than 0"),
+    Case("dropout-1.5", setting("model.dropout", 1.5), "model.dropout", "less than 1"),
+    Case("beta-1.5", setting("diffusion.beta_end", 1.5), "diffusion.beta_end", "less than 1"),
+    Case("ema-decay-1", setting("train.ema_decay", 1.0), "train.ema_decay", "less than 1"),
+    Case("fraction-1", setting("retrain.fraction", 1.0), "retrain.fraction", "less than 1"),
+    Case("one-subset", setting("retrain.num_subsets", 1), "retrain.num_subsets", "equal to 2"),
+    Case("digit-12", setting("data.digits_classes", [3, 12]), "digits_classes.1", "equal to 9"),
+    Case("projection-0", setting("trak.projection_dim", 0), "trak.projection_dim", "than 0"),
+    Case("fraction-0", setting("counterfactual.fractions", [0.0]), "fractions.0", "than 0"),
+    Case("negative-seed", setting("sample.seed", -1), "sample.seed", "equal to 0"),
+    Case("seed-2**64", setting("data.seed", 2**64), "data.seed", "less than 4611686018427387904"),
+    Case("timestep-0", setting("influence.timesteps", [0, 50]), "timesteps.0", "greater than 0"),
+    # not one of the choices
+    Case("dataset", setting("data.dataset", "mnist"), "data.dataset", "'digits2', 'digits10'"),
+    Case("variance", setting("diffusion.variance", "learned"), "diffusion.variance", "fixed_large"),
+    Case("variant", setting("curvature.variants", ["mc_expandd"]), "variants.0", "'mc_reduce'"),
+    Case("compression", setting("influence.compression", "int2"), "compression", "'int4'"),
+    Case("projection", setting("trak.projection", "sparse"), "trak.projection", "'gaussian'"),
+    Case(
+        "method",
+        setting("counterfactual.methods", ["kfac", "lasso"]),
+        "methods.1",
+        "'d-trak' or 'random'",
+    ),
+    # empty or repeated lists
+    Case(
+        "no-variants", setting("curvature.variants", []), "curvature.variants", "at least one entry"
+    ),
+    Case(
+        "no-dampings",
+        setting("trak.relative_dampings", []),
+        "trak.relative_dampings",
+        "at least one entry",
+    ),
+    Case(
+        "timestep-twice",
+        setting("influence.timesteps", [5, 5]),
+        "influence.timesteps",
+        "5 is given twice",
+    ),
+    Case(
+        "method-twice",
+        setting("counterfactual.methods", ["kfac", "kfac"]),
+        "counterfactual.methods",
+        "distinct",
+    ),
+    # inconsistent across keys and sections
+    Case(
+        "more-queries-than-samples",
+        setting("measure.num_queries", 17),
+        "measure.num_queries",
+        "exceeds sample.num_samples = 16",
+    ),
+    Case(
+        "more-counterfactual-queries",
+        setting("counterfactual.num_queries", 9),
+        "counterfactual.num_queries",
+        "measure.num_queries = 8",
+    ),
+    Case(
+        "timestep-above-T",
+        setting("influence.timesteps", [5, 101]),
+        "influence.timesteps",
+        "must lie in 1..100",
+    ),
+    Case(
+        "subset-of-one",
+        setting("retrain.fraction", 0.003),
+        "retrain.fraction",
+        "keeps 1 and drops 356; both must be at least 2",
+    ),
+    Case(
+        "complement-of-one",
+        setting("retrain.fraction", 0.998),
+        "retrain.fraction",
+        "drops 1",
+    ),
+    Case(
+        "removes-nothing",
+        setting("counterfactual.fractions", [0.001]),
+        "counterfactual.fractions",
+        "must remove at least 1",
+    ),
+    Case(
+        "fractions-same-name",
+        setting("counterfactual.fractions", [0.1, 0.1000001]),
+        "counterfactual.fractions",
+        "print as 0.1",
+    ),
+    Case(
+        "warmup-too-long",
+        setting("train.warmup_steps", 60),
+        "train.warmup_steps",
+        "smaller than steps (train.steps = 60)",
+    ),
+    Case(
+        "betas-reversed",
+        setting("diffusion.beta_start", 0.5),
+        "diffusion.beta_start",
+        "must not exceed diffusion.beta_end = 0.2",
+    ),
+    Case(
+        "epochs-not-matched",
+        setting("retrain.steps", 25),
+        "retrain.steps",
+        "needs retrain.steps = 30",
+    ),
+    Case(
+        "seeds-overlap",
+        setting("retrain.first_seed", 0),
+        "retrain.first_seed",
+        "train.seed = 0",
+    ),
+    Case(
+        "one-independent-subset",
+        setting("retrain.independent_subsets", 1),
+        "retrain.independent_subsets",
+        "0 (no sensitivity check) or between 2 and retrain.num_subsets = 4",
+    ),
+    Case(
+        "unknown-ablation-measurement",
+        setting("influence.ablation_measurements", ["loss", "l_t=7"]),
+        "influence.ablation_measurements",
+        "choose from",
+    ),
+    Case(
+        "unknown-trak-measurement",
+        setting("trak.query_measurements", ["loss", "elbow"]),
+        "trak.query_measurements",
+        "'l_t=5', 'l_t=50', 'loss'",
+    ),
+    Case(
+        "norm-groups",
+        setting("model.norm_groups", 3),
+        "model.norm_groups",
+        "must divide every level's width",
+    ),
+    Case(
+        "too-many-levels",
+        setting("model.channel_mults", [1, 2, 2, 2, 2]),
+        "model.channel_mults",
+        "at most 4 levels fit",
+    ),
+    Case(
+        "attention-resolution",
+        setting("model.attn_resolutions", [5]),
+        "model.attn_resolutions",
+        "some level reaches on 8x8 images: [8, 4]",
+    ),
+    Case(
+        "digits2-one-class",
+        setting("data.digits_classes", [3, 3]),
+        "data.digits_classes",
+        "exactly two distinct classes",
+    ),
+    Case(
+        "cifar2-too-large",
+        settings(data__dataset="cifar2", data__cifar2_size=10002),
+        "data.cifar2_size",
+        "at most 10000",
+    ),
+    # the file itself
+    Case("empty-file", text(""), "(top level)", "mapping of the sections data, model", False),
+    Case("only-comments", text("# nothing\n"), "(top level)", "got an empty file", False),
+    Case("top-level-list", text("- data\n- model\n"), "(top level)", "got a list", False),
+    Case("invalid-yaml", editing("train:\n", "train: [\n"), "line", "not valid YAML", False),
+    Case(
+        "key-twice",
+        editing("  lr: 0.003\n", "  lr: 0.003\n  steps: 61\n"),
+        "'steps' is given twice",
+        "line",
+        False,
+    ),
+    Case(
+        "tab-indent", editing("  steps: 60", "\tsteps: 60"), "line", "cannot start any token", False
+    ),
+    Case(
+        "python-tag",
+        text('train: !!python/object/apply:os.system ["touch hacked"]\n'),
+        "python/object/apply",
+        "not valid YAML",
+        False,
+    ),
+    Case("not-utf8", text(b"train:\n  steps: \xff\xfe\n"), "UTF-8", "cannot be read", False),
+]
+
+#: Cases also run through real interpreters (the others through the same ``main`` functions
+#: in this process, which is what those interpreters run).
+SUBPROCESS_CASES = ("unknown-train", "more-queries-than-samples", "invalid-yaml", "empty-file")
+
+
+def write_case(case: Case, folder: Path) -> Path:
+    body = case.make(json.loads(json.dumps(SMOKE_RAW)))
+    path = folder / "params.yaml"
+    path.write_bytes(body if isinstance(body, bytes) else body.encode())
+    return path
+
+
+def check_message(case: Case, rc: int, err: str) -> None:
+    assert rc == 2, f"{case.id}: exit status {rc}\n{err}"
+    assert "Traceback" not in err, f"{case.id}: a traceback\n{err}"
+    assert case.key in err, f"{case.id}: the message does not name {case.key!r}\n{err}"
+    assert case.allowed in err, f"{case.id}: the message does not say {case.allowed!r}\n{err}"
+    if case.one_line:  # one problem: a header and one line naming one key
+        lines = err.strip().splitlines()
+        assert len(lines) == 2 and lines[0].startswith("invalid parameters in"), err
+
+
+def stage_of(case: Case) -> str:
+    """Each case's pipeline run names another stage, so every stage's runner is tried."""
+    return stages.NAMES[CASES.index(case) % len(stages.NAMES)]
+
+
+def reject_in_process(case: Case, folder: Path, capsys) -> tuple[str, str]:
+    """Run the case through ``config.main`` and ``pipeline.main`` (in ``folder``); returns
+    what each printed to stderr, after checking the exit status, the message and that
+    nothing was computed."""
+    path = write_case(case, folder)
+    capsys.readouterr()
+    rc = config_module.main([str(path)])
+    out = capsys.readouterr()
+    check_message(case, rc, out.err)
+    assert out.out == "", out.out
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        rc = pipeline.main([stage_of(case)])
+    finally:
+        os.chdir(cwd)
+    piped = capsys.readouterr()
+    check_message(case, rc, piped.err)
+    assert sorted(p.name for p in folder.iterdir()) == ["params.yaml"], "something was computed"
+    return out.err, piped.err
+
+
+def test_case_registry_is_distinct():
+    """Every case is its own key or failure class: distinct ids and distinct (key, allowed)."""
+    assert len({c.id for c in CASES}) == len(CASES)
+    assert len({(c.key, c.allowed) for c in CASES}) == len(CASES)
+    assert set(SUBPROCESS_CASES) <= {c.id for c in CASES}
+    for section in SECTIONS:  # an unknown key in every section
+        assert any(c.id == f"unknown-{section}" for c in CASES), section
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_bad_parameters_are_rejected_cleanly(case, tmp_path, capsys):
+    reject_in_process(case, tmp_path, capsys)
+
+
+def test_bad_parameters_counts(tmp_path, capsys):
+    """The count the README reports: bad parameter files tried, and rejected cleanly by both
+    entry points (exit 2, one message naming the key and what is allowed, no traceback,
+    nothing computed)."""
+    clean = 0
+    for i, case in enumerate(CASES):
+        folder = tmp_path / str(i)
+        folder.mkdir()
+        with contextlib.suppress(AssertionError):
+            reject_in_process(case, folder, capsys)
+            clean += 1
+    assert len(CASES) >= 40
+    assert clean == len(CASES), f"{len(CASES) - clean} bad files were not rejected cleanly"
+    with capsys.disabled():
+        print(f"\nbad parameter files: {len(CASES)} tried, {clean} rejected cleanly")
+
+
+def test_bad_parameters_through_real_interpreters(tmp_path):
+    """The command lines DVC runs: exit 2, the message, no traceback, nothing computed."""
+    procs = []
+    for case in (c for c in CASES if c.id in SUBPROCESS_CASES):
+        folder = tmp_path / case.id
+        folder.mkdir()
+        path = write_case(case, folder)
+        for argv in (
+            ["diffusion_attribution.config", str(path)],
+            ["diffusion_attribution.pipeline", stage_of(case)],
+        ):
+            proc = subprocess.Popen(
+                [sys.executable, "-m", *argv],
+                cwd=folder,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            procs.append((case, folder, proc))
+    for case, folder, proc in procs:
+        _, err = proc.communicate(timeout=120)
+        check_message(case, proc.returncode, err)
+        assert sorted(p.name for p in folder.iterdir()) == ["params.yaml"]
+
+
+def test_usage_errors_exit_2(tmp_path, capsys):
+    assert pipeline.main(["no_such_stage"]) == 2
+    assert "unknown stage 'no_such_stage'" in capsys.readouterr().err
+    assert pipeline.main([]) == 2 and "usage" in capsys.readouterr().err
+    assert config_module.main([str(SMOKE), "--write"]) == 2
+    assert config_module.main([str(SMOKE), "extra.yaml"]) == 2
+    assert config_module.main([str(tmp_path / "absent.yaml")]) == 2
+    assert "parameters file not found" in capsys.readouterr().err
+    assert config_module.main([str(tmp_path)]) == 2  # a directory
+
+
+def test_every_profile_is_valid_and_complete():
+    for path in sorted((ROOT / "configs").glob("*.yaml")) + [ROOT / "params.yaml"]:
+        load_config(path)
+
+
+def test_digit_counts_are_those_of_the_data():
+    """The training-set sizes the subset checks use are the data's (a derived fact, tested)."""
+    from diffusion_attribution.data import load_digits
+
+    counts = tuple(len(load_digits([c])) for c in range(10))
+    assert counts == config_module.DIGIT_COUNTS
+    assert load_config(SMOKE).data.num_train == len(load_digits([3, 8])) == 357
+
+
+def test_validation_marker_is_the_same_for_every_valid_file(tmp_path, capsys):
+    """The ``validate`` stage's output does not change with the parameters, so it reruns no
+    stage by itself; and it is written only for a valid file."""
+    a, b = tmp_path / "a" / "ok.json", tmp_path / "b" / "ok.json"
+    assert config_module.main([str(SMOKE), "--write", str(a)]) == 0
+    assert config_module.main([str(ROOT / "params.yaml"), "--write", str(b)]) == 0
+    assert a.read_bytes() == b.read_bytes()
+    assert json.loads(a.read_text()) == VALID_MARKER
+    bad = write_case(CASES[0], tmp_path)
+    c = tmp_path / "c" / "ok.json"
+    assert config_module.main([str(bad), "--write", str(c)]) == 2 and not c.exists()
+
+
+def test_every_stage_depends_on_the_validation():
+    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    assert next(iter(spec)) == dvcgraph.VALIDATE
+    validate = spec[dvcgraph.VALIDATE]
+    assert validate["outs"] == [dvcgraph.VALIDATED]
+    assert {"params.yaml", "lib/diffusion_attribution/config.py"} <= set(validate["deps"])
+    assert "--write" in validate["cmd"] and dvcgraph.VALIDATED in validate["cmd"]
+    for name in stages.NAMES:
+        assert dvcgraph.VALIDATED in spec[name]["deps"], name
+
+
+def _copy_repo(dst: Path) -> None:
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\0")
+    for f in filter(None, files):
+        src = ROOT / f
+        if src.is_file():
+            (dst / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst / f)
+
+
+@pytest.mark.slow
+def test_dvc_repro_with_bad_parameters_deletes_nothing(tmp_path):
+    """`dvc repro` on a bad params.yaml stops at the validation stage: it fails naming the key
+    and no earlier output is deleted or rewritten (DVC removes a stage's outputs right before
+    it runs the stage's command)."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _copy_repo(repo)
+    shutil.copy(SMOKE, repo / "params.yaml")
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    env = {
+        "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
+        "DA_THREADS": "1",
+        "HOME": str(tmp_path),
+        "PYTHONPATH": str(repo / "lib"),
+    }
+    dvc = [sys.executable, "-m", "dvc"]
+    start = time.perf_counter()
+    first = subprocess.run([*dvc, "repro", "data"], cwd=repo, env=env, capture_output=True)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    marker = repo / dvcgraph.VALIDATED  # the validation's own output: rewritten when it passes
+    outputs = [p for p in (repo / "outputs").rglob("*") if p.is_file() and p != marker]
+    outputs += [p for p in (repo / "reports").rglob("*") if p.is_file()]
+    assert any("outputs/data" in str(p) for p in outputs)
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in outputs}
+    bad = yaml.safe_load((repo / "params.yaml").read_text())
+    bad["data"]["seed"] = -1  # the data stage's own parameter: data would rerun first
+    (repo / "params.yaml").write_text(_dump(bad))
+    run = subprocess.run([*dvc, "repro"], cwd=repo, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    assert run.returncode != 0
+    said = run.stdout + run.stderr
+    assert "data.seed" in said and "greater than or equal to 0" in said, said[-3000:]
+    assert "Traceback" not in said
+    for p, (mtime, data) in before.items():
+        assert p.exists(), f"{p.relative_to(repo)} was deleted"
+        assert p.stat().st_mtime_ns == mtime and p.read_bytes() == data, p
+    assert not marker.exists(), "a failed validation must not leave its marker"
+    print(f"dvc repro data + dvc repro on a bad file: {seconds:.1f} s")
