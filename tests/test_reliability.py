@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -32,10 +33,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from diffusion_attribution import config as config_module
-from diffusion_attribution import dvcgraph, pipeline, stages
+from diffusion_attribution import dvcgraph, io, pipeline, stages
 from diffusion_attribution.config import VALID_MARKER, Config, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -553,3 +555,155 @@ def test_dvc_repro_with_bad_parameters_deletes_nothing(tmp_path):
         assert p.stat().st_mtime_ns == mtime and p.read_bytes() == data, p
     assert not marker.exists(), "a failed validation must not leave its marker"
     print(f"dvc repro data + dvc repro on a bad file: {seconds:.1f} s")
+
+
+# ---- part 3: numerical faults ----------------------------------------------------------------
+
+
+def tiny_model():
+    from diffusion_attribution.config import ModelConfig
+    from diffusion_attribution.train import build_model
+
+    cfg = ModelConfig(base_channels=4, channel_mults=(1,), attn_resolutions=(), norm_groups=2)
+    torch.manual_seed(0)
+    return cfg, build_model(cfg, (1, 8, 8))
+
+
+def fault_nan_weight_checkpoint(tmp_path: Path) -> Exception:
+    """A model file with one NaN weight: load_model refuses it, naming file, layer, value."""
+    from diffusion_attribution.train import load_model, save_model
+
+    cfg, model = tiny_model()
+    path = tmp_path / "model.pt"
+    save_model(path, model, cfg, (1, 8, 8))
+    state = torch.load(path, weights_only=True)
+    layer = next(k for k, v in state["state_dict"].items() if v.ndim == 4)
+    state["state_dict"][layer].view(-1)[3] = float("nan")
+    io.atomic_save(state, path)
+    with pytest.raises(io.NonFiniteError) as err:
+        load_model(path)
+    msg = str(err.value)
+    assert f"load_model({path})" in msg and layer in msg and "nan" in msg, msg
+    return err.value
+
+
+def fault_diverged_training(tmp_path: Path) -> Exception:
+    """A training run whose loss becomes NaN (a NaN pixel in the data): save_model refuses the
+    weights, naming the output, the layer and the value, and writes nothing."""
+    from diffusion_attribution.config import TrainConfig
+    from diffusion_attribution.ddpm import NoiseSchedule
+    from diffusion_attribution.train import build_model, save_model, train_ddpm
+
+    cfg, _ = tiny_model()
+    images = torch.zeros(4, 1, 8, 8)
+    images[2, 0, 3, 3] = float("nan")
+    train = TrainConfig(steps=3, batch_size=4, warmup_steps=1, checkpoint_every=10)
+    result = train_ddpm(
+        lambda: build_model(cfg, (1, 8, 8)),
+        images,
+        NoiseSchedule.linear(10, 1e-3, 0.2),
+        train,
+        progress=False,
+    )
+    assert not all(math.isfinite(x) for x in result.losses)
+    out = tmp_path / "outputs" / "train" / "model.pt"
+    with pytest.raises(io.NonFiniteError) as err:
+        save_model(out, result.ema_model, cfg, (1, 8, 8))
+    msg = str(err.value)
+    assert f"save_model({out})" in msg and "weight" in msg and "nan" in msg, msg
+    assert not out.exists() and not out.parent.exists()
+    return err.value
+
+
+def fault_inf_curvature_factor(tmp_path: Path) -> Exception:
+    """An Inf in a layer's gradient covariance: the Kronecker blocks are not built; the
+    error names the function's check, the layer, the factor, the index and the value."""
+    from diffusion_attribution.kronecker import LayerFactors, kronecker_blocks
+
+    G, A = torch.eye(3), torch.eye(5)
+    G[1, 2] = float("inf")
+    layer = LayerFactors("down.0.conv", {"weight": 0, "bias": 1}, A=A, G=G)
+    with pytest.raises(FloatingPointError) as err:
+        kronecker_blocks([layer], [(3, 5), (3,)], ekfac=False, separate_weight_and_bias=False)
+    msg = str(err.value)
+    assert "'down.0.conv'" in msg and "G (gradient covariance)" in msg, msg
+    assert "inf at index [1, 2]" in msg, msg
+    return err.value
+
+
+def fault_inf_ekfac_eigenvalue(tmp_path: Path) -> Exception:
+    """An Inf among EK-FAC's corrected eigenvalues (a separate weight block)."""
+    from diffusion_attribution.kronecker import LayerFactors, kronecker_blocks
+
+    corrected = {0: torch.ones(3, 5), 1: torch.ones(3, 1)}
+    corrected[0][2, 4] = float("-inf")
+    layer = LayerFactors(
+        "up.1.proj", {"weight": 0, "bias": 1}, QG=torch.eye(3), QA=torch.eye(5), corrected=corrected
+    )
+    with pytest.raises(FloatingPointError) as err:
+        kronecker_blocks([layer], [(3, 5), (3,)], ekfac=True, separate_weight_and_bias=True)
+    msg = str(err.value)
+    assert "'up.1.proj'" in msg and "corrected eigenvalues" in msg and "-inf" in msg, msg
+    return err.value
+
+
+def fault_non_finite_measurement(tmp_path: Path) -> Exception:
+    """A measurement that is not finite for one query: the check names the function, the
+    measurement, the query and the value. (The check is :func:`io.check_finite`; where the
+    pipeline calls it on measurements is the gap :func:`test_measure_checks_its_values`
+    records.)"""
+    values = {"loss": torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64)}
+    values["elbo"] = torch.tensor([-1.0, float("inf"), -2.0], dtype=torch.float64)
+    with pytest.raises(io.NonFiniteError) as err:
+        io.check_finite(values, "measure(model 'subset3_seed101')")
+    msg = str(err.value)
+    assert "measure(model 'subset3_seed101')" in msg and "elbo" in msg, msg
+    assert "inf at index [1]" in msg, msg
+    return err.value
+
+
+FAULTS = {
+    "nan-weight-checkpoint": fault_nan_weight_checkpoint,
+    "diverged-training": fault_diverged_training,
+    "inf-curvature-factor": fault_inf_curvature_factor,
+    "inf-ekfac-eigenvalue": fault_inf_ekfac_eigenvalue,
+    "non-finite-measurement": fault_non_finite_measurement,
+}
+
+
+@pytest.mark.parametrize("name", FAULTS)
+def test_numerical_fault_is_caught(name, tmp_path):
+    FAULTS[name](tmp_path)
+
+
+def test_numerical_fault_counts(tmp_path):
+    caught = 0
+    for i, fault in enumerate(FAULTS.values()):
+        (tmp_path / str(i)).mkdir()
+        with contextlib.suppress(Exception):
+            fault(tmp_path / str(i))
+            caught += 1
+    assert caught == len(FAULTS) >= 4
+    print(f"\nnumerical faults: {len(FAULTS)} tried, {caught} caught")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=pytest.fail.Exception,  # "DID NOT RAISE", nothing else
+    reason="ground_truth.measure does not check its values for NaN / Inf (ground_truth.py is "
+    "outside this change; the fix: io.check_finite(values, ...) in run_measure_task before the "
+    "cache write). Remove this marker when it does.",
+)
+def test_measure_checks_its_values(tmp_path):
+    from diffusion_attribution.ground_truth import measure
+
+    class Broken:
+        def draw(self, x0, ids, s, seed, trajectories=None):
+            return {"eps": torch.zeros(len(x0), s)}
+
+        def __call__(self, model, x0, chunk):
+            return torch.full((len(x0),), float("nan"))
+
+    _, model = tiny_model()
+    with pytest.raises(FloatingPointError):
+        measure(model, {"broken": Broken()}, torch.zeros(2, 1, 8, 8), {"broken": 2}, 0)

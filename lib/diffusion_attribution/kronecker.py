@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .io import check_finite
+
 
 @dataclass
 class LayerFactors:
@@ -171,8 +173,10 @@ class KroneckerBlock:
 
 
 def _check_finite(layer: str, what: str, x: Tensor | None) -> None:
-    if x is not None and not bool(torch.isfinite(x).all()):
-        raise FloatingPointError(f"non-finite values (NaN/Inf) in {what} of layer {layer!r}")
+    """``FloatingPointError`` (:class:`~diffusion_attribution.io.NonFiniteError`) naming the
+    layer, the factor, and the index and value of the first NaN / Inf."""
+    if x is not None:
+        check_finite(x, f"non-finite values (NaN/Inf) in {what} of layer {layer!r}")
 
 
 def _psd_eigh(M: Tensor) -> tuple[Tensor, Tensor]:
@@ -242,6 +246,10 @@ def kronecker_blocks(
         out = int(param_shapes[next(iter(pos.values()))][0])
         G = None if layer.G is None else layer.G.to(f64)
         A = None if layer.A is None else layer.A.to(f64)
+        for what, x in (("G (gradient covariance)", G), ("A (input covariance)", A)):
+            _check_finite(name, what, x)
+        if ekfac:
+            _check_finite(name, "corrected eigenvalues", layer.corrected)
         if ekfac:
             QG_e, QA_e, corrected = layer.QG, layer.QA, layer.corrected
             for what, x in (("eigenvectors of G", QG_e), ("eigenvectors of A", QA_e)):
