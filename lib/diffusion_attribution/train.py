@@ -70,7 +70,7 @@ def train_ddpm(
     state is saved every ``cfg.checkpoint_every`` steps and at the end, and an existing
     checkpoint is resumed from (a finished one returns at once).
     """
-    from tqdm.auto import tqdm
+    from tqdm.std import tqdm
 
     if images.ndim != 4 or len(images) == 0:
         raise ValueError(
@@ -124,7 +124,7 @@ def train_ddpm(
         )
 
     model.train()
-    bar = tqdm(total=cfg.steps, initial=step, desc=desc, disable=not progress, mininterval=2)
+    bar = tqdm(total=cfg.steps, initial=step, desc=desc, disable=not progress, mininterval=5)
     start = time.perf_counter() - seconds
     while step < cfg.steps:
         if pos + bs > n:  # new epoch: reshuffle
