@@ -20,10 +20,13 @@ reports (run with ``-s`` to see them).
 
 from __future__ import annotations
 
+import ast
 import contextlib
+import errno
 import json
 import math
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -38,7 +41,7 @@ import yaml
 
 from diffusion_attribution import config as config_module
 from diffusion_attribution import dvcgraph, io, pipeline, stages
-from diffusion_attribution.config import VALID_MARKER, Config, load_config
+from diffusion_attribution.config import VALID_MARKER, Config, ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 LIB = ROOT / "lib" / "diffusion_attribution"
@@ -707,3 +710,237 @@ def test_measure_checks_its_values(tmp_path):
     _, model = tiny_model()
     with pytest.raises(FloatingPointError):
         measure(model, {"broken": Broken()}, torch.zeros(2, 1, 8, 8), {"broken": 2}, 0)
+
+
+# ---- part 4: corrupt and hostile files ----------------------------------------------------------
+
+
+def truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def flip_bit(path: Path) -> None:
+    """Flip one bit inside the largest tensor's bytes (torch.load itself does not notice)."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        info = max(z.infolist(), key=lambda i: i.file_size)
+    data = bytearray(path.read_bytes())
+    # the data follow the local header (30 bytes, the name, the local extra field)
+    local_extra = int.from_bytes(data[info.header_offset + 28 : info.header_offset + 30], "little")
+    start = info.header_offset + 30 + len(info.filename.encode()) + local_extra
+    data[start + info.file_size // 2] ^= 0x08
+    path.write_bytes(bytes(data))
+
+
+def empty(path: Path) -> None:
+    path.write_bytes(b"")
+
+
+class _Hostile:
+    """Unpickling this would create ``marker`` (code run by a data file)."""
+
+    marker = ""
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def as_pickle(path: Path) -> None:
+    _Hostile.marker = str(path.with_suffix(".pwned"))
+    path.write_bytes(pickle.dumps({"state_dict": _Hostile()}))
+
+
+def as_torch_pickle(path: Path) -> None:
+    _Hostile.marker = str(path.with_suffix(".pwned"))
+    torch.save({"state_dict": _Hostile()}, path)
+
+
+DAMAGE = {
+    "truncated": (truncate, "truncated or corrupt"),
+    "bit-flipped": (flip_bit, "does not match its CRC-32"),
+    "empty": (empty, "is empty"),
+    "bare-pickle": (as_pickle, "bare pickle"),
+    "pickled-code": (as_torch_pickle, "Python objects other than tensors"),
+}
+
+
+def write_model(path: Path) -> Callable[[Path], object]:
+    from diffusion_attribution.train import load_model, save_model
+
+    cfg, model = tiny_model()
+    save_model(path, model, cfg, (1, 8, 8))
+    return load_model
+
+
+def write_scores(path: Path) -> Callable[[Path], object]:
+    from diffusion_attribution.scores import ScoreKey, ScoreSet
+
+    ScoreSet({ScoreKey("kfac", "loss"): torch.randn(4, 50)}).save(path)
+    return ScoreSet.load
+
+
+def write_measurements(path: Path) -> Callable[[Path], object]:
+    io.atomic_save({"key": "abc", "values": {"loss": torch.randn(64, dtype=torch.float64)}}, path)
+    return lambda p: io.load(p, "measurements")
+
+
+FILES = {"checkpoint": write_model, "scores": write_scores, "measurements": write_measurements}
+CORRUPTIONS = [(f, d) for f in FILES for d in DAMAGE]
+
+
+@pytest.mark.parametrize(("kind", "damage"), CORRUPTIONS, ids=[f"{f}-{d}" for f, d in CORRUPTIONS])
+def test_corrupt_file_is_reported(kind, damage, tmp_path):
+    check_corrupt_file(kind, damage, tmp_path)
+
+
+def check_corrupt_file(kind: str, damage: str, tmp_path: Path) -> None:
+    path = tmp_path / f"{kind}.pt"
+    loader = FILES[kind](path)
+    loader(path)  # intact: loads
+    spoil, words = DAMAGE[damage]
+    spoil(path)
+    with pytest.raises(io.CorruptFileError) as err:
+        loader(path)
+    msg = str(err.value)
+    assert str(path) in msg and words in msg, msg
+    assert not path.with_suffix(".pwned").exists(), "a data file ran code"
+
+
+def test_corrupt_file_counts(tmp_path):
+    caught = 0
+    for i, (kind, damage) in enumerate(CORRUPTIONS):
+        (tmp_path / str(i)).mkdir()
+        with contextlib.suppress(Exception):
+            check_corrupt_file(kind, damage, tmp_path / str(i))
+            caught += 1
+    disk = 0
+    for i, writer in enumerate(("atomic_save", "atomic_write_text")):
+        with contextlib.suppress(Exception):
+            check_full_disk(writer, tmp_path / f"disk{i}")
+            disk += 1
+    assert caught == len(CORRUPTIONS) >= 15 and disk == 2
+    print(
+        f"\ncorrupt or hostile files: {len(CORRUPTIONS)} tried ({len(FILES)} kinds x "
+        f"{len(DAMAGE)} damages), {caught} caught; full disk during a write: {disk} of 2 "
+        "writers leave the old file intact"
+    )
+
+
+def check_full_disk(writer: str, folder: Path) -> None:
+    """The disk fills half-way through a write: the error is ENOSPC, the old file is intact
+    and no partial file is left beside it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "model.pt"
+    io.atomic_save({"w": torch.ones(100)}, path)
+    old = path.read_bytes()
+
+    def full(f, *_):
+        f.write(b"PK\x03\x04 half a file")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.MonkeyPatch.context() as mp:
+        if writer == "atomic_save":
+            mp.setattr(io.torch, "save", lambda obj, f: full(f))
+            with pytest.raises(OSError) as err:
+                io.atomic_save({"w": torch.zeros(100)}, path)
+        else:
+
+            def fsync(fd):
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+            mp.setattr(io.os, "fsync", fsync)
+            with pytest.raises(OSError) as err:
+                io.atomic_write_text("new text", path)
+    assert err.value.errno == errno.ENOSPC
+    assert path.read_bytes() == old
+    assert sorted(p.name for p in folder.iterdir()) == ["model.pt"], "a partial file was left"
+    assert torch.equal(io.load(path)["w"], torch.ones(100))
+
+
+@pytest.mark.parametrize("writer", ["atomic_save", "atomic_write_text"])
+def test_full_disk_leaves_the_old_file(writer, tmp_path):
+    check_full_disk(writer, tmp_path)
+
+
+def test_load_names_a_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model not found: .*absent.pt"):
+        io.load(tmp_path / "absent.pt", "model")
+
+
+#: Loads of data files that are not ``torch.load(..., weights_only=True)``: the one allowed,
+#: submitit's own job result files (written and read by the same user), in jobs.py.
+ALLOWED_UNSAFE = {("jobs.py", "pickle_load")}
+UNSAFE = {"load", "loads", "pickle_load", "read_pickle", "Unpickler"}
+PICKLERS = {"pickle", "cloudpickle", "dill", "joblib", "_pickle", "pd", "pandas"}
+
+
+def unsafe_loads(root: Path) -> tuple[set[tuple[str, str]], list[str]]:
+    """``(file, name)`` of every pickle-style load in ``root``'s Python files, and every
+    ``torch.load`` without ``weights_only=True`` (as ``file:line``)."""
+    unsafe, torch_loads = set(), []
+    for path in sorted(root.rglob("*.py")):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        rel = str(path.relative_to(root))
+        imported = {}  # from pickle import load as x -> x: pickle
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                for a in node.names:
+                    imported[a.asname or a.name] = (node.module, a.name)
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call):
+                continue
+            f = node.func
+            if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name):
+                owner, name = f.value.id, f.attr
+            elif isinstance(f, ast.Name):
+                owner, name = imported.get(f.id, ("", f.id))
+                owner = owner.split(".")[0]
+            else:
+                continue
+            if owner == "torch" and name == "load":
+                ok = any(
+                    k.arg == "weights_only"
+                    and isinstance(k.value, ast.Constant)
+                    and k.value.value is True
+                    for k in node.keywords
+                )
+                if not ok:
+                    torch_loads.append(f"{rel}:{node.lineno}")
+            elif name in UNSAFE and (owner in PICKLERS or name == "pickle_load"):
+                unsafe.add((rel, name))
+            elif owner in ("np", "numpy") and name == "load":
+                if any(k.arg == "allow_pickle" for k in node.keywords):
+                    unsafe.add((rel, "np.load(allow_pickle)"))
+    return unsafe, torch_loads
+
+
+def test_no_unsafe_loads_in_the_library(tmp_path):
+    """Nothing read from a data file is unpickled: every torch.load passes weights_only=True,
+    no pickle load of data, submitit's job files the one exception."""
+    unsafe, torch_loads = unsafe_loads(LIB)
+    assert torch_loads == [], f"torch.load without weights_only=True: {torch_loads}"
+    assert unsafe == ALLOWED_UNSAFE, f"pickle-style loads: {sorted(unsafe - ALLOWED_UNSAFE)}"
+    # the scan can fail: it finds each kind of unsafe load in a file made to hold them
+    bad = tmp_path / "bad.py"
+    bad.write_text(
+        "import pickle, torch\nfrom pickle import loads as L\nimport numpy as np\n"
+        "torch.load('a')\ntorch.load('a', weights_only=False)\npickle.load(f)\nL(b)\n"
+        "np.load('x', allow_pickle=True)\n"
+    )
+    found, loads = unsafe_loads(tmp_path)
+    assert loads == ["bad.py:4", "bad.py:5"]
+    assert found == {("bad.py", "load"), ("bad.py", "loads"), ("bad.py", "np.load(allow_pickle)")}
+
+
+def test_messages_are_errors_not_asserts():
+    """The library raises errors that name things; it never uses assert (stripped by -O)."""
+    for path in (LIB / "io.py", LIB / "config.py", LIB / "scores.py", LIB / "kronecker.py"):
+        tree = ast.parse(path.read_text())
+        assert not any(isinstance(n, ast.Assert) for n in ast.walk(tree)), path.name
+
+
+def test_config_error_is_a_value_error():
+    assert issubclass(ConfigError, ValueError) and issubclass(io.CorruptFileError, ValueError)
+    assert issubclass(io.NonFiniteError, FloatingPointError)

@@ -164,12 +164,21 @@ class ScoreSet(Mapping):
 
     @classmethod
     def load(cls, path: str | Path) -> ScoreSet:
-        """Inverse of :meth:`save`."""
-        state = torch.load(path, weights_only=True)
+        """Inverse of :meth:`save`. A missing, truncated, bit-flipped or foreign file raises
+        ``FileNotFoundError`` or :class:`~diffusion_attribution.io.CorruptFileError` naming it
+        (:func:`~diffusion_attribution.io.load`)."""
+        from .io import CorruptFileError, load
+
+        state = load(path, "score file")
         if not isinstance(state, dict) or state.get("format") != _FORMAT:
-            raise ValueError(f"{path} is not a score file written by ScoreSet.save")
-        keys = [ScoreKey(**d) for d in state["keys"]]
-        return cls(dict(zip(keys, state["scores"], strict=True)), state.get("meta", {}))
+            raise CorruptFileError(f"{path} is not a score file written by ScoreSet.save")
+        try:
+            keys = [ScoreKey(**d) for d in state["keys"]]
+            return cls(dict(zip(keys, state["scores"], strict=True)), state.get("meta", {}))
+        except (KeyError, TypeError, ValueError) as err:
+            raise CorruptFileError(
+                f"score file {path} does not hold what ScoreSet.save writes ({err})"
+            ) from None
 
 
 def rows(table: pd.DataFrame, target: str | None = None, **query: object) -> pd.DataFrame:
