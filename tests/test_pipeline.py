@@ -253,9 +253,16 @@ def test_smoke_profile_end_to_end(tmp_path):
     steps = yaml.safe_load((repo / "params.yaml").read_text())["retrain"]["steps"]
     exp = subprocess.run(
         [
-            *dvc, "exp", "run", "-S", f"retrain.steps={steps + 10}",
-            "-S", "retrain.epoch_matched=false", "-n", "longer",
-        ],  # fmt: skip
+            *dvc,
+            "exp",
+            "run",
+            "-S",
+            f"retrain.steps={steps + 10}",
+            "-S",
+            "retrain.epoch_matched=false",
+            "-n",
+            "longer",
+        ],
         cwd=repo,
         env=env,
         capture_output=True,
