@@ -573,8 +573,10 @@ def tiny_model():
 
 
 def fault_nan_weight_checkpoint(tmp_path: Path) -> Exception:
-    """A model file with one NaN weight: load_model refuses it, naming file, layer, value."""
-    from diffusion_attribution.train import load_model, save_model
+    """A model file with one NaN weight: the pipeline's loader refuses it, naming file, layer,
+    value."""
+    from diffusion_attribution.train import save_model
+    from diffusion_attribution.workspace import load_checked_model
 
     cfg, model = tiny_model()
     path = tmp_path / "model.pt"
@@ -582,17 +584,18 @@ def fault_nan_weight_checkpoint(tmp_path: Path) -> Exception:
     state = torch.load(path, weights_only=True)
     layer = next(k for k, v in state["state_dict"].items() if v.ndim == 4)
     state["state_dict"][layer].view(-1)[3] = float("nan")
-    io.atomic_save(state, path)
+    io.atomic_save(state, path, finite=False)  # as a damaged file or another tool might
     with pytest.raises(io.NonFiniteError) as err:
-        load_model(path)
+        load_checked_model(path)
     msg = str(err.value)
     assert f"load_model({path})" in msg and layer in msg and "nan" in msg, msg
     return err.value
 
 
 def fault_diverged_training(tmp_path: Path) -> Exception:
-    """A training run whose loss becomes NaN (a NaN pixel in the data): save_model refuses the
-    weights, naming the output, the layer and the value, and writes nothing."""
+    """A training run whose loss becomes NaN (a NaN pixel in the data): saving the model is
+    refused (every atomic save checks its tensors), naming the output, the layer and the
+    value, and nothing is written."""
     from diffusion_attribution.config import TrainConfig
     from diffusion_attribution.ddpm import NoiseSchedule
     from diffusion_attribution.train import build_model, save_model, train_ddpm
@@ -613,8 +616,36 @@ def fault_diverged_training(tmp_path: Path) -> Exception:
     with pytest.raises(io.NonFiniteError) as err:
         save_model(out, result.ema_model, cfg, (1, 8, 8))
     msg = str(err.value)
-    assert f"save_model({out})" in msg and "weight" in msg and "nan" in msg, msg
+    assert f"atomic_save({out})" in msg and "weight" in msg and "nan" in msg, msg
     assert not out.exists() and not out.parent.exists()
+    return err.value
+
+
+def fault_diverged_training_checkpoint(tmp_path: Path) -> Exception:
+    """The same diverging run with checkpoints: it stops at its first checkpoint after the
+    loss became NaN, naming the checkpoint file and the layer, and leaves no NaN checkpoint
+    to resume from."""
+    from diffusion_attribution.config import TrainConfig
+    from diffusion_attribution.ddpm import NoiseSchedule
+    from diffusion_attribution.train import build_model, train_ddpm
+
+    cfg, _ = tiny_model()
+    images = torch.zeros(4, 1, 8, 8)
+    images[2, 0, 3, 3] = float("nan")
+    train = TrainConfig(steps=6, batch_size=4, warmup_steps=1, checkpoint_every=2)
+    ckpt = tmp_path / "run.ckpt"
+    with pytest.raises(io.NonFiniteError) as err:
+        train_ddpm(
+            lambda: build_model(cfg, (1, 8, 8)),
+            images,
+            NoiseSchedule.linear(10, 1e-3, 0.2),
+            train,
+            checkpoint_path=ckpt,
+            progress=False,
+        )
+    msg = str(err.value)
+    assert f"atomic_save({ckpt})" in msg and "nan" in msg, msg
+    assert not ckpt.exists()
     return err.value
 
 
@@ -650,24 +681,46 @@ def fault_inf_ekfac_eigenvalue(tmp_path: Path) -> Exception:
     return err.value
 
 
+class InfAtSecondQuery:
+    """A measurement whose value is Inf for query 1 (module-level: picklable)."""
+
+    def draw(self, x0, ids, s, seed, trajectories=None):
+        return {"eps": torch.zeros(len(x0), s)}
+
+    def __call__(self, model, x0, chunk):
+        out = torch.zeros(len(x0), dtype=torch.float64)
+        out[1:2] = float("inf")
+        return out
+
+
 def fault_non_finite_measurement(tmp_path: Path) -> Exception:
-    """A measurement that is not finite for one query: the check names the function, the
-    measurement, the query and the value. (The check is :func:`io.check_finite`; where the
-    pipeline calls it on measurements is the gap :func:`test_measure_checks_its_values`
-    records.)"""
-    values = {"loss": torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64)}
-    values["elbo"] = torch.tensor([-1.0, float("inf"), -2.0], dtype=torch.float64)
+    """A measurement that is not finite for one query: the measure task stops before caching
+    it, naming the model, the measurement, the query and the value."""
+    from diffusion_attribution.ground_truth import MeasureTask, run_measure_task
+    from diffusion_attribution.train import save_model
+
+    cfg, model = tiny_model()
+    save_model(tmp_path / "m.pt", model, cfg, (1, 8, 8))
+    io.atomic_save({"queries": torch.zeros(3, 1, 8, 8), "trajectories": None}, tmp_path / "in.pt")
+    cache = tmp_path / "cache" / "subset3_seed101.pt"
+    task = MeasureTask(
+        "measure_subset3_seed101", str(cache),
+        (("subset3_seed101", str(tmp_path / "m.pt"), str(cache), "key"),),
+        str(tmp_path / "in.pt"), {"elbo": InfAtSecondQuery()}, {"elbo": 2}, 0, 16,
+    )  # fmt: skip
     with pytest.raises(io.NonFiniteError) as err:
-        io.check_finite(values, "measure(model 'subset3_seed101')")
+        run_measure_task(task)
     msg = str(err.value)
-    assert "measure(model 'subset3_seed101')" in msg and "elbo" in msg, msg
+    assert "model 'subset3_seed101'" in msg and "elbo" in msg, msg
     assert "inf at index [1]" in msg, msg
+    assert not cache.exists()
     return err.value
 
 
 FAULTS = {
     "nan-weight-checkpoint": fault_nan_weight_checkpoint,
     "diverged-training": fault_diverged_training,
+    "diverged-training-checkpoint": fault_diverged_training_checkpoint,
     "inf-curvature-factor": fault_inf_curvature_factor,
     "inf-ekfac-eigenvalue": fault_inf_ekfac_eigenvalue,
     "non-finite-measurement": fault_non_finite_measurement,
@@ -688,28 +741,6 @@ def test_numerical_fault_counts(tmp_path):
             caught += 1
     assert caught == len(FAULTS) >= 4
     print(f"\nnumerical faults: {len(FAULTS)} tried, {caught} caught")
-
-
-@pytest.mark.xfail(
-    strict=True,
-    raises=pytest.fail.Exception,  # "DID NOT RAISE", nothing else
-    reason="ground_truth.measure does not check its values for NaN / Inf (ground_truth.py is "
-    "outside this change; the fix: io.check_finite(values, ...) in run_measure_task before the "
-    "cache write). Remove this marker when it does.",
-)
-def test_measure_checks_its_values(tmp_path):
-    from diffusion_attribution.ground_truth import measure
-
-    class Broken:
-        def draw(self, x0, ids, s, seed, trajectories=None):
-            return {"eps": torch.zeros(len(x0), s)}
-
-        def __call__(self, model, x0, chunk):
-            return torch.full((len(x0),), float("nan"))
-
-    _, model = tiny_model()
-    with pytest.raises(FloatingPointError):
-        measure(model, {"broken": Broken()}, torch.zeros(2, 1, 8, 8), {"broken": 2}, 0)
 
 
 # ---- part 4: corrupt and hostile files ----------------------------------------------------------
@@ -767,11 +798,12 @@ DAMAGE = {
 
 
 def write_model(path: Path) -> Callable[[Path], object]:
-    from diffusion_attribution.train import load_model, save_model
+    from diffusion_attribution.train import save_model
+    from diffusion_attribution.workspace import load_checked_model
 
     cfg, model = tiny_model()
     save_model(path, model, cfg, (1, 8, 8))
-    return load_model
+    return load_checked_model
 
 
 def write_scores(path: Path) -> Callable[[Path], object]:

@@ -152,16 +152,17 @@ class MeasureTask:
 def run_measure_task(task: MeasureTask) -> str:
     """Measure each model of ``task`` whose cache file does not exist yet (one torch thread
     per process by default), saving each model's values atomically as soon as they exist."""
-    from .train import load_model
+    from .io import check_finite
+    from .workspace import load_checked_model
 
     threads = torch.get_num_threads()
     torch.set_num_threads(task.threads)
     try:
         inputs = torch.load(task.inputs, weights_only=True)
-        for _, model_path, cache_path, key in task.models:
+        for label, model_path, cache_path, key in task.models:
             if Path(cache_path).exists():
                 continue
-            model = load_model(model_path, device=os.environ.get("DA_DEVICE", "cpu"))
+            model = load_checked_model(model_path, device=os.environ.get("DA_DEVICE", "cpu"))
             values = measure(
                 model,
                 task.measurements,
@@ -171,6 +172,7 @@ def run_measure_task(task: MeasureTask) -> str:
                 trajectories=inputs["trajectories"],
                 batch_size=task.batch_size,
             )
+            check_finite(values, f"measure: model {label!r} ({model_path})")
             atomic_save({"key": key, "values": values}, cache_path)
     finally:
         torch.set_num_threads(threads)
@@ -232,6 +234,8 @@ def measure_models(
     per task on SLURM (``DA_MODELS_PER_TASK`` overrides both); ``folder`` (default: a hidden
     folder beside ``cache_dir``) holds the tasks' shared inputs and submitit's files.
     """
+    from .io import CorruptFileError, load
+
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     settings = cache_settings(measurements, queries, num_draws, seed, trajectories, batch_size)
@@ -245,7 +249,11 @@ def measure_models(
         cache = cache_dir / f"{label}.pt"
         key = cache_key(settings, path)
         if cache.is_file():
-            saved = torch.load(cache, weights_only=True)
+            try:
+                saved = load(cache, "measurement cache entry")
+            except CorruptFileError as err:
+                print(f"measure: {err}; moving it aside and measuring {label!r} again")
+                saved = {}
             if saved.get("key") == key:
                 results[label] = saved["values"]
                 continue

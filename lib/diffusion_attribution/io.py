@@ -36,10 +36,27 @@ class NonFiniteError(FloatingPointError):
     index and the value."""
 
 
-def atomic_save(obj: object, path: str | os.PathLike) -> None:
+def atomic_save(obj: object, path: str | os.PathLike, *, finite: bool = True) -> None:
     """``torch.save`` to a temporary file in the same directory, flushed to disk, then
-    renamed over ``path`` (``os.replace``), so a crash never leaves a half-written file."""
+    renamed over ``path`` (``os.replace``), so a crash never leaves a half-written file.
+
+    With ``finite`` (default) every floating-point tensor in ``obj`` must be finite, or
+    :class:`NonFiniteError` names the file, the entry (e.g. a layer's weight of a model or
+    a training checkpoint), the index and the value, and nothing is written: a training run
+    whose loss diverged stops at its next checkpoint, and a NaN never becomes a result.
+    (Python floats, e.g. an undefined standard error in metadata, are not checked.)"""
+    if finite:
+        check_finite(_tensors(obj), f"atomic_save({path})")
     _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def _tensors(obj: object) -> object:
+    """``obj`` with its Python floats dropped (what :func:`atomic_save` checks)."""
+    if isinstance(obj, Mapping):
+        return {k: _tensors(v) for k, v in obj.items() if not isinstance(v, float)}
+    if isinstance(obj, (list, tuple)):
+        return [_tensors(v) for v in obj if not isinstance(v, float)]
+    return None if isinstance(obj, float) else obj
 
 
 def atomic_write_text(text: str, path: str | os.PathLike) -> None:

@@ -26,7 +26,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from .config import ModelConfig, TrainConfig
 from .ddpm import NoiseSchedule, q_sample, sample_timesteps
-from .io import atomic_save, check_finite, load
+from .io import atomic_save
 from .unet import UNet, UNetConfig
 
 
@@ -70,7 +70,7 @@ def train_ddpm(
     state is saved every ``cfg.checkpoint_every`` steps and at the end, and an existing
     checkpoint is resumed from (a finished one returns at once).
     """
-    from tqdm.std import tqdm
+    from tqdm.auto import tqdm
 
     if images.ndim != 4 or len(images) == 0:
         raise ValueError(
@@ -124,7 +124,7 @@ def train_ddpm(
         )
 
     model.train()
-    bar = tqdm(total=cfg.steps, initial=step, desc=desc, disable=not progress, mininterval=5)
+    bar = tqdm(total=cfg.steps, initial=step, desc=desc, disable=not progress, mininterval=2)
     start = time.perf_counter() - seconds
     while step < cfg.steps:
         if pos + bs > n:  # new epoch: reshuffle
@@ -168,11 +168,7 @@ def build_model(model_cfg: ModelConfig, image_shape: tuple[int, int, int]) -> nn
 def save_model(
     path: str | Path, model: nn.Module, model_cfg: ModelConfig, image_shape: tuple[int, ...]
 ) -> None:
-    """Weights plus what is needed to rebuild the network, loadable with ``weights_only=True``.
-    A weight that is not finite (a run whose loss diverged) raises
-    :class:`~diffusion_attribution.io.NonFiniteError` naming the layer and the value, and
-    nothing is written."""
-    check_finite(model.state_dict(), f"save_model({path})")
+    """Weights plus what is needed to rebuild the network, loadable with ``weights_only=True``."""
     atomic_save(
         {
             "state_dict": model.state_dict(),
@@ -184,11 +180,8 @@ def save_model(
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> nn.Module:
-    """Rebuild and load a network saved by :func:`save_model`, in eval mode. A corrupt file
-    raises :class:`~diffusion_attribution.io.CorruptFileError` and a weight that is not
-    finite :class:`~diffusion_attribution.io.NonFiniteError`, each naming the file."""
-    state = load(path, "model", map_location=device)
-    check_finite(state["state_dict"], f"load_model({path})")
+    """Rebuild and load a network saved by :func:`save_model`, in eval mode."""
+    state = torch.load(path, map_location=device, weights_only=True)
     model = build_model(ModelConfig(**state["model_config"]), tuple(state["image_shape"]))
     model.load_state_dict(state["state_dict"])
     return model.to(device).eval()

@@ -60,6 +60,19 @@ def measurements_of(
     return {**first, "square_norm": SquareNorm(schedule), **rest}
 
 
+def load_checked_model(path: str | Path, device: torch.device | str = "cpu") -> nn.Module:
+    """:func:`~diffusion_attribution.train.load_model` after checking the file: a corrupt one
+    (truncated, bit-flipped, a pickle) raises :class:`~diffusion_attribution.io.CorruptFileError`
+    and a weight that is not finite :class:`~diffusion_attribution.io.NonFiniteError`, each
+    naming the file (and the layer, index and value)."""
+    from .io import check_finite, load
+    from .train import load_model
+
+    state = load(path, "model")
+    check_finite(state["state_dict"], f"load_model({path})")
+    return load_model(path, device=device)
+
+
 def write_json(path: str | Path, obj: object) -> None:
     """JSON written atomically (temporary file in the same folder, then renamed)."""
     path = Path(path)
@@ -143,9 +156,7 @@ class Workspace:
     @cached_property
     def model(self) -> nn.Module:
         """The full model's EMA weights (``train`` stage), in eval mode on the device."""
-        from .train import load_model
-
-        return load_model(self.path(self.MODEL), device=self.device)
+        return load_checked_model(self.path(self.MODEL), device=self.device)
 
     @cached_property
     def samples(self) -> dict[str, Tensor]:
