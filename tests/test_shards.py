@@ -205,8 +205,10 @@ def test_sharded_curvature_equals_one_shard(smoke_ws, monkeypatch):
     ccfg = config.curvature
     monkeypatch.setenv("DA_EXECUTOR", "inline")
     monkeypatch.setenv("DA_SHARD_EXAMPLES", str(-(-len(ws.dataset) // 3)))
-    sharded = sharded_curvatures(
-        ws, ccfg.variants, diffusion=config.diffusion, curvature=ccfg, progress=False
+    sharded = dict(
+        sharded_curvatures(
+            ws, ccfg.variants, diffusion=config.diffusion, curvature=ccfg, progress=False
+        )
     )
     folder = next(p for p in (root / ".cache" / "curvature").iterdir() if p.is_dir())
     assert len(list(folder.glob("factors_mc_expand_*.pt"))) == 1 + 3  # the stage's + 3 shards
@@ -252,3 +254,12 @@ def test_sharded_influence_through_slurm_equals_inline(
     assert len(submitted) == 2, "both phases should have gone through SLURM"
     for key, s in results["inline"].items():
         assert torch.equal(results["slurm"][key], s), key.label
+
+
+def test_spectrum_quantiles_keep_the_ends():
+    from diffusion_attribution.stages.curvature import spectrum_quantiles
+
+    ev = torch.arange(100_000, dtype=torch.float64)
+    q = spectrum_quantiles(ev, points=11)
+    assert q[0] == 99_999 and q[-1] == 0 and len(q) == 11 and bool((q[:-1] >= q[1:]).all())
+    assert torch.equal(spectrum_quantiles(ev[:5]), ev[:5].flip(0))

@@ -37,7 +37,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -530,12 +530,15 @@ def curvature_fingerprint(ws, diffusion, curvature) -> str:
 
 def sharded_curvatures(
     ws, variants: Sequence[str], *, diffusion, curvature, progress: bool = True
-) -> dict[str, object]:
-    """The K-FAC (or EK-FAC) of every variant (``"<fisher>_<kfac>"``, ``"ekfac_..."``),
-    fitted as factor-sum shards of ``DA_SHARD_EXAMPLES`` training examples (default: one
-    shard) through :func:`~diffusion_attribution.jobs.run_tasks`, resumable per shard in
-    ``.cache/curvature/<fingerprint>/``. Variants sharing (Fisher, expand / reduce) share
-    their factor sums. Each result's ``meta["fit_seconds"]`` is its tasks' summed time."""
+) -> Iterator[tuple[str, object]]:
+    """Yield ``(variant, K-FAC or EK-FAC)`` for every variant (``"<fisher>_<kfac>"``,
+    ``"ekfac_..."``) in order, fitted as factor-sum shards of ``DA_SHARD_EXAMPLES`` training
+    examples (default: one shard) through :func:`~diffusion_attribution.jobs.run_tasks`,
+    resumable per shard in ``.cache/curvature/<fingerprint>/``. Variants sharing (Fisher,
+    expand / reduce) share their factor sums. The sums are combined and eigendecomposed on
+    the workspace's device, one variant at a time (at paper scale one K-FAC of the Ho U-Net
+    holds GBs): save each before asking for the next. ``meta["fit_seconds"]`` is the
+    variant's tasks' summed time."""
     from . import factors
     from .config import parse_variant
     from .curvature import KFAC
@@ -557,8 +560,10 @@ def sharded_curvatures(
     sections = (diffusion.model_dump(mode="json"), curvature.model_dump(mode="json"))
     parsed = {v: parse_variant(v) for v in variants}
     pairs = list(dict.fromkeys((f, k) for f, k, _ in parsed.values()))
+    ek_pairs = list(dict.fromkeys((f, k) for f, k, e in parsed.values() if e))
+    device = ws.device
 
-    def tasks_for(kind: str, pair_list, basis=None) -> list[FactorShardTask]:
+    def tasks_for(kind: str, pair_list) -> list[FactorShardTask]:
         return [
             FactorShardTask(
                 f"{kind}_{f}_{k}_{s.start:06d}_{s.stop:06d}",
@@ -570,15 +575,20 @@ def sharded_curvatures(
                 s.start,
                 s.stop,
                 kind,
-                "" if basis is None else str(basis[(f, k)]),
+                str(basis_file(f, k)) if kind == "corrections" else "",
                 ws.threads,
             )
             for f, k in pair_list
             for s in shards
         ]
 
+    def basis_file(f: str, k: str) -> Path:
+        return folder / f"kfac_{f}_{k}.pt"
+
     def run(phase: str, tasks: list[FactorShardTask]) -> None:
         todo = [t for t in tasks if not Path(t.output).exists()]
+        if not todo:
+            return
         inline = executor == "inline" or (executor == "local" and len(todo) <= 1)
         if not inline and executor == "local":
             per = max(1, ws.threads // min(os.cpu_count() or 1, len(todo)))
@@ -595,36 +605,33 @@ def sharded_curvatures(
     def seconds(tasks) -> float:
         return sum(json.loads(_timings_path(t.output).read_text())["seconds"] for t in tasks)
 
+    def fitted(pair) -> KFAC:
+        mine = [t for t in fit_tasks if (t.fisher, t.kfac) == pair]
+        sums = factors.combine(factors.FactorSums.load(t.output, device=device) for t in mine)
+        K = factors.to_kfac(sums, meta={"batch_size": curvature.batch_size})
+        K.meta["fit_seconds"] = seconds(mine)
+        return K
+
     print(
         f"curvature: {len(pairs)} factor fit(s) x {len(shards)} training shard(s) in {folder}",
         flush=True,
     )
     fit_tasks = tasks_for("factors", pairs)
     run("curvature-factors", fit_tasks)
-    fitted: dict[tuple[str, str], KFAC] = {}
-    basis_files: dict[tuple[str, str], Path] = {}
-    for pair in pairs:
-        mine = [t for t in fit_tasks if (t.fisher, t.kfac) == pair]
-        sums = factors.combine(factors.FactorSums.load(t.output) for t in mine)
-        K = factors.to_kfac(sums, meta={"batch_size": curvature.batch_size})
-        K.meta["fit_seconds"] = seconds(mine)
-        fitted[pair] = K
-        basis_files[pair] = folder / f"kfac_{pair[0]}_{pair[1]}.pt"
-    ek_pairs = list(dict.fromkeys((f, k) for f, k, e in parsed.values() if e))
+    # EK-FAC's second pass works in the combined eigenbases, saved for its tasks to read
     for pair in ek_pairs:
-        if not basis_files[pair].exists():
-            fitted[pair].save(basis_files[pair])
-    corr_tasks = tasks_for("corrections", ek_pairs, basis_files)
-    if corr_tasks:
-        run("curvature-corrections", corr_tasks)
-    out = {}
+        if not basis_file(*pair).exists():
+            fitted(pair).save(basis_file(*pair))
+    corr_tasks = tasks_for("corrections", ek_pairs)
+    run("curvature-corrections", corr_tasks)
     for v, (f, k, ekfac) in parsed.items():
-        K = fitted[(f, k)]
-        if ekfac:
-            mine = [t for t in corr_tasks if (t.fisher, t.kfac) == (f, k)]
-            basis = KFAC.load(basis_files[(f, k)])
-            corr = factors.combine(factors.CorrectionSums.load(t.output) for t in mine)
-            K = factors.apply_corrections(basis, corr)
-            K.meta["fit_seconds"] = fitted[(f, k)].meta["fit_seconds"] + seconds(mine)
-        out[v] = K
-    return out
+        if not ekfac:
+            yield v, fitted((f, k))
+            continue
+        mine = [t for t in corr_tasks if (t.fisher, t.kfac) == (f, k)]
+        basis = KFAC.load(basis_file(f, k)).to(device)
+        corr = factors.combine(factors.CorrectionSums.load(t.output, device=device) for t in mine)
+        K = factors.apply_corrections(basis, corr)
+        fit = [t for t in fit_tasks if (t.fisher, t.kfac) == (f, k)]
+        K.meta["fit_seconds"] = seconds(fit) + seconds(mine)
+        yield v, K
