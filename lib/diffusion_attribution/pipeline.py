@@ -14,9 +14,10 @@ default ``cpu``), ``DA_THREADS`` (torch threads, default all cores); retraining 
 
 Progress: what a notebook's cells print reaches this process's stdout and stderr as it is
 printed (papermill's ``stdout_file`` / ``stderr_file``), one plain line per line or per
-carriage return, so a tqdm bar (the library's bars are ``tqdm.std`` with ``mininterval=5``; the
-kernel gets ``TQDM_MININTERVAL=5`` for other bars) reads as a line at most every 5 seconds in a
-terminal or a CI log. The kernel's transport is encrypted with CurveZMQ keys the kernel manager
+carriage return, so a tqdm bar reads as one line per redraw in a terminal or a CI log. In the
+kernel ``tqdm.auto.tqdm`` is ``tqdm.std.tqdm`` (set at kernel start, see :data:`KERNEL_ARGS`),
+so a bar is text, not a notebook widget that never reaches the terminal; ``TQDM_MININTERVAL=5``
+spaces the redraws of bars that do not set their own interval (the library's set 2-5 s). The kernel's transport is encrypted with CurveZMQ keys the kernel manager
 provisions where pyzmq supports it, which is also what keeps ipykernel's "running over TCP
 without encryption" warning out of every stage's output.
 """
@@ -79,6 +80,13 @@ class LineWriter:
         self.out.flush()
 
 
+#: Extra arguments of the stage notebook's kernel: at start it makes ``tqdm.auto`` text (binding
+#: no name in the notebook's namespace), as in a terminal.
+KERNEL_ARGS = [
+    '--IPKernelApp.exec_lines=__import__("tqdm.auto").auto.tqdm = __import__("tqdm.std").std.tqdm'
+]
+
+
 def kernel_config():
     """Traitlets config for the notebook's kernel manager: CurveZMQ transport encryption where
     pyzmq has it (the kernelspec of ipykernel declares support; "auto" falls back to plain TCP
@@ -115,6 +123,7 @@ def execute(source: str | Path, out: str | Path, parameters: dict, cwd: str | Pa
             stdout_file=stdout,
             stderr_file=stderr,
             config=kernel_config(),
+            extra_arguments=KERNEL_ARGS,
         )
     finally:
         stdout.close()
