@@ -91,3 +91,21 @@ def test_select_fixed_damping_or_best_of_sweep():
     assert len(rows(table, "loss", method="trak")) == 3 and len(rows(table, None)) == 4
     with pytest.raises(ValueError, match="unknown score key field"):
         select(table, "loss", variant="trak")
+
+
+def test_save_refuses_non_finite_scores_but_float16(tmp_path):
+    """A NaN in a float32 score matrix is refused (named); traker's float16 pipeline may
+    overflow to Inf by design (Fig. 18) and is saved as it is."""
+    import pytest
+
+    from diffusion_attribution.io import NonFiniteError
+
+    bad = torch.zeros(2, 3)
+    bad[1, 2] = float("nan")
+    with pytest.raises(NonFiniteError, match="trak/loss"):
+        ScoreSet({ScoreKey("trak", "loss"): bad}).save(tmp_path / "a.pt")
+    assert not (tmp_path / "a.pt").exists()
+    inf = torch.full((2, 3), float("-inf"))
+    ScoreSet({ScoreKey("trak", "loss", precision="float16"): inf}).save(tmp_path / "b.pt")
+    back = ScoreSet.load(tmp_path / "b.pt")
+    assert torch.equal(back[ScoreKey("trak", "loss", precision="float16")], inf)

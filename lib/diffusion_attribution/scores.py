@@ -147,10 +147,16 @@ class ScoreSet(Mapping):
         return key.damping / eig if eig else float("nan")
 
     def save(self, path: str | Path) -> None:
-        """Atomically, loadable with ``torch.load(weights_only=True)``."""
-        from .io import atomic_save
+        """Atomically, loadable with ``torch.load(weights_only=True)``. Every matrix must be
+        finite (:class:`~diffusion_attribution.io.NonFiniteError` names the first that is not)
+        except those of ``precision="float16"``, traker's float16 pipeline, whose overflow
+        to +-Inf is what Fig. 18 shows."""
+        from .io import atomic_save, check_finite
 
         keys = list(self.scores)
+        for k in keys:
+            if k.precision != "float16":
+                check_finite(self.scores[k], f"ScoreSet.save({path}): {k.label}")
         atomic_save(
             {
                 "format": _FORMAT,
@@ -160,6 +166,7 @@ class ScoreSet(Mapping):
                 "meta": self.meta,
             },
             path,
+            finite=False,  # checked above, float16 matrices aside
         )
 
     @classmethod

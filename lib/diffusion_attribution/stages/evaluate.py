@@ -621,9 +621,9 @@ def run(config: Config, ws: Workspace) -> StageResult:
         effects=result.data["budget_effects"],
     )
     result.tables["lds"].to_csv(ws.out(ws.LDS_TABLE), index=False)
-    atomic_save(
-        {"per_query": result.data["per_query"]}, ws.out("outputs/evaluate/lds_per_query.pt")
-    )
+    # a per-query LDS is NaN where it is undefined (e.g. float16 scores that overflowed)
+    per_query = ws.out("outputs/evaluate/lds_per_query.pt")
+    atomic_save({"per_query": result.data["per_query"]}, per_query, finite=False)
     ws.write_metrics("lds", result.metrics)
     Q, M, K = result.data["shape"]
     print(
