@@ -387,21 +387,7 @@ def sharded_attribute(
     :func:`~diffusion_attribution.jobs.run_tasks`, resuming from finished task files; the
     query blocks' timings are added to the shards'. With one task per phase the tasks run in
     this process (no subprocess needed)."""
-    from .identity import move_aside
-    from .jobs import run_tasks
-
-    root = ws.path(".cache/influence")
-    fp = cache_fingerprint(ws, diffusion, influence, specs)
-    folder = root / fp
-    stale = [p for p in root.glob("*") if p.is_dir() and p.name != fp] if root.exists() else []
-    moved = move_aside(stale, ws.stale_dir("influence"))
-    if moved:
-        print(
-            f"influence: moved {len(moved)} shard folders of other inputs to {moved[0][1].parent}"
-        )
-    folder.mkdir(parents=True, exist_ok=True)
-    executor = os.environ.get("DA_EXECUTOR", "local")
-    parallel = int(os.environ.get("DA_MAX_PARALLEL", "0")) or os.cpu_count() or 1
+    folder = _cache_folder(ws, "influence", cache_fingerprint(ws, diffusion, influence, specs))
     q_tasks, s_tasks = _plan(ws, diffusion, influence, specs, folder, ws.threads)
     n_shards = len(s_tasks) // len(q_tasks)
     done = sum(Path(t.output).exists() for t in (*q_tasks, *s_tasks))
@@ -410,24 +396,8 @@ def sharded_attribute(
         f"({done} of {len(q_tasks) + len(s_tasks)} task files exist) in {folder}",
         flush=True,
     )
-    for phase, fn, tasks in (
-        ("influence-queries", run_query_block, q_tasks),
-        ("influence-scores", run_score_shard, s_tasks),
-    ):
-        todo = [t for t in tasks if not Path(t.output).exists()]
-        inline = executor == "inline" or (executor == "local" and len(todo) <= 1)
-        if not inline and executor == "local":
-            # several local subprocesses share the cores
-            per = max(1, ws.threads // min(parallel, len(todo)))
-            tasks = [type(t)(**{**asdict(t), "threads": per}) for t in tasks]
-        run_tasks(
-            fn,
-            tasks,
-            name=phase,
-            executor="inline" if inline else executor,
-            folder=str(ws.folder(f".cache/submitit/{phase}")),
-            progress=progress,
-        )
+    _run_phase(ws, run_query_block, "influence-queries", q_tasks, progress)
+    _run_phase(ws, run_score_shard, "influence-scores", s_tasks, progress)
     scores, timings = gather(
         [t.output for t in s_tasks], len(ws.samples["images"]), len(ws.dataset)
     )
@@ -542,20 +512,8 @@ def sharded_curvatures(
     from . import factors
     from .config import parse_variant
     from .curvature import KFAC
-    from .identity import move_aside
-    from .jobs import run_tasks
 
-    root = ws.path(".cache/curvature")
-    fp = curvature_fingerprint(ws, diffusion, curvature)
-    folder = root / fp
-    stale = [p for p in root.glob("*") if p.is_dir() and p.name != fp] if root.exists() else []
-    moved = move_aside(stale, ws.stale_dir("curvature"))
-    if moved:
-        print(
-            f"curvature: moved {len(moved)} shard folders of other inputs to {moved[0][1].parent}"
-        )
-    folder.mkdir(parents=True, exist_ok=True)
-    executor = os.environ.get("DA_EXECUTOR", "local")
+    folder = _cache_folder(ws, "curvature", curvature_fingerprint(ws, diffusion, curvature))
     shards = blocks(len(ws.dataset), int(os.environ.get("DA_SHARD_EXAMPLES", "0")))
     sections = (diffusion.model_dump(mode="json"), curvature.model_dump(mode="json"))
     parsed = {v: parse_variant(v) for v in variants}
@@ -585,23 +543,6 @@ def sharded_curvatures(
     def basis_file(f: str, k: str) -> Path:
         return folder / f"kfac_{f}_{k}.pt"
 
-    def run(phase: str, tasks: list[FactorShardTask]) -> None:
-        todo = [t for t in tasks if not Path(t.output).exists()]
-        if not todo:
-            return
-        inline = executor == "inline" or (executor == "local" and len(todo) <= 1)
-        if not inline and executor == "local":
-            per = max(1, ws.threads // min(os.cpu_count() or 1, len(todo)))
-            tasks = [type(t)(**{**asdict(t), "threads": per}) for t in tasks]
-        run_tasks(
-            run_factor_shard,
-            tasks,
-            name=phase,
-            executor="inline" if inline else executor,
-            folder=str(ws.folder(f".cache/submitit/{phase}")),
-            progress=progress,
-        )
-
     def seconds(tasks) -> float:
         return sum(json.loads(_timings_path(t.output).read_text())["seconds"] for t in tasks)
 
@@ -617,13 +558,13 @@ def sharded_curvatures(
         flush=True,
     )
     fit_tasks = tasks_for("factors", pairs)
-    run("curvature-factors", fit_tasks)
+    _run_phase(ws, run_factor_shard, "curvature-factors", fit_tasks, progress)
     # EK-FAC's second pass works in the combined eigenbases, saved for its tasks to read
     for pair in ek_pairs:
         if not basis_file(*pair).exists():
             fitted(pair).save(basis_file(*pair))
     corr_tasks = tasks_for("corrections", ek_pairs)
-    run("curvature-corrections", corr_tasks)
+    _run_phase(ws, run_factor_shard, "curvature-corrections", corr_tasks, progress)
     for v, (f, k, ekfac) in parsed.items():
         if not ekfac:
             yield v, fitted((f, k))
@@ -635,3 +576,47 @@ def sharded_curvatures(
         fit = [t for t in fit_tasks if (t.fisher, t.kfac) == (f, k)]
         K.meta["fit_seconds"] = seconds(fit) + seconds(mine)
         yield v, K
+
+
+# ---- what both stages' fan-outs share -------------------------------------------------------
+
+
+def _cache_folder(ws, stage: str, fp: str) -> Path:
+    """``.cache/<stage>/<fp>/``, created; folders of other fingerprints (other inputs or
+    code) are moved aside into ``.cache/stale/<stage>/``, never deleted."""
+    from .identity import move_aside
+
+    root = ws.path(f".cache/{stage}")
+    stale = [p for p in root.glob("*") if p.is_dir() and p.name != fp] if root.exists() else []
+    moved = move_aside(stale, ws.stale_dir(stage))
+    if moved:
+        print(f"{stage}: moved {len(moved)} shard folders of other inputs to {moved[0][1].parent}")
+    folder = root / fp
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _run_phase(ws, fn, phase: str, tasks: Sequence, progress: bool) -> None:
+    """``tasks`` through :func:`~diffusion_attribution.jobs.run_tasks` on ``DA_EXECUTOR``: in
+    this process when it is ``inline`` or a local run has at most one task left, else local
+    subprocesses sharing the workspace's threads, or SLURM."""
+    from .jobs import run_tasks
+
+    todo = [t for t in tasks if not Path(t.output).exists()]
+    if not todo:
+        return
+    executor = os.environ.get("DA_EXECUTOR", "local")
+    inline = executor == "inline" or (executor == "local" and len(todo) <= 1)
+    if not inline and executor == "local":
+        # several local subprocesses share the cores
+        parallel = int(os.environ.get("DA_MAX_PARALLEL", "0")) or os.cpu_count() or 1
+        per = max(1, ws.threads // min(parallel, len(todo)))
+        tasks = [type(t)(**{**asdict(t), "threads": per}) for t in tasks]
+    run_tasks(
+        fn,
+        tasks,
+        name=phase,
+        executor="inline" if inline else executor,
+        folder=str(ws.folder(f".cache/submitit/{phase}")),
+        progress=progress,
+    )
