@@ -1,5 +1,5 @@
-"""Influence in shards (query blocks x training shards) equals influence in one pass, and a
-killed shard is recomputed alone.
+"""Influence in shards (query blocks x training shards), curvature factors and TRAK's training
+features in shards each equal one pass, and a killed shard is recomputed alone.
 
 The workspace is the smoke profile's first four stages (data, train, sample, curvature),
 shrunk further, run in-process once for the module.
@@ -191,6 +191,48 @@ def test_other_inputs_move_the_shards_aside(smoke_ws, monkeypatch, tmp_path):
     stale = list((copy / ".cache" / "stale" / "influence").rglob("scores_*.pt"))
     assert len(stale) == 1, "the first run's shard should have been moved aside, not deleted"
     assert os.path.isdir(copy / ".cache" / "stale" / "influence")
+
+
+def test_sharded_train_features_equal_one_pass_and_resume(smoke_ws, monkeypatch):
+    """TRAK's and D-TRAK's training features from 3 shards equal train_features on the whole
+    set; a deleted shard file is recomputed alone, bit for bit, the others are not touched."""
+    from diffusion_attribution.projection import Projector
+    from diffusion_attribution.shards import FeatureSettings, sharded_train_features
+    from diffusion_attribution.trak import TRAIN_MEASUREMENTS, train_features
+
+    config, root = smoke_ws
+    ws = Workspace(root, device="cpu", threads=2)
+    icfg, tcfg = config.influence, config.trak
+    settings = FeatureSettings(
+        train_draws=icfg.train_draws, seed=icfg.seed, batch_size=icfg.batch_size,
+        projection_dim=tcfg.projection_dim, projection=tcfg.projection, projection_seed=tcfg.seed,
+    )  # fmt: skip
+    monkeypatch.setenv("DA_EXECUTOR", "inline")
+    monkeypatch.setenv("DA_SHARD_EXAMPLES", str(-(-len(ws.dataset) // 3)))
+    sharded = sharded_train_features(ws, diffusion=config.diffusion, settings=settings)
+    net = ws.model
+    params = kfac_parameters(net)
+    projector = Projector(
+        sum(p.numel() for p in params), tcfg.projection_dim, seed=tcfg.seed, kind=tcfg.projection
+    )
+    measurements = ws.measurements(config.diffusion, icfg.timesteps)
+    for method, name in TRAIN_MEASUREMENTS.items():
+        whole = train_features(
+            net, params, measurements[name], ws.dataset.images, projector,
+            train_draws=icfg.train_draws, seed=icfg.seed, batch_size=icfg.batch_size,
+        )  # fmt: skip
+        assert sharded[method].shape == whole.shape == (len(ws.dataset), tcfg.projection_dim)
+        torch.testing.assert_close(sharded[method], whole, rtol=1e-4, atol=1e-6)
+    folder = next(p for p in (root / ".cache" / "baselines").iterdir() if p.is_dir())
+    files = sorted(folder.glob("features_*.pt"))
+    assert len(files) == 2 * 3
+    before = {f: f.stat().st_mtime_ns for f in files}
+    files[1].unlink()  # a shard killed before its write
+    again = sharded_train_features(ws, diffusion=config.diffusion, settings=settings)
+    for method in TRAIN_MEASUREMENTS:
+        assert torch.equal(again[method], sharded[method]), method
+    for f, mtime in before.items():
+        assert f.exists() and (f == files[1] or f.stat().st_mtime_ns == mtime), f.name
 
 
 def test_sharded_curvature_equals_one_shard(smoke_ws, monkeypatch):

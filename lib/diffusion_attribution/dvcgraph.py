@@ -21,6 +21,9 @@ of the stage that reports it; with it, ``dvc repro`` stops at ``validate`` and d
 nothing. Its output holds the same bytes for every valid file, so editing one parameter
 reruns only the stages that read it.
 
+A last stage, ``report`` (:func:`report_spec`), writes the offline HTML report from every
+other stage's metrics, figures and executed notebook.
+
 ``python -m diffusion_attribution.dvcgraph`` prints the ``dvc.yaml`` this gives;
 ``--check`` exits 1 when the committed ``dvc.yaml`` differs (a test runs it).
 """
@@ -46,7 +49,8 @@ HEADER = """\
 # Each stage executes one notebook with papermill through
 # `python -m diffusion_attribution.pipeline STAGE`, which first validates params.yaml; the first
 # stage, validate, checks the whole params.yaml before DVC deletes any stage's outputs.
-# Executed notebooks (reports/notebooks/) are outputs, never dependencies: they carry timestamps.
+# Executed notebooks (reports/notebooks/) are outputs, and dependencies of the last stage only
+# (report, the offline HTML page): they carry timestamps.
 """
 
 
@@ -221,6 +225,29 @@ def validate_spec() -> dict:
     }
 
 
+#: The last stage: the offline HTML report (:mod:`diffusion_attribution.report`).
+REPORT = "report"
+
+
+def report_spec() -> dict:
+    """The ``dvc.yaml`` entry of the ``report`` stage: every stage's metrics, figures and
+    executed notebook, the deviations table and the parameters file (whose hash it shows) in;
+    ``reports/index.html`` and the rendered notebooks out."""
+    from . import report
+
+    libs = sorted(_rel(p) for p in library_deps(f"{PACKAGE}.report"))
+    deps = ["params.yaml", *libs, report.DEVIATIONS]
+    for name in stages.NAMES:
+        mod = declarations(_module_file(f"{stages.__name__}.{name}"))
+        deps += [*mod.METRICS, *(f"reports/figures/{f}" for f in mod.FIGURES)]
+        deps.append(f"reports/notebooks/{mod.NOTEBOOK}")
+    return {
+        "cmd": f"python -m {PACKAGE}.report",
+        "deps": deps,
+        "outs": [report.INDEX, report.NOTEBOOKS_HTML],
+    }
+
+
 def stage_spec(name: str) -> dict:
     """The ``dvc.yaml`` entry of stage ``name``."""
     if name not in stages.NAMES:
@@ -261,7 +288,11 @@ PLOTS = [
 def dvc_yaml() -> str:
     """The whole ``dvc.yaml`` text."""
     body = {
-        "stages": {VALIDATE: validate_spec(), **{name: stage_spec(name) for name in stages.NAMES}},
+        "stages": {
+            VALIDATE: validate_spec(),
+            **{name: stage_spec(name) for name in stages.NAMES},
+            REPORT: report_spec(),
+        },
         "plots": PLOTS,
     }
     return HEADER + yaml.safe_dump(body, sort_keys=False, width=100)

@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 from torch import Tensor
 
 from .data import image_grid
+from .io import atomic_write_bytes
 
 FIGURES = Path("reports/figures")
 
 
 def save_figure(fig: plt.Figure, name: str, root: str | Path = ".") -> Path:
-    """Save ``fig`` as ``reports/figures/<name>`` (PNG, 150 dpi) and return the path."""
+    """Save ``fig`` as ``reports/figures/<name>`` (PNG, 150 dpi, written atomically) and
+    return the path."""
     path = Path(root) / FIGURES / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=150, bbox_inches="tight")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=150, bbox_inches="tight")
+    atomic_write_bytes(buffer.getvalue(), path)  # never a half-written PNG
     return path
 
 

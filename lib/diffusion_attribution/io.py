@@ -1,6 +1,6 @@
 """Files the library writes and reads back: atomic writes, guarded reads, finite values.
 
-- :func:`atomic_save` / :func:`atomic_write_text`: every file the library saves is written to
+- :func:`atomic_save` / :func:`atomic_write_text` / :func:`atomic_write_bytes`: every file the library saves is written to
   a temporary file in the same directory, flushed to disk, then renamed over its path, so a
   crash or a full disk (``OSError`` ``ENOSPC``) never leaves a half-written file and never
   touches the previous version of it.
@@ -10,6 +10,7 @@
   file that holds a pickle of anything but tensors and plain values each raise
   :class:`CorruptFileError` naming the file and what is wrong. Nothing is ever unpickled
   beyond what ``weights_only=True`` allows.
+- :func:`remove_partial_writes`: the temporary files of writes whose process was killed.
 - :func:`check_finite`: raises :class:`NonFiniteError` naming where (a function and a file),
   the key (a layer, a measurement) and the index and value of the first NaN or Inf.
 """
@@ -64,11 +65,27 @@ def atomic_write_text(text: str, path: str | os.PathLike) -> None:
     _atomic_write(path, lambda f: f.write(text.encode()))
 
 
+def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> None:
+    """``data`` written to ``path`` as :func:`atomic_save` writes."""
+    _atomic_write(path, lambda f: f.write(data))
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+#: Permissions of a written file: what ``open`` would give (``mkstemp`` alone gives 0600).
+_MODE = 0o666 & ~_umask()
+
+
 def _atomic_write(path: str | os.PathLike, write) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, _MODE)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -77,6 +94,29 @@ def _atomic_write(path: str | os.PathLike, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+#: How :func:`_atomic_write` names its temporary files: ``.<name>.<random>.tmp``.
+PARTIAL = ".*.tmp"
+
+
+def remove_partial_writes(folder: str | os.PathLike, older_than_s: float = 0.0) -> list[Path]:
+    """Delete the temporary files that writes under ``folder`` left when their process was
+    killed (SIGKILL skips the clean-up of :func:`_atomic_write`), last modified more than
+    ``older_than_s`` seconds ago; returns them. The pipeline calls it for a stage's resumable
+    outputs and caches before the stage runs (DVC runs one stage of a repository at a time);
+    with SLURM jobs that may outlive a killed driver it passes an age, so a live job's write
+    is left alone."""
+    import time
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    cutoff = time.time() - older_than_s
+    found = sorted(p for p in folder.rglob(PARTIAL) if p.is_file() and p.stat().st_mtime <= cutoff)
+    for p in found:
+        p.unlink(missing_ok=True)
+    return found
 
 
 def verify(path: str | os.PathLike, what: str = "file") -> Path:

@@ -130,6 +130,23 @@ def execute(source: str | Path, out: str | Path, parameters: dict, cwd: str | Pa
         stderr.close()
 
 
+#: Seconds a temporary file must be idle before it counts as left by a killed SLURM job (one
+#: that outlived its driver may still be writing).
+SLURM_PARTIAL_AGE_S = 900.0
+
+
+def remove_partial_writes_of(name: str, root: str | Path = ".") -> list[Path]:
+    """:func:`~diffusion_attribution.io.remove_partial_writes` in what stage ``name`` resumes
+    from: its persistent outputs and its caches (``.cache/<name>/``, ``.cache/jobs/<name>-*``)."""
+    from .io import remove_partial_writes
+
+    root = Path(root)
+    age = SLURM_PARTIAL_AGE_S if os.environ.get("DA_EXECUTOR") == "slurm" else 0.0
+    folders = [root / p for p in stages.module(name).PERSIST]
+    folders += [root / ".cache" / name, *sorted((root / ".cache" / "jobs").glob(f"{name}-*"))]
+    return [p for folder in folders for p in remove_partial_writes(folder, age)]
+
+
 def run_stage(name: str, params_file: str = "params.yaml", root: str | Path = ".") -> Path:
     """Validate ``params_file`` and execute the notebook of stage ``name``; returns its path."""
     if name not in stages.NAMES:
@@ -139,6 +156,9 @@ def run_stage(name: str, params_file: str = "params.yaml", root: str | Path = ".
     nb = notebook(name)
     out = root / "reports" / "notebooks" / nb
     out.parent.mkdir(parents=True, exist_ok=True)
+    removed = remove_partial_writes_of(name, root)
+    if removed:
+        print(f"stage {name}: removed {len(removed)} partial files an interrupted run left")
     start = time.perf_counter()
     execute(root / "notebooks" / nb, out, {"params": config.model_dump(mode="json")}, cwd=root)
     print(f"stage {name}: {time.perf_counter() - start:.1f} s, executed notebook {out}")

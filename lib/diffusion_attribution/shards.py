@@ -50,6 +50,8 @@ from .io import atomic_save
 from .scores import ScoreKey, ScoreSet
 
 __all__ = [
+    "FeatureSettings",
+    "FeatureShardTask",
     "QueryBlockTask",
     "ScoreShardTask",
     "blocks",
@@ -61,6 +63,7 @@ __all__ = [
     "run_score_shard",
     "save_preconditioned",
     "sharded_attribute",
+    "sharded_train_features",
 ]
 
 _FORMAT_QUERIES = "diffusion_attribution.shards.queries/1"
@@ -576,6 +579,147 @@ def sharded_curvatures(
         fit = [t for t in fit_tasks if (t.fisher, t.kfac) == (f, k)]
         K.meta["fit_seconds"] = seconds(fit) + seconds(mine)
         yield v, K
+
+
+# ---- TRAK / D-TRAK training features in shards --------------------------------------------
+#
+# The baselines stage's long part is the projected training gradients, one row per example
+# (:func:`~diffusion_attribution.trak.train_features`); the kernels and scores after them take
+# seconds. The rows are computed as shards of the training set, resumable per shard in
+# ``.cache/baselines/<fingerprint>/``, and concatenated.
+
+
+@dataclass(frozen=True)
+class FeatureSettings:
+    """What the training features depend on besides the model and the data: the
+    ``influence`` section's ``train_draws``, ``seed`` and ``batch_size`` (round-off only) and
+    the ``trak`` section's ``projection_dim``, ``projection`` and ``seed``."""
+
+    train_draws: int
+    seed: int
+    batch_size: int
+    projection_dim: int
+    projection: str
+    projection_seed: int
+
+
+@dataclass(frozen=True)
+class FeatureShardTask:
+    """Projected training gradients of examples ``start:stop`` for TRAK or D-TRAK
+    (``method``, :data:`~diffusion_attribution.trak.TRAIN_MEASUREMENTS`), written to
+    ``output``; ``diffusion`` is the validated section (``model_dump(mode="json")``) and
+    ``settings`` a :class:`FeatureSettings` as a dict."""
+
+    name: str
+    output: str
+    root: str
+    diffusion: dict
+    settings: dict
+    method: str
+    start: int
+    stop: int
+    threads: int = 1
+
+
+def run_feature_shard(task: FeatureShardTask) -> str:
+    """Compute and save one shard's training features; returns its path."""
+    from .config import DiffusionConfig
+    from .projection import Projector
+    from .trak import TRAIN_MEASUREMENTS, train_features
+    from .unet import kfac_parameters
+    from .workspace import Workspace, write_json
+
+    if Path(task.output).exists():
+        return task.output
+    start = time.perf_counter()
+    fs = FeatureSettings(**task.settings)
+    ws = Workspace(task.root, threads=task.threads)
+    ws.set_threads()
+    net = ws.model
+    params = kfac_parameters(net)
+    measurements = ws.measurements(DiffusionConfig(**task.diffusion), timesteps=())
+    measurement = measurements[TRAIN_MEASUREMENTS[task.method]]
+    projector = Projector(
+        sum(p.numel() for p in params), fs.projection_dim, seed=fs.projection_seed,
+        kind=fs.projection,
+    )  # fmt: skip
+    features = train_features(
+        net,
+        params,
+        measurement,
+        ws.dataset.images[task.start : task.stop],
+        projector,
+        train_draws=fs.train_draws,
+        seed=fs.seed,
+        batch_size=fs.batch_size,
+        first_id=task.start,
+    )
+    write_json(_timings_path(task.output), {"seconds": time.perf_counter() - start})
+    atomic_save({"features": features.cpu(), "start": task.start, "stop": task.stop}, task.output)
+    return task.output
+
+
+def baselines_fingerprint(ws, diffusion, settings: FeatureSettings) -> str:
+    """What determines the feature shards: the bytes of the training set and the model, the
+    ``diffusion`` section, the :class:`FeatureSettings` and the code that computes them."""
+    from . import ddpm, gradients, measurements, projection, unet
+    from . import trak as trak_module
+    from .identity import code_digest, file_digest, fingerprint
+
+    values = {"diffusion": diffusion.model_dump(mode="json"), "features": asdict(settings)}
+    code = code_digest(
+        trak_module, projection, gradients, measurements, ddpm, unet, run_feature_shard
+    )
+    return fingerprint(
+        file_digest(ws.path(ws.TRAIN_SET)),
+        file_digest(ws.path(ws.MODEL)),
+        json.dumps(values, sort_keys=True),
+        code,
+    )
+
+
+def sharded_train_features(
+    ws, *, diffusion, settings: FeatureSettings, progress: bool = True
+) -> dict[str, Tensor]:
+    """TRAK's and D-TRAK's (N, k) training features (method -> tensor, on the workspace's
+    device), computed as shards of ``DA_SHARD_EXAMPLES`` examples (default: one shard)
+    through :func:`~diffusion_attribution.jobs.run_tasks`, resuming from finished shard
+    files. Equal to :func:`~diffusion_attribution.trak.train_features` on the whole set up to
+    float round-off of batching (draws depend only on (seed, example id))."""
+    from .io import load
+    from .trak import TRAIN_MEASUREMENTS
+
+    folder = _cache_folder(ws, "baselines", baselines_fingerprint(ws, diffusion, settings))
+    shards = blocks(len(ws.dataset), int(os.environ.get("DA_SHARD_EXAMPLES", "0")))
+    tasks = [
+        FeatureShardTask(
+            f"features_{m}_{s.start:06d}_{s.stop:06d}",
+            str(folder / f"features_{m}_{s.start:06d}_{s.stop:06d}.pt"),
+            str(ws.root),
+            diffusion.model_dump(mode="json"),
+            asdict(settings),
+            m,
+            s.start,
+            s.stop,
+            ws.threads,
+        )
+        for m in TRAIN_MEASUREMENTS
+        for s in shards
+    ]
+    done = sum(Path(t.output).exists() for t in tasks)
+    print(
+        f"baselines: {len(TRAIN_MEASUREMENTS)} methods x {len(shards)} training shard(s) "
+        f"({done} of {len(tasks)} feature files exist) in {folder}",
+        flush=True,
+    )
+    _run_phase(ws, run_feature_shard, "baselines-features", tasks, progress)
+    out = {}
+    for m in TRAIN_MEASUREMENTS:
+        mine = [load(t.output, "feature shard") for t in tasks if t.method == m]
+        if [(d["start"], d["stop"]) for d in mine] != [(s.start, s.stop) for s in shards]:
+            raise ValueError(f"feature shards of {m} in {folder} do not tile the training set")
+        out[m] = torch.cat([d["features"] for d in mine]).to(ws.device)
+    return out
 
 
 # ---- what both stages' fan-outs share -------------------------------------------------------

@@ -308,10 +308,14 @@ def train_features(
     project_rows: int | None = None,
     timings: dict[str, float] | None = None,
     progress: bool = False,
+    first_id: int = 0,
 ) -> Tensor:
     """Projected gradients (N, k) of ``measurement`` scaled to lbar = l / D (the training side
     of TRAK / D-TRAK), with draws made group by group so memory does not grow with N; on the
-    device of ``params`` (:func:`featurize`)."""
+    device of ``params`` (:func:`featurize`). ``train_images`` are the examples with ids
+    ``first_id, first_id + 1, ...`` of the training set (a shard of it,
+    :func:`diffusion_attribution.shards.sharded_train_features`): draws depend only on (seed,
+    example id), so a shard's rows are those of the whole set's."""
     from .influence import train_gradient_scale
 
     n = len(train_images)
@@ -321,7 +325,7 @@ def train_features(
     tf = torch.empty(n, projector.dim, device=params[0].device)
     for start in range(0, n, group):
         stop = min(start + group, n)
-        ids = torch.arange(start, stop)
+        ids = torch.arange(first_id + start, first_id + stop)
         x = train_images[start:stop]
         d = measurement.draw(x, ids, train_draws, seed)
         tf[start:stop] = featurize(
@@ -364,6 +368,7 @@ def baseline_scores(
     batch_size: int = 16,
     project_rows: int | None = None,
     progress: bool = False,
+    train: Mapping[str, Tensor] | None = None,
 ) -> ScoreSet:
     """TRAK, D-TRAK and similarity scores (Q, N) of one model, keyed by
     :class:`~diffusion_attribution.scores.ScoreKey`.
@@ -395,6 +400,10 @@ def baseline_scores(
     sketch is generated there too, :class:`~diffusion_attribution.projection.Projector`), and
     the matrices stay there; the caller moves them (to the CPU) when it saves them.
 
+    ``train`` (method -> (N, k) features, e.g. from
+    :func:`diffusion_attribution.shards.sharded_train_features`) skips the training features'
+    computation; they must be what :func:`train_features` gives for these arguments.
+
     Returns a :class:`~diffusion_attribution.scores.ScoreSet` with
     ``meta = {"mean_eigenvalue": {"trak": ..., "d-trak": ...}, "seconds": {"gradients": ...,
     "projection": ..., "scoring": ...}}``.
@@ -414,10 +423,20 @@ def baseline_scores(
         timings=timings,
         progress=progress,
     )
-    train = {
-        method: train_features(model, params, measurements[name], train_images, projector, **kw)
-        for method, name in TRAIN_MEASUREMENTS.items()
-    }
+    if train is None:
+        train = {
+            method: train_features(model, params, measurements[name], train_images, projector, **kw)
+            for method, name in TRAIN_MEASUREMENTS.items()
+        }
+    elif sorted(train) != sorted(TRAIN_MEASUREMENTS) or any(
+        f.shape != (n, projector.dim) for f in train.values()
+    ):
+        shapes = {m: tuple(f.shape) for m, f in train.items()}
+        raise ValueError(
+            f"train features must be {sorted(TRAIN_MEASUREMENTS)} of shape {(n, projector.dim)}, "
+            f"got {shapes}"
+        )
+    train = {m: f.to(device) for m, f in train.items()}
     q_ids = torch.arange(len(queries))
     query = {}
     for name in dict.fromkeys([*query_measurements, TRAIN_MEASUREMENTS["d-trak"]]):

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from functools import cached_property
 from pathlib import Path
 
@@ -74,17 +73,10 @@ def load_checked_model(path: str | Path, device: torch.device | str = "cpu") -> 
 
 
 def write_json(path: str | Path, obj: object) -> None:
-    """JSON written atomically (temporary file in the same folder, then renamed)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(obj, indent=2) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """JSON written atomically (:func:`~diffusion_attribution.io.atomic_write_text`)."""
+    from .io import atomic_write_text
+
+    atomic_write_text(json.dumps(obj, indent=2) + "\n", path)
 
 
 class Workspace:

@@ -10,6 +10,7 @@ import json
 
 from .. import claims
 from ..config import Config
+from ..io import atomic_write_text
 from ..workspace import Workspace, write_json
 from . import StageResult
 
@@ -55,8 +56,9 @@ def run(config: Config, ws: Workspace) -> StageResult:
     influence = ws.path("metrics/influence.json")
     scale = caveat(json.loads(influence.read_text()) if influence.is_file() else {})
     table = claims.to_markdown(found)
-    ws.out("reports/claims.md").write_text(
-        "# The paper's claims on this run\n\n" + scale + "\n\n" + table + "\n"
+    atomic_write_text(
+        "# The paper's claims on this run\n\n" + scale + "\n\n" + table + "\n",
+        ws.out("reports/claims.md"),
     )
     counts = claims.summary_counts(found)
     metrics = {"counts": counts, "claims": found}

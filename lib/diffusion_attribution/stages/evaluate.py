@@ -18,7 +18,7 @@ import torch
 from .. import claims
 from ..claims import fmt
 from ..config import Config, main_variant
-from ..io import atomic_save
+from ..io import atomic_save, atomic_write_text
 from ..lds import (
     LDSResult,
     heldout_damping,
@@ -620,7 +620,10 @@ def run(config: Config, ws: Workspace) -> StageResult:
         num_train=int(gt["masks"].shape[1]),
         effects=result.data["budget_effects"],
     )
-    result.tables["lds"].to_csv(ws.out(ws.LDS_TABLE), index=False)
+    atomic_write_text(result.tables["lds"].to_csv(index=False), ws.out(ws.LDS_TABLE))
+    # the report (diffusion_attribution.report) shows the deviations table as written here
+    deviations_csv = result.tables["deviations"].reset_index().to_csv(index=False)
+    atomic_write_text(deviations_csv, ws.out("outputs/evaluate/deviations.csv"))
     # a per-query LDS is NaN where it is undefined (e.g. float16 scores that overflowed)
     per_query = ws.out("outputs/evaluate/lds_per_query.pt")
     atomic_save({"per_query": result.data["per_query"]}, per_query, finite=False)

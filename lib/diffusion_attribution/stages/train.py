@@ -12,6 +12,7 @@ import torch
 
 from ..config import Config
 from ..ddpm import diffusion_loss, draw_noise
+from ..io import atomic_write_text
 from ..train import build_model, fingerprint, save_model, train_ddpm
 from ..unet import kfac_parameters, num_parameters
 from ..workspace import Workspace, schedule_of
@@ -74,7 +75,7 @@ def run(config: Config, ws: Workspace) -> StageResult:
     save_model(ws.out(ws.MODEL), result.ema_model, config.model, shape)
     checkpoint.unlink()  # it only serves to resume an interrupted run
     losses = pd.Series(result.losses, name="loss")
-    losses.rename_axis("step").to_csv(ws.out("outputs/train/losses.csv"))
+    atomic_write_text(losses.rename_axis("step").to_csv(), ws.out("outputs/train/losses.csv"))
     steps = config.train.steps
     print(f"{steps} steps in {result.seconds:.1f} s ({steps / result.seconds:.1f} steps/s)")
     n_eval = min(len(ds), EVAL_IMAGES)
