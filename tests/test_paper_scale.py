@@ -8,8 +8,8 @@ no stage assumes 8x8 images, one channel or a small model; it says nothing about
   32x32x3). On two CPU cores this takes ~20 min and ~15 GiB, almost all of it the float64
   eigendecompositions of the 452 K-FAC factors (sizes up to 4608), so it is marked
   ``paper_scale`` and left out of the default run: ``pytest -m paper_scale``.
-- ``[ho-width64]``: the same architecture (channel multipliers, two residual blocks, attention
-  at 16x16, dropout, 32 groups) at half the width (base 64 channels, 8.95 M parameters), in
+- ``[ho-width32]``: the same architecture (channel multipliers, two residual blocks, attention
+  at 16x16, dropout, 32 groups) at a quarter of the width (base 32 channels, 2.2 M parameters), in
   the default run: every stage at 32x32x3 with four resolutions, in about two minutes.
 
 ``test_gpu_script_tiny`` runs ``benchmarks/gpu_paper_scale.py --tiny`` on the CPU.
@@ -149,7 +149,7 @@ def available_gib() -> float:
 @pytest.mark.parametrize(
     "width",
     [
-        pytest.param(64, id="ho-width64"),
+        pytest.param(32, id="ho-width32"),
         pytest.param(128, id="ho-35.7M", marks=pytest.mark.paper_scale),
     ],
 )
