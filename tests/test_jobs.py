@@ -4,6 +4,7 @@ cluster-file checks, finished tasks skipped, failures reported, progress lines."
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,8 @@ class Task:
     output: str
     fail: bool = False
     skip_output: bool = False
+    #: killed by SIGKILL on its first run, as the kernel's out-of-memory killer does
+    oom_once: bool = False
 
 
 def write_output(task: Task) -> None:
@@ -27,6 +30,10 @@ def write_output(task: Task) -> None:
     out = Path(task.output)
     with open(out.with_name(out.name + ".runs"), "a") as f:
         f.write("run\n")
+    marker = out.with_name(out.name + ".oom")
+    if task.oom_once and not marker.exists():
+        marker.write_text("killed once")
+        os.kill(os.getpid(), signal.SIGKILL)
     if task.fail:
         print(f"stderr line of {task.name}", file=sys.stderr, flush=True)
         raise ValueError(f"boom in {task.name}")
@@ -227,3 +234,23 @@ def test_call_is_requeueable(tmp_path: Path) -> None:
     assert again.function is call and again.args == (task,)
     again = cloudpickle.loads(cloudpickle.dumps(again))  # as submitit stores it
     assert again.result() == task.output and runs(task) == 1
+
+
+def test_worker_killed_for_memory_is_reported_and_retried(tmp_path: Path, tests_importable):
+    """A local task killed by SIGKILL (what the out-of-memory killer sends) is reported as
+    killed, naming the task and the likely cause, while the others finish; a rerun retries it
+    alone."""
+    tasks = [
+        Task("good", str(tmp_path / "g.out")),
+        Task("big", str(tmp_path / "big.out"), oom_once=True),
+    ]
+    kw = dict(name="t", executor="local", folder=tmp_path / "s", max_parallel=1, progress=False)
+    with pytest.raises(TasksFailed) as info:
+        run_tasks(write_output, tasks, **kw)
+    (failure,) = info.value.failures
+    assert failure.name == "big" and "killed (SIGKILL" in failure.error, failure.error
+    assert "out-of-memory" in failure.error and "rerun to retry" in failure.error
+    assert Path(tasks[0].output).exists() and not Path(tasks[1].output).exists()
+    run_tasks(write_output, tasks, **kw)  # the retry
+    assert Path(tasks[1].output).read_text() == "big"
+    assert [runs(t) for t in tasks] == [1, 2]

@@ -494,7 +494,13 @@ def _local_failure(task: Any, sjob: Any) -> Failure | None:
     if has_result:
         return failure
     log = Path(sjob.paths.stderr)
-    error = f"local job {sjob.job_id} ended without a result (killed?)"
+    # submitit's local controller does not keep its worker's exit status: a worker that ended
+    # without a result was killed (SIGKILL, e.g. by the out-of-memory killer) or crashed hard
+    error = (
+        f"local job {sjob.job_id} ended without a result: its process was killed (SIGKILL, e.g. "
+        "by the kernel's out-of-memory killer: give it more memory or fewer parallel tasks, "
+        "DA_MAX_PARALLEL) or crashed; rerun to retry it"
+    )
     return Failure(task.name, str(task.output), str(log), error, _tail(log))
 
 
