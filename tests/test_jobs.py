@@ -206,16 +206,16 @@ def test_progress_lines(capsys) -> None:
     prog.update(11, 2)  # changed, but within 5 s of the last line
     now[0] = 20.0
     prog.update(12, 2)
+    now[0] = 40.0
+    prog.update(12, 2)  # unchanged: no line before 30 s have passed
     now[0] = 50.0
-    prog.update(12, 2)  # unchanged: no line before a minute has passed
-    now[0] = 80.0
-    prog.update(12, 2)
+    prog.update(12, 2)  # ... but one every 30 s (at least twice a minute)
     now[0] = 90.0
     prog.update(48, 0, final=True)
     assert capsys.readouterr().out.splitlines() == [
         "retrain: 10/48 done, 0 running, ETA ?",
         "retrain: 12/48 done, 2 running, ETA 6m00s",  # 2 done in 20 s, 36 left
-        "retrain: 12/48 done, 2 running, ETA 24m00s",
+        "retrain: 12/48 done, 2 running, ETA 15m00s",
         "retrain: 48/48 done, 0 running, took 1m30s",
     ]
     quiet = jobs._Progress("x", total=1, done=0, enabled=False)

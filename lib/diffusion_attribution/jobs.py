@@ -315,7 +315,7 @@ class _Progress:
     done: int
     enabled: bool = True
     every_s: float = 5.0
-    at_least_s: float = 60.0
+    at_least_s: float = 30.0
     clock: Callable[[], float] = time.monotonic
     _start: float = field(init=False)
     _first: int = field(init=False)

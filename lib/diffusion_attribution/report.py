@@ -216,12 +216,15 @@ def _git(root: Path, *args: str) -> str | None:
 
 
 def provenance(root: str | Path = ".", params_file: str = "params.yaml") -> dict[str, str]:
-    """The commit (with ``" (tracked files modified)"`` when the work tree differs from it, or
+    """The commit (with ``" (tracked files modified)"`` when a tracked file other than
+    ``dvc.lock``, which the run itself rewrites, differs from it, or
     ``"none"`` outside git / before the first commit), the SHA-256 of the parameters file (first
     16 hex digits), Python's version and each of :data:`PACKAGES`' installed version."""
     root = Path(root)
     commit = _git(root, "rev-parse", "HEAD") or "none"
-    if commit != "none" and _git(root, "status", "--porcelain", "--untracked-files=no"):
+    # dvc.lock is rewritten by the run itself: only other tracked files make the tree "modified"
+    changed = _git(root, "status", "--porcelain", "--untracked-files=no", "--", ".", ":!dvc.lock")
+    if commit != "none" and changed:
         commit += " (tracked files modified)"
     params = root / params_file
     digest = hashlib.sha256(params.read_bytes()).hexdigest()[:16] if params.is_file() else "none"
@@ -419,8 +422,10 @@ do not hold, {counts.get("inconclusive", 0)} inconclusive.</p>
 <h2 id="deviations">Protocol deviations (paper App. G against this run)</h2>
 {_table(deviations.to_dict("records"), list(deviations.columns))}
 <h2 id="stages">Stages and run times</h2>
-<p>Each executed notebook, rendered (code collapsed; "show all code" opens it). Total
-{total / 60:.1f} min of notebook execution.</p>
+<p>Each executed notebook, rendered (code collapsed; "show all code" opens it), and how long
+the stage's last execution took: {total / 60:.1f} min in all. A stage that found its models,
+measurements or shards already computed (kept across reruns, named by what determines them)
+takes seconds; the README lists the cost of a run from an empty cache.</p>
 {_table(times, ["stage", "notebook", "started", "seconds"], raw=("notebook",))}
 <h2 id="provenance">Provenance</h2>
 {_table(info_rows, ["what", "value"])}
