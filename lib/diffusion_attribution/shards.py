@@ -232,6 +232,7 @@ def run_query_block(task: QueryBlockTask) -> str:
         query_trajectories=ws.samples["trajectory"][:, rows],  # (T + 1, Q, C, H, W)
         batch_size=icfg.batch_size,
         timings=timings,
+        progress=True,
     )
     # the timings beside the block (read without loading GBs of queries), then the block
     from .workspace import write_json
@@ -267,6 +268,7 @@ def run_score_shard(task: ScoreShardTask) -> str:
         columns=range(task.start, task.stop),
         batch_size=icfg.batch_size,
         timings=timings,
+        progress=True,
     )
     del pre
     _save_scores(
@@ -653,6 +655,7 @@ def run_feature_shard(task: FeatureShardTask) -> str:
         seed=fs.seed,
         batch_size=fs.batch_size,
         first_id=task.start,
+        progress=True,
     )
     write_json(_timings_path(task.output), {"seconds": time.perf_counter() - start})
     atomic_save({"features": features.cpu(), "start": task.start, "stop": task.stop}, task.output)

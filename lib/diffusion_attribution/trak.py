@@ -323,6 +323,7 @@ def train_features(
     num_params = sum(p.numel() for p in params)
     group = project_rows or max(batch_size, PROJECT_BYTES // (4 * num_params))
     tf = torch.empty(n, projector.dim, device=params[0].device)
+    shown = time.perf_counter()  # progress lines at most every 5 s, and at the end
     for start in range(0, n, group):
         stop = min(start + group, n)
         ids = torch.arange(first_id + start, first_id + stop)
@@ -340,8 +341,9 @@ def train_features(
             project_rows=project_rows,
             timings=timings,
         )
-        if progress:
-            print(f"{measurement.name} features: {min(start + group, n)}/{n}", flush=True)
+        if progress and (stop == n or time.perf_counter() - shown >= 5.0):
+            print(f"{measurement.name} features: {stop}/{n}", flush=True)
+            shown = time.perf_counter()
     return tf
 
 
