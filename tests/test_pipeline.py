@@ -1,6 +1,7 @@
 """The pipeline's wiring: notebooks stripped and parameterised, dvc.yaml agrees with the runner,
 a stage's output reaches the terminal. The smoke profile end to end is tests/test_smoke_run.py."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -156,3 +157,18 @@ def test_stage_output_reaches_the_terminal(tmp_path):
     assert "namespace clean: True\n" in run.stdout, run.stdout
     assert "without encryption" not in run.stdout + run.stderr, run.stderr
     assert (tmp_path / "reports" / "notebooks" / notebook("data")).exists()
+
+
+def test_sandbox_names_the_profiles_before_copying(tmp_path, capsys):
+    from diffusion_attribution import sandbox
+
+    with pytest.raises(ValueError, match=r"unknown profile 'smok'; profiles are: .*smoke"):
+        sandbox.prepare("smok", tmp_path / "copy", repo=ROOT)
+    assert not (tmp_path / "copy").exists()
+    assert sandbox.main(["smok", "--dir", str(tmp_path / "copy")]) == 2
+    assert "unknown profile 'smok'" in capsys.readouterr().err
+    copy = sandbox.prepare("smoke", tmp_path / "copy", repo=ROOT)
+    assert (copy / "params.yaml").read_bytes() == (ROOT / "configs" / "smoke.yaml").read_bytes()
+    assert (copy / "dvc.yaml").is_file() and (copy / ".git").is_dir()
+    assert not (copy / "outputs").exists() and not (copy / ".venv").exists()
+    assert sandbox.environment(copy)["PYTHONPATH"].split(os.pathsep)[0] == str(copy / "lib")
