@@ -27,7 +27,6 @@ import json
 import math
 import os
 import pickle
-import shutil
 import subprocess
 import sys
 import time
@@ -40,7 +39,7 @@ import torch
 import yaml
 
 from diffusion_attribution import config as config_module
-from diffusion_attribution import dvcgraph, io, pipeline, stages
+from diffusion_attribution import dvcgraph, io, pipeline, sandbox, stages
 from diffusion_attribution.config import VALID_MARKER, Config, ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -504,31 +503,12 @@ def test_every_stage_depends_on_the_validation():
         assert dvcgraph.VALIDATED in spec[name]["deps"], name
 
 
-def _copy_repo(dst: Path) -> None:
-    files = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split("\0")
-    for f in filter(None, files):
-        src = ROOT / f
-        if src.is_file():
-            (dst / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dst / f)
-
-
 @pytest.mark.slow
 def test_dvc_repro_with_bad_parameters_deletes_nothing(tmp_path):
     """`dvc repro` on a bad params.yaml stops at the validation stage: it fails naming the key
     and no earlier output is deleted or rewritten (DVC removes a stage's outputs right before
     it runs the stage's command)."""
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    _copy_repo(repo)
-    shutil.copy(SMOKE, repo / "params.yaml")
-    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    repo = sandbox.prepare("smoke", tmp_path / "repo", repo=ROOT)  # the smoke profile's copy
     env = {
         "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
         "DA_THREADS": "1",
