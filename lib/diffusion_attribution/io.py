@@ -62,7 +62,7 @@ def _tensors(obj: object) -> object:
 
 def atomic_write_text(text: str, path: str | os.PathLike) -> None:
     """``text`` (UTF-8) written to ``path`` as :func:`atomic_save` writes."""
-    atomic_write_bytes(text.encode(), path)
+    _atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> None:
