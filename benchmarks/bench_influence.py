@@ -30,15 +30,15 @@ import torch
 
 
 def child(args: argparse.Namespace) -> dict:
-    from diffusion_attribution.config import ModelConfig
-    from diffusion_attribution.curvature import fit_kfac
-    from diffusion_attribution.data import load_dataset
-    from diffusion_attribution.ddpm import NoiseSchedule
-    from diffusion_attribution.influence import attribute
-    from diffusion_attribution.measurements import DiffusionLoss
-    from diffusion_attribution.scores import ScoreKey
-    from diffusion_attribution.train import build_model, load_model
-    from diffusion_attribution.unet import kfac_parameters
+    from diffusion_attribution.attribution.influence import attribute
+    from diffusion_attribution.attribution.scores import ScoreKey
+    from diffusion_attribution.core.config import ModelConfig
+    from diffusion_attribution.curvature.kfac import fit_kfac
+    from diffusion_attribution.diffusion.datasets import load_dataset
+    from diffusion_attribution.diffusion.ddpm import NoiseSchedule
+    from diffusion_attribution.diffusion.measurements import DiffusionLoss
+    from diffusion_attribution.diffusion.training import build_model, load_model
+    from diffusion_attribution.diffusion.unet import kfac_parameters
 
     torch.set_num_threads(args.threads)
     ds = load_dataset(args.dataset)

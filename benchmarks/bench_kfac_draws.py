@@ -22,7 +22,7 @@ reference in one lever only:
 * ``draws-S``, S in {32, 64, 128, 512} (``draws-256`` is the reference): S draws per
   training and query gradient.
 * ``stratified-S``, ``antithetic-S``, ``both-S`` for S in {64, 256}: the draws of
-  :mod:`diffusion_attribution.draws` (stratified timesteps, antithetic noise pairs, both).
+  :mod:`diffusion_attribution.diffusion.draws` (stratified timesteps, antithetic noise pairs, both).
 
 The table gives the LDS (mean over queries, its standard error), the paired difference with
 the reference and with plain draws at the same S (mean over the same queries +- stderr, via
@@ -62,13 +62,18 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from diffusion_attribution import lds as lds_module
-from diffusion_attribution.config import Config, dump_config, load_config
-from diffusion_attribution.draws import DrawScheme
-from diffusion_attribution.identity import code_digest, file_digest, fingerprint
-from diffusion_attribution.io import atomic_save
-from diffusion_attribution.lds import LDSResult, lds, paired_difference, predicted_changes
-from diffusion_attribution.workspace import Workspace
+from diffusion_attribution.core.config import Config, dump_config, load_config
+from diffusion_attribution.core.identity import code_digest, file_digest, fingerprint
+from diffusion_attribution.core.io import atomic_save
+from diffusion_attribution.diffusion.draws import DrawScheme
+from diffusion_attribution.evaluation import lds as lds_module
+from diffusion_attribution.evaluation.lds import (
+    LDSResult,
+    lds,
+    paired_difference,
+    predicted_changes,
+)
+from diffusion_attribution.pipeline.workspace import Workspace
 
 CURVATURE = "mc_expand"  # the paper's K-FAC variant, the only one swept here
 
@@ -122,16 +127,10 @@ ALIASES = {"draws-256": "reference"}
 
 def inputs_fingerprint(ws: Workspace, config: Config) -> str:
     """What the score matrices depend on besides the setting: input files and code."""
-    from diffusion_attribution import (
-        curvature,
-        ddpm,
-        draws,
-        gradients,
-        influence,
-        kronecker,
-        measurements,
-        unet,
-    )
+    from diffusion_attribution.attribution import influence
+    from diffusion_attribution.curvature import kfac as curvature
+    from diffusion_attribution.curvature import kronecker
+    from diffusion_attribution.diffusion import ddpm, draws, gradients, measurements, unet
 
     files = [ws.TRAIN_SET, ws.MODEL, ws.SAMPLES, ws.CURVATURE.format(variant=CURVATURE)]
     code = code_digest(curvature, ddpm, draws, gradients, influence, kronecker, measurements, unet)
@@ -148,10 +147,10 @@ def inputs_fingerprint(ws: Workspace, config: Config) -> str:
 
 def ekfac_curvature(ws: Workspace, config: Config, cache: Path, fp: str):
     """EK-FAC (MC Fisher, expand) on the curvature stage's rows, fitted once and cached."""
-    from diffusion_attribution.curvature import KFAC, fit_kfac
-    from diffusion_attribution.measurements import DiffusionLoss
-    from diffusion_attribution.unet import kfac_parameters
-    from diffusion_attribution.workspace import schedule_of
+    from diffusion_attribution.curvature.kfac import KFAC, fit_kfac
+    from diffusion_attribution.diffusion.measurements import DiffusionLoss
+    from diffusion_attribution.diffusion.unet import kfac_parameters
+    from diffusion_attribution.pipeline.workspace import schedule_of
 
     path = cache / f"ekfac-{fp}.pt"
     if path.exists():
@@ -193,11 +192,11 @@ def compute_pass(
     ws: Workspace, config: Config, queries, settings: list[Setting], curvatures: dict
 ) -> dict[Setting, dict]:
     """One :func:`attribute` call for settings that share their draws: {setting: entry}."""
-    from diffusion_attribution.influence import attribute
-    from diffusion_attribution.measurements import DiffusionLoss
-    from diffusion_attribution.scores import ScoreKey
-    from diffusion_attribution.unet import kfac_parameters
-    from diffusion_attribution.workspace import schedule_of
+    from diffusion_attribution.attribution.influence import attribute
+    from diffusion_attribution.attribution.scores import ScoreKey
+    from diffusion_attribution.diffusion.measurements import DiffusionLoss
+    from diffusion_attribution.diffusion.unet import kfac_parameters
+    from diffusion_attribution.pipeline.workspace import schedule_of
 
     icfg, ds, net = config.influence, ws.dataset, ws.model
     first = settings[0]
@@ -249,7 +248,7 @@ def run_sweep(
     ws: Workspace, config: Config, names: list[str], cache: Path, recompute: bool = False
 ) -> tuple[pd.DataFrame, dict]:
     """Scores for every named setting (cached), their LDS and the paired differences."""
-    from diffusion_attribution.curvature import KFAC
+    from diffusion_attribution.curvature.kfac import KFAC
 
     gt = ws.ground_truth
     measured, masks = gt["subsets"]["loss"], gt["masks"]
@@ -355,7 +354,7 @@ def _pm(r: LDSResult) -> str:
 def check_against_pipeline(ws: Workspace, config: Config, reference_scores) -> str | None:
     """The reference is the influence stage's main loss matrix when the profile uses 256/256
     draws: say how well they agree (they should be equal up to float round-off)."""
-    from diffusion_attribution.scores import ScoreKey, ScoreSet
+    from diffusion_attribution.attribution.scores import ScoreKey, ScoreSet
 
     icfg = config.influence
     path = ws.path(ws.INFLUENCE_SCORES)
@@ -404,15 +403,15 @@ def build_smoke_workspace(root: Path, threads: int) -> None:
     64 digits-2 images, 8 generated queries, 8 random halves x 2 shared seeds retrained for
     100 steps and measured with 64 common draws. Made once (``root/READY`` records the
     recipe; a changed recipe rebuilds it)."""
-    from diffusion_attribution.curvature import fit_kfac
-    from diffusion_attribution.data import load_digits
-    from diffusion_attribution.ddpm import sample
-    from diffusion_attribution.ground_truth import measure
-    from diffusion_attribution.lds import subset_masks
-    from diffusion_attribution.measurements import DiffusionLoss, quantize
-    from diffusion_attribution.train import build_model, save_model, train_ddpm
-    from diffusion_attribution.unet import kfac_parameters
-    from diffusion_attribution.workspace import schedule_of
+    from diffusion_attribution.curvature.kfac import fit_kfac
+    from diffusion_attribution.diffusion.datasets import load_digits
+    from diffusion_attribution.diffusion.ddpm import sample
+    from diffusion_attribution.diffusion.measurements import DiffusionLoss, quantize
+    from diffusion_attribution.diffusion.training import build_model, save_model, train_ddpm
+    from diffusion_attribution.diffusion.unet import kfac_parameters
+    from diffusion_attribution.evaluation.ground_truth import measure
+    from diffusion_attribution.evaluation.lds import subset_masks
+    from diffusion_attribution.pipeline.workspace import schedule_of
 
     recipe = repr((SMOKE_SECTIONS, SMOKE_SUBSETS, SMOKE_SEEDS, SMOKE_RETRAIN_STEPS))
     ready = root / "READY"

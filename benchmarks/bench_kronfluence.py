@@ -65,12 +65,12 @@ class Clock:
 
 def workload(args: argparse.Namespace) -> dict:
     """Trained model, training images, queries, schedule and the pre-drawn (t, eps)."""
-    from diffusion_attribution.config import TrainConfig, load_config
-    from diffusion_attribution.data import load_digits
-    from diffusion_attribution.ddpm import sample
-    from diffusion_attribution.measurements import DiffusionLoss
-    from diffusion_attribution.train import build_model, train_ddpm
-    from diffusion_attribution.workspace import schedule_of
+    from diffusion_attribution.core.config import TrainConfig, load_config
+    from diffusion_attribution.diffusion.datasets import load_digits
+    from diffusion_attribution.diffusion.ddpm import sample
+    from diffusion_attribution.diffusion.measurements import DiffusionLoss
+    from diffusion_attribution.diffusion.training import build_model, train_ddpm
+    from diffusion_attribution.pipeline.workspace import schedule_of
 
     config = load_config(args.params)
     ds = load_digits((0, 1))
@@ -132,9 +132,9 @@ class ModuleDamped:
 
 
 def project_scores(w: dict, curvatures: dict, args, timings: dict | None = None) -> dict:
-    from diffusion_attribution.influence import attribute
-    from diffusion_attribution.scores import ScoreKey
-    from diffusion_attribution.unet import kfac_parameters
+    from diffusion_attribution.attribution.influence import attribute
+    from diffusion_attribution.attribution.scores import ScoreKey
+    from diffusion_attribution.diffusion.unet import kfac_parameters
 
     specs = [ScoreKey("kfac", "loss", name, 0.1, "none") for name in curvatures]
     scores, t = attribute(
@@ -162,8 +162,8 @@ def project_scores(w: dict, curvatures: dict, args, timings: dict | None = None)
 
 
 def run_project(w: dict, backend: str, args) -> dict:
-    from diffusion_attribution.curvature import fit_kfac
-    from diffusion_attribution.unet import kfac_parameters
+    from diffusion_attribution.curvature.kfac import fit_kfac
+    from diffusion_attribution.diffusion.unet import kfac_parameters
 
     net, d = w["net"], w["curvature"]
     clock = Clock()
@@ -223,7 +223,7 @@ def positions_per_layer(net: nn.Module, images: Tensor) -> dict[str, int]:
 def kronfluence_task(schedule):
     from kronfluence.task import Task
 
-    from diffusion_attribution.ddpm import q_sample
+    from diffusion_attribution.diffusion.ddpm import q_sample
 
     class DiffusionTask(Task):
         """Diffusion loss ``sum_draws ||eps - eps_theta(x_t, t)||^2`` of a batch of examples,

@@ -24,12 +24,17 @@ from pathlib import Path
 
 import torch
 
-from diffusion_attribution.config import load_config
-from diffusion_attribution.ground_truth import measure_models, stack
-from diffusion_attribution.lds import lds, lds_upper_bound, paired_difference, predicted_changes
-from diffusion_attribution.measurements import DiffusionLoss
-from diffusion_attribution.scores import select
-from diffusion_attribution.workspace import Workspace, schedule_of
+from diffusion_attribution.attribution.scores import select
+from diffusion_attribution.core.config import load_config
+from diffusion_attribution.diffusion.measurements import DiffusionLoss
+from diffusion_attribution.evaluation.ground_truth import measure_models, stack
+from diffusion_attribution.evaluation.lds import (
+    lds,
+    lds_upper_bound,
+    paired_difference,
+    predicted_changes,
+)
+from diffusion_attribution.pipeline.workspace import Workspace, schedule_of
 
 
 def main() -> None:

@@ -5,8 +5,8 @@ of the digits-2 training set (sklearn digits 3 and 8, N = 357) and Q generated q
 each projection dimension k this runs, each in its own process (so each peak RSS is that
 path's own, model and imports included):
 
-* ours: :func:`diffusion_attribution.projection.featurize` with
-  :class:`~diffusion_attribution.projection.Projector` (Rademacher, regenerated chunk by chunk,
+* ours: :func:`diffusion_attribution.attribution.projection.featurize` with
+  :class:`~diffusion_attribution.attribution.projection.Projector` (Rademacher, regenerated chunk by chunk,
   gradients buffered per call);
 * traker: :class:`trak.projectors.BasicProjector` (``proj_type`` normal -- what ``TRAKer``
   picks on CPU -- float32), called per batch of 32 gradients as ``TRAKer.featurize`` does with
@@ -15,8 +15,8 @@ path's own, model and imports included):
 and prints the wall time of the gradient and projection parts, the projection speed-up, the
 peak RSS, and the agreement (mean over queries of the Spearman correlation across training
 examples) of the TRAK scores from the two sketches at the same normalised damping (scores for
-both from :func:`~diffusion_attribution.trak.trak_scores`; traker's own score computer is run
-too and compared on the same features, which checks :func:`~diffusion_attribution.trak.
+both from :func:`~diffusion_attribution.attribution.trak.trak_scores`; traker's own score computer is run
+too and compared on the same features, which checks :func:`~diffusion_attribution.attribution.trak.
 trak_lambda`). Two sketches are independent random draws, so agreement is ~0.7-0.85, not 1.
 
 traker pitfalls guarded (FACTS.md): one projector instance with a fixed ``model_id`` for
@@ -30,7 +30,7 @@ alone, ~3-5 min), the projection time per batch of the same training gradients a
 (``--generator-dim``) through three sketches, interleaved over ``--repeats`` rounds (best
 round reported), and each one's generation rate (entries of R per second, one full pass):
 
-* new: :class:`~diffusion_attribution.projection.Projector`, R hashed on the gradients'
+* new: :class:`~diffusion_attribution.attribution.projection.Projector`, R hashed on the gradients'
   device with torch integer ops (the library's projector);
 * previous: :class:`PreviousPhiloxProjector` below, a copy of the projector's *previous*
   generation (numpy Philox-4x64 bits unpacked on the CPU), kept here only for this comparison;
@@ -66,12 +66,12 @@ MODEL = Path("outputs/train/model.pt")
 
 
 def load_setup(args: argparse.Namespace):
-    from diffusion_attribution.data import load_digits
-    from diffusion_attribution.ddpm import NoiseSchedule
-    from diffusion_attribution.measurements import DiffusionLoss
+    from diffusion_attribution.diffusion.datasets import load_digits
+    from diffusion_attribution.diffusion.ddpm import NoiseSchedule
+    from diffusion_attribution.diffusion.measurements import DiffusionLoss
+    from diffusion_attribution.diffusion.training import load_model
+    from diffusion_attribution.diffusion.unet import UNet, kfac_parameters
     from diffusion_attribution.testing import TINY_DIGITS
-    from diffusion_attribution.train import load_model
-    from diffusion_attribution.unet import UNet, kfac_parameters
 
     if MODEL.exists() and not args.random_init:
         model, source = load_model(MODEL), str(MODEL)
@@ -88,7 +88,7 @@ def peak_rss_gib() -> float:
 
 
 def child(args: argparse.Namespace) -> dict:
-    from diffusion_attribution.influence import train_gradient_scale
+    from diffusion_attribution.attribution.influence import train_gradient_scale
 
     torch.set_num_threads(args.threads)
     model, params, train, loss, source = load_setup(args)
@@ -101,7 +101,7 @@ def child(args: argparse.Namespace) -> dict:
     result = {"role": args.role, "k": args.dim, "P": num_params, "model": source}
 
     if args.role == "ours":
-        from diffusion_attribution.projection import Projector, featurize
+        from diffusion_attribution.attribution.projection import Projector, featurize
 
         proj = Projector(num_params, args.dim, seed=0, kind=args.our_kind)
         timings: dict[str, float] = {}
@@ -138,7 +138,7 @@ def child(args: argparse.Namespace) -> dict:
     else:
         from trak.projectors import BasicProjector, ProjectionType
 
-        from diffusion_attribution.gradients import per_example_gradients
+        from diffusion_attribution.diffusion.gradients import per_example_gradients
 
         proj = BasicProjector(
             grad_dim=num_params,
@@ -202,7 +202,7 @@ def child(args: argparse.Namespace) -> dict:
         if args.traker_scorer:  # its score computer, lambda_reg = N * damping (guard 2)
             from trak.score_computers import BasicScoreComputer
 
-            from diffusion_attribution.trak import mean_eigenvalue, trak_lambda
+            from diffusion_attribution.attribution.trak import mean_eigenvalue, trak_lambda
 
             damping = args.rel_damping * mean_eigenvalue(tf)
             lam = trak_lambda(damping, n)
@@ -267,9 +267,9 @@ def generators(args: argparse.Namespace) -> None:
     """Projection time per batch and generation rate: new, previous and traker's sketches."""
     from trak.projectors import BasicProjector, ProjectionType
 
-    from diffusion_attribution.gradients import gradient_matrix
-    from diffusion_attribution.influence import train_gradient_scale
-    from diffusion_attribution.projection import BLOCK_ROWS, PROJECT_BYTES, Projector
+    from diffusion_attribution.attribution.influence import train_gradient_scale
+    from diffusion_attribution.attribution.projection import BLOCK_ROWS, PROJECT_BYTES, Projector
+    from diffusion_attribution.diffusion.gradients import gradient_matrix
 
     torch.set_num_threads(args.threads)
     model, params, train, loss, source = load_setup(args)
@@ -379,7 +379,7 @@ def mean_spearman(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def options(args: argparse.Namespace) -> None:
     """Projector design options on random gradients of the model's size (this process)."""
-    from diffusion_attribution.projection import BLOCK_ROWS, Projector
+    from diffusion_attribution.attribution.projection import BLOCK_ROWS, Projector
 
     torch.set_num_threads(args.threads)
     _, params, train, _, _ = load_setup(args)
@@ -446,8 +446,8 @@ def main() -> None:
         print(json.dumps(child(args)))
         return
 
-    from diffusion_attribution.ddpm import sample
-    from diffusion_attribution.trak import mean_eigenvalue, trak_scores
+    from diffusion_attribution.attribution.trak import mean_eigenvalue, trak_scores
+    from diffusion_attribution.diffusion.ddpm import sample
 
     load1 = os.getloadavg()[0]
     note = ""

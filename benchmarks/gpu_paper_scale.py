@@ -45,16 +45,26 @@ from pathlib import Path
 
 import torch
 
-from diffusion_attribution.config import TrainConfig
-from diffusion_attribution.curvature import fit_kfac
-from diffusion_attribution.ddpm import NoiseSchedule, draw_noise
-from diffusion_attribution.ddpm import sample as ancestral_sample
-from diffusion_attribution.gradients import per_example_gradients
-from diffusion_attribution.influence import compress, influence_scores, train_gradient_scale
-from diffusion_attribution.measurements import DiffusionLoss
-from diffusion_attribution.projection import Projector
-from diffusion_attribution.train import train_ddpm
-from diffusion_attribution.unet import HO_CIFAR10, UNet, UNetConfig, kfac_parameters, num_parameters
+from diffusion_attribution.attribution.influence import (
+    compress,
+    influence_scores,
+    train_gradient_scale,
+)
+from diffusion_attribution.attribution.projection import Projector
+from diffusion_attribution.core.config import TrainConfig
+from diffusion_attribution.curvature.kfac import fit_kfac
+from diffusion_attribution.diffusion.ddpm import NoiseSchedule, draw_noise
+from diffusion_attribution.diffusion.ddpm import sample as ancestral_sample
+from diffusion_attribution.diffusion.gradients import per_example_gradients
+from diffusion_attribution.diffusion.measurements import DiffusionLoss
+from diffusion_attribution.diffusion.training import train_ddpm
+from diffusion_attribution.diffusion.unet import (
+    HO_CIFAR10,
+    UNet,
+    UNetConfig,
+    kfac_parameters,
+    num_parameters,
+)
 
 
 @dataclass(frozen=True)

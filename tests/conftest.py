@@ -19,10 +19,10 @@ SLURM_BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol
 
 
 def _python_path() -> str:
-    """PYTHONPATH with ``tests/`` first, so that a job process unpickles task functions
-    defined in test modules (pickled by reference: ``test_jobs.write_output``)."""
+    """PYTHONPATH with the repository first, so that a job process unpickles task functions
+    defined in test modules (pickled by reference: ``tests.core.test_jobs.write_output``)."""
     rest = os.environ.get("PYTHONPATH")
-    return os.pathsep.join([str(TESTS), *([rest] if rest else [])])
+    return os.pathsep.join([str(TESTS.parent), *([rest] if rest else [])])
 
 
 @pytest.fixture
@@ -39,7 +39,7 @@ EXECUTION_SETTINGS = (
 
 @pytest.fixture
 def no_execution_settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    """None of the DA_* execution settings (diffusion_attribution.jobs) of the caller's shell."""
+    """None of the DA_* execution settings (diffusion_attribution.core.jobs) of the caller's shell."""
     for var in EXECUTION_SETTINGS:
         monkeypatch.delenv(var, raising=False)
 

@@ -33,9 +33,9 @@ import pytest
 import torch
 import yaml
 
-from diffusion_attribution import stages
-from diffusion_attribution.config import parse_config
-from diffusion_attribution.workspace import Workspace
+from diffusion_attribution.core.config import parse_config
+from diffusion_attribution.pipeline import stages
+from diffusion_attribution.pipeline.workspace import Workspace
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -231,7 +231,7 @@ def test_gpu_script_tiny(tmp_path):
 
 
 def test_claims_caveat_follows_the_run_scale():
-    from diffusion_attribution.stages.claims import caveat
+    from diffusion_attribution.pipeline.stages.claims import caveat
 
     small = caveat({"num_train": 357, "num_parameters": 177_000})
     assert "smaller than the paper's" in small and "357" in small
@@ -241,7 +241,7 @@ def test_claims_caveat_follows_the_run_scale():
 
 
 def test_nearest_neighbours_in_chunks_match_the_full_matrix(monkeypatch):
-    from diffusion_attribution.stages import sample
+    from diffusion_attribution.pipeline.stages import sample
 
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(37, 12, generator=g), torch.randn(23, 12, generator=g)

@@ -6,8 +6,8 @@ from pathlib import Path
 import torch
 
 import diffusion_attribution as da
-from diffusion_attribution.testing import TINY_4X4
-from diffusion_attribution.unet import UNet
+from diffusion_attribution.diffusion.unet import UNet
+from tests.helpers import TINY_4X4
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

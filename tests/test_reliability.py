@@ -3,7 +3,7 @@ counted (issue 14, parts 1, 3 and 4).
 
 - **Bad parameters** (:data:`CASES`, a case registry in the manner of curvlinops'
   ``test/cases.py``): every case is a different key or failure class. Each must make
-  ``python -m diffusion_attribution.config FILE`` and ``python -m diffusion_attribution.pipeline
+  ``python -m diffusion_attribution.core.config FILE`` and ``python -m diffusion_attribution.pipeline.runner
   STAGE`` exit with status 2, print one message naming the key and what is allowed, no
   traceback, and compute nothing. Most cases run through the two ``main`` functions in this
   process; :data:`SUBPROCESS_CASES` also through real interpreters; one test runs ``dvc repro``
@@ -38,9 +38,11 @@ import pytest
 import torch
 import yaml
 
-from diffusion_attribution import config as config_module
-from diffusion_attribution import dvcgraph, io, pipeline, sandbox, stages
-from diffusion_attribution.config import VALID_MARKER, Config, ConfigError, load_config
+from diffusion_attribution.core import config as config_module
+from diffusion_attribution.core import io
+from diffusion_attribution.core.config import VALID_MARKER, Config, ConfigError, load_config
+from diffusion_attribution.pipeline import dvcgraph, sandbox, stages
+from diffusion_attribution.pipeline import runner as pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 LIB = ROOT / "lib" / "diffusion_attribution"
@@ -437,8 +439,8 @@ def test_bad_parameters_through_real_interpreters(tmp_path):
         folder.mkdir()
         path = write_case(case, folder)
         for argv in (
-            ["diffusion_attribution.config", str(path)],
-            ["diffusion_attribution.pipeline", stage_of(case)],
+            ["diffusion_attribution.core.config", str(path)],
+            ["diffusion_attribution.pipeline.runner", stage_of(case)],
         ):
             proc = subprocess.Popen(
                 [sys.executable, "-m", *argv],
@@ -472,7 +474,7 @@ def test_every_profile_is_valid_and_complete():
 
 def test_digit_counts_are_those_of_the_data():
     """The training-set sizes the subset checks use are the data's (a derived fact, tested)."""
-    from diffusion_attribution.data import load_digits
+    from diffusion_attribution.diffusion.datasets import load_digits
 
     counts = tuple(len(load_digits([c])) for c in range(10))
     assert counts == config_module.DIGIT_COUNTS
@@ -544,8 +546,8 @@ def test_dvc_repro_with_bad_parameters_deletes_nothing(tmp_path):
 
 
 def tiny_model():
-    from diffusion_attribution.config import ModelConfig
-    from diffusion_attribution.train import build_model
+    from diffusion_attribution.core.config import ModelConfig
+    from diffusion_attribution.diffusion.training import build_model
 
     cfg = ModelConfig(base_channels=4, channel_mults=(1,), attn_resolutions=(), norm_groups=2)
     torch.manual_seed(0)
@@ -555,8 +557,8 @@ def tiny_model():
 def fault_nan_weight_checkpoint(tmp_path: Path) -> Exception:
     """A model file with one NaN weight: the pipeline's loader refuses it, naming file, layer,
     value."""
-    from diffusion_attribution.train import save_model
-    from diffusion_attribution.workspace import load_checked_model
+    from diffusion_attribution.diffusion.training import save_model
+    from diffusion_attribution.pipeline.workspace import load_checked_model
 
     cfg, model = tiny_model()
     path = tmp_path / "model.pt"
@@ -576,9 +578,9 @@ def fault_diverged_training(tmp_path: Path) -> Exception:
     """A training run whose loss becomes NaN (a NaN pixel in the data): saving the model is
     refused (every atomic save checks its tensors), naming the output, the layer and the
     value, and nothing is written."""
-    from diffusion_attribution.config import TrainConfig
-    from diffusion_attribution.ddpm import NoiseSchedule
-    from diffusion_attribution.train import build_model, save_model, train_ddpm
+    from diffusion_attribution.core.config import TrainConfig
+    from diffusion_attribution.diffusion.ddpm import NoiseSchedule
+    from diffusion_attribution.diffusion.training import build_model, save_model, train_ddpm
 
     cfg, _ = tiny_model()
     images = torch.zeros(4, 1, 8, 8)
@@ -605,9 +607,9 @@ def fault_diverged_training_checkpoint(tmp_path: Path) -> Exception:
     """The same diverging run with checkpoints: it stops at its first checkpoint after the
     loss became NaN, naming the checkpoint file and the layer, and leaves no NaN checkpoint
     to resume from."""
-    from diffusion_attribution.config import TrainConfig
-    from diffusion_attribution.ddpm import NoiseSchedule
-    from diffusion_attribution.train import build_model, train_ddpm
+    from diffusion_attribution.core.config import TrainConfig
+    from diffusion_attribution.diffusion.ddpm import NoiseSchedule
+    from diffusion_attribution.diffusion.training import build_model, train_ddpm
 
     cfg, _ = tiny_model()
     images = torch.zeros(4, 1, 8, 8)
@@ -632,7 +634,7 @@ def fault_diverged_training_checkpoint(tmp_path: Path) -> Exception:
 def fault_inf_curvature_factor(tmp_path: Path) -> Exception:
     """An Inf in a layer's gradient covariance: the Kronecker blocks are not built; the
     error names the function's check, the layer, the factor, the index and the value."""
-    from diffusion_attribution.kronecker import LayerFactors, kronecker_blocks
+    from diffusion_attribution.curvature.kronecker import LayerFactors, kronecker_blocks
 
     G, A = torch.eye(3), torch.eye(5)
     G[1, 2] = float("inf")
@@ -647,7 +649,7 @@ def fault_inf_curvature_factor(tmp_path: Path) -> Exception:
 
 def fault_inf_ekfac_eigenvalue(tmp_path: Path) -> Exception:
     """An Inf among EK-FAC's corrected eigenvalues (a separate weight block)."""
-    from diffusion_attribution.kronecker import LayerFactors, kronecker_blocks
+    from diffusion_attribution.curvature.kronecker import LayerFactors, kronecker_blocks
 
     corrected = {0: torch.ones(3, 5), 1: torch.ones(3, 1)}
     corrected[0][2, 4] = float("-inf")
@@ -676,8 +678,8 @@ class InfAtSecondQuery:
 def fault_non_finite_measurement(tmp_path: Path) -> Exception:
     """A measurement that is not finite for one query: the measure task stops before caching
     it, naming the model, the measurement, the query and the value."""
-    from diffusion_attribution.ground_truth import MeasureTask, run_measure_task
-    from diffusion_attribution.train import save_model
+    from diffusion_attribution.diffusion.training import save_model
+    from diffusion_attribution.evaluation.ground_truth import MeasureTask, run_measure_task
 
     cfg, model = tiny_model()
     save_model(tmp_path / "m.pt", model, cfg, (1, 8, 8))
@@ -778,8 +780,8 @@ DAMAGE = {
 
 
 def write_model(path: Path) -> Callable[[Path], object]:
-    from diffusion_attribution.train import save_model
-    from diffusion_attribution.workspace import load_checked_model
+    from diffusion_attribution.diffusion.training import save_model
+    from diffusion_attribution.pipeline.workspace import load_checked_model
 
     cfg, model = tiny_model()
     save_model(path, model, cfg, (1, 8, 8))
@@ -787,7 +789,7 @@ def write_model(path: Path) -> Callable[[Path], object]:
 
 
 def write_scores(path: Path) -> Callable[[Path], object]:
-    from diffusion_attribution.scores import ScoreKey, ScoreSet
+    from diffusion_attribution.attribution.scores import ScoreKey, ScoreSet
 
     ScoreSet({ScoreKey("kfac", "loss"): torch.randn(4, 50)}).save(path)
     return ScoreSet.load
@@ -968,8 +970,8 @@ def test_config_error_is_a_value_error():
 
 def _influence(threads: int, batch_size: int) -> torch.Tensor:
     import diffusion_attribution as da
-    from diffusion_attribution.testing import TINY_4X4
-    from diffusion_attribution.unet import UNet
+    from diffusion_attribution.diffusion.unet import UNet
+    from tests.helpers import TINY_4X4
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)

@@ -2,7 +2,7 @@
 build on each other.
 
 The run is ``dvc repro`` in a copy of the repository made by
-:func:`diffusion_attribution.sandbox.prepare` (what ``python -m diffusion_attribution.sandbox
+:func:`diffusion_attribution.pipeline.sandbox.prepare` (what ``python -m diffusion_attribution.pipeline.sandbox
 smoke``, the README's ten-minute look, does), after a first attempt killed half-way through
 the retraining. Training shards of 120 examples (``DA_SHARD_EXAMPLES``) give the curvature,
 influence and baselines stages several resumable shards each.
@@ -43,13 +43,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
-import browser
 import nbformat
 import pytest
 import yaml
 
-from diffusion_attribution import io, sandbox, stages
-from diffusion_attribution.pipeline import notebook
+from diffusion_attribution.core import io
+from diffusion_attribution.pipeline import sandbox, stages
+from diffusion_attribution.pipeline.runner import notebook
+from tests import browser
 
 ROOT = Path(__file__).resolve().parents[1]
 DVC = [sys.executable, "-m", "dvc"]
@@ -339,7 +340,7 @@ def units(repo: Path, plan: Resumable) -> dict[Path, tuple[int, bytes]]:
 
 def check_no_half_written_file(repo: Path, name: str) -> int:
     """Every file the stage resumes from or outputs is complete (a torch file passes
-    :func:`diffusion_attribution.io.verify`, JSON parses); returns the number of partial
+    :func:`diffusion_attribution.core.io.verify`, JSON parses); returns the number of partial
     writes (``.<name>.<random>.tmp``, never read, removed when the stage runs again)."""
     folders = [repo / o for o in stages.module(name).OUTS] + [repo / ".cache" / name]
     partial = 0

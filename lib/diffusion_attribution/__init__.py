@@ -1,7 +1,7 @@
 """Influence functions for data attribution in diffusion models (DDPM).
 
 The library behind the pipeline in ``dvc.yaml``; modules are named after the paper's concepts
-(Mlodozieniec et al., "Influence Functions for Scalable Data Attribution in Diffusion Models").
+(Mlodozeniec et al., "Influence Functions for Scalable Data Attribution in Diffusion Models").
 The public API, for attributing a model of one's own (README, "Use the library"):
 
 - measurements m(theta, x): :class:`DiffusionLoss`, :class:`ELBO`, :class:`TimestepLoss`,
@@ -13,7 +13,7 @@ The public API, for attributing a model of one's own (README, "Use the library")
   :func:`linear_datamodelling_score` (eq. 13).
 
 Names are imported on first use, so ``import diffusion_attribution`` stays cheap and a stage
-depends only on the modules it actually imports (:mod:`diffusion_attribution.dvcgraph`).
+depends only on the modules it actually imports (:mod:`diffusion_attribution.pipeline.dvcgraph`).
 """
 
 from importlib import import_module
@@ -21,21 +21,21 @@ from importlib import import_module
 __version__ = "0.1.0"
 
 _PUBLIC = {
-    "NoiseSchedule": "ddpm",
-    "DiffusionLoss": "measurements",
-    "ELBO": "measurements",
-    "TimestepLoss": "measurements",
-    "TrajectoryLogProb": "measurements",
-    "SquareNorm": "measurements",
-    "fit_kfac": "curvature",
-    "KFAC": "curvature",
-    "attribute": "influence",
-    "ScoreKey": "scores",
-    "ScoreSet": "scores",
-    "kfac_parameters": "unet",
-    "subset_masks": "lds",
-    "predicted_changes": "lds",
-    "linear_datamodelling_score": "lds",
+    "NoiseSchedule": "diffusion.ddpm",
+    "DiffusionLoss": "diffusion.measurements",
+    "ELBO": "diffusion.measurements",
+    "TimestepLoss": "diffusion.measurements",
+    "TrajectoryLogProb": "diffusion.measurements",
+    "SquareNorm": "diffusion.measurements",
+    "fit_kfac": "curvature.kfac",
+    "KFAC": "curvature.kfac",
+    "attribute": "attribution.influence",
+    "ScoreKey": "attribution.scores",
+    "ScoreSet": "attribution.scores",
+    "kfac_parameters": "diffusion.unet",
+    "subset_masks": "evaluation.lds",
+    "predicted_changes": "evaluation.lds",
+    "linear_datamodelling_score": "evaluation.lds",
 }
 __all__ = sorted(_PUBLIC)
 

@@ -1,0 +1,378 @@
+"""The paper's claims, the number this run measured for each, and a verdict.
+
+Each claim has one named function here (:func:`int8_compression`, :func:`kfac_beats_trak`,
+..., :func:`counterfactual_top_removal`) that takes the numbers its rule needs and returns the
+claim's row (:func:`claim`): the paper's statement, its figure, this run's evidence and the
+verdict. The rule is stated once, in that function's docstring, and the stage's prose and the
+claims table both use that one function's row. A stage that tests a claim writes the row into
+its metrics file (``metrics/<stage>.json``, key ``"claims"``); the ``claims`` stage collects
+them (:func:`collect`) into one table (:func:`to_markdown`) and counts the verdicts
+(:func:`summary_counts`). A verdict is one of "holds", "does not hold" or "inconclusive"
+followed by the reason -- for a difference between two methods, :func:`verdict` on its paired
+standard error (2 standard errors from 0).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from diffusion_attribution.evaluation.lds import LDSResult
+
+VERDICTS = ("holds", "does not hold", "inconclusive")
+
+
+def verdict(mean: float, stderr: float, z: float = 2.0) -> str:
+    """For a claim "A > B" measured as a difference A - B with standard error ``stderr``:
+    "holds" when the difference is more than ``z`` standard errors above 0, "does not hold"
+    when more than ``z`` below, otherwise "inconclusive (within z standard errors)"."""
+    if mean > z * stderr:
+        return "holds"
+    if mean < -z * stderr:
+        return "does not hold"
+    return f"inconclusive (within {z:g} standard errors of 0)"
+
+
+def verdict_all(differences: Iterable[tuple[float, float]], z: float = 2.0) -> str:
+    """For a claim that must hold in several comparisons (e.g. MC beats empirical Fisher with
+    K-FAC expand *and* reduce, for the loss *and* the ELBO), each a (mean, stderr) difference:
+    "holds" when every one holds by :func:`verdict`, "does not hold" when any is significantly
+    reversed, otherwise "inconclusive"."""
+    results = [verdict(m, s, z) for m, s in differences]
+    if not results:
+        raise ValueError("no comparisons")
+    if all(r == "holds" for r in results):
+        return "holds"
+    reversed_ = sum(r == "does not hold" for r in results)
+    if reversed_:
+        return f"does not hold ({reversed_} of {len(results)} comparisons significantly reversed)"
+    held = sum(r == "holds" for r in results)
+    return f"inconclusive ({held} of {len(results)} comparisons hold, none is reversed)"
+
+
+def claim(key: str, text: str, figure: str, evidence: str, result: str) -> dict[str, str]:
+    """One claim: an id, the paper's statement, its figure, this run's number(s), the verdict."""
+    if not result.startswith(VERDICTS):
+        raise ValueError(f"verdict must start with one of {VERDICTS}, got {result!r}")
+    return {"id": key, "claim": text, "figure": figure, "evidence": evidence, "verdict": result}
+
+
+def collect(paths: Iterable[str | Path]) -> list[dict[str, str]]:
+    """Every claim in the ``"claims"`` list of each JSON file, in file order; ids must be unique."""
+    out: list[dict[str, str]] = []
+    for path in paths:
+        out.extend(json.loads(Path(path).read_text()).get("claims", []))
+    ids = [c["id"] for c in out]
+    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    if dupes:
+        raise ValueError(f"claim ids appear twice: {dupes}")
+    return out
+
+
+def to_markdown(claims: Iterable[dict[str, str]]) -> str:
+    """A Markdown table: claim | figure | this run | verdict (verdict in bold)."""
+    lines = ["| claim | figure | this run | verdict |", "|---|---|---|---|"]
+    for c in claims:
+        cells = [c["claim"], c["figure"], c["evidence"], f"**{c['verdict']}**"]
+        lines.append("| " + " | ".join(x.replace("|", "/") for x in cells) + " |")
+    return "\n".join(lines)
+
+
+def summary_counts(claims: Iterable[dict[str, str]]) -> dict[str, int]:
+    """How many claims hold, do not hold and are inconclusive (by the verdict's first words)."""
+    claims = list(claims)
+    return {v: sum(c["verdict"].startswith(v) for c in claims) for v in VERDICTS}
+
+
+def fmt(result: LDSResult) -> str:
+    """A difference and its standard error as the claims print them: ``+0.123 ± 0.045``."""
+    return f"{result.mean:+.3f} ± {result.stderr:.3f}"
+
+
+# One function per claim of the paper. Each states its rule; the numbers it takes are measured by
+# the stage named in its docstring. LDS arguments need only ``.mean`` and ``.stderr``.
+
+
+def int8_compression(
+    int8_mean: float, int8_min: float, svd_means: Iterable[float]
+) -> dict[str, str]:
+    """App. C / Fig. 6: int8 quantisation of the preconditioned query gradients keeps the ranking
+    of the scores, and SVD compression does not (numbers from the ``influence`` stage).
+
+    ``int8_mean`` and ``int8_min`` are the mean and the worst sample of the per-sample Spearman
+    correlation, over the training set, between scores from int8 and from uncompressed queries;
+    ``svd_means`` the mean Spearman of each SVD rank tried. Rule: "holds" when the *worst* sample
+    reaches 0.99 (``int8_min >= 0.99``: the paper finds quantisation harmless, so the ranking of
+    every sample, not only the average one, must be near-exact) and int8 is above every SVD rank
+    (``max(svd_means) < int8_mean``: the paper finds SVD clearly worse); "does not hold"
+    otherwise. There is no inconclusive outcome: the correlations are exact for this run's
+    scores, not estimates with a standard error.
+    """
+    svd = [float(v) for v in svd_means]
+    if not svd:
+        raise ValueError("svd_means is empty: no SVD rank to compare int8 with")
+    best_svd = max(svd)
+    return claim(
+        "int8",
+        "int8 quantisation of the query gradients keeps the ranking of the scores (Spearman >= 0.99 for every sample), better than SVD compression at any rank tried",
+        "Fig. 6",
+        f"Spearman with uncompressed scores: int8 {int8_mean:.4f} (worst sample {int8_min:.4f}), best SVD rank {best_svd:.4f}",
+        "holds"
+        if int8_min >= 0.99 and best_svd < int8_mean
+        else "does not hold (rule: int8 >= 0.99 for every sample and above every SVD rank)",
+    )
+
+
+def kfac_beats_trak(kfac: LDSResult, trak: LDSResult, difference: LDSResult) -> dict[str, str]:
+    """Fig. 2a: K-FAC influence has a higher LDS for the loss than TRAK at TRAK's best damping
+    (``evaluate`` stage).
+
+    ``kfac`` and ``trak`` are the two LDS (only their means are printed), ``difference`` the
+    paired per-query difference K-FAC - TRAK (:func:`~diffusion_attribution.evaluation.lds.paired_difference`).
+    Rule: :func:`verdict` on the difference -- "holds" when it is more than 2 paired standard
+    errors above 0, "does not hold" when more than 2 below, otherwise "inconclusive". The paired
+    error is the right one: both methods are scored on the same queries.
+    """
+    return claim(
+        "kfac_beats_trak",
+        "K-FAC influence beats TRAK (best damping)",
+        "Fig. 2a",
+        f"loss LDS {kfac.mean:.3f} vs {trak.mean:.3f}; paired difference {fmt(difference)}",
+        verdict(difference.mean, difference.stderr),
+    )
+
+
+def kfac_vs_dtrak(kfac: LDSResult, dtrak: LDSResult, difference: LDSResult) -> dict[str, str]:
+    """Fig. 2a: K-FAC influence, untuned (damping 1e-8), against D-TRAK at its best damping,
+    for the loss (``evaluate`` stage). The paper: K-FAC "sometimes outperforms the hand-tuned
+    changes in D-TRAK".
+
+    ``difference`` is the paired per-query difference K-FAC - D-TRAK. Rule: three outcomes by
+    2 paired standard errors, the same test as every other comparison -- *ahead* ("holds") when
+    the difference is more than 2 standard errors above 0, *behind* ("does not hold") when more
+    than 2 below, otherwise *tied* ("inconclusive": no difference this run can resolve, which is
+    not evidence of parity either).
+    """
+    v = verdict(difference.mean, difference.stderr)
+    outcome = {"holds": "ahead", "does not hold": "behind"}.get(v, "tied")
+    return claim(
+        "kfac_vs_dtrak",
+        "K-FAC influence, untuned, is ahead of tuned D-TRAK (the paper: sometimes); reported as ahead / tied / behind",
+        "Fig. 2a",
+        f"loss LDS {kfac.mean:.3f} vs {dtrak.mean:.3f}; paired difference {fmt(difference)}: {outcome}",
+        {
+            "ahead": "holds (ahead: more than 2 standard errors above 0)",
+            "behind": "does not hold (behind: more than 2 standard errors below 0)",
+            "tied": "inconclusive (tied: within 2 standard errors of 0)",
+        }[outcome],
+    )
+
+
+def elbo_mloss(
+    kfac_elbo: LDSResult, kfac_mloss: LDSResult, difference: LDSResult
+) -> dict[str, str]:
+    """Fig. 2b: K-FAC influence computed for the training loss ("m. loss") predicts the change of
+    the ELBO better than K-FAC influence computed for the ELBO itself (``evaluate`` stage).
+
+    ``kfac_elbo`` is the ELBO's LDS with ELBO scores, ``kfac_mloss`` with loss scores (sign by
+    :func:`~diffusion_attribution.evaluation.lds.proxy_sign`), ``difference`` the paired per-query
+    difference m. loss - ELBO. Rule: :func:`verdict` on the difference (2 paired standard
+    errors).
+    """
+    return claim(
+        "elbo_mloss",
+        "Substituting the loss predicts the ELBO better than the ELBO itself",
+        "Fig. 2b",
+        f"ELBO LDS {kfac_mloss.mean:.3f} (m. loss) vs {kfac_elbo.mean:.3f}; paired difference {fmt(difference)}",
+        verdict(difference.mean, difference.stderr),
+    )
+
+
+def _comparisons(comparisons: Mapping[str, LDSResult], kind: str) -> dict[str, LDSResult]:
+    chosen = {k: r for k, r in comparisons.items() if kind in k}
+    if not chosen:
+        raise ValueError(
+            f"no comparison labelled {kind!r} among {sorted(comparisons)}: the claim is not tested"
+        )
+    return chosen
+
+
+def _listing(comparisons: Mapping[str, LDSResult]) -> str:
+    return "paired differences: " + "; ".join(f"{k} {fmt(r)}" for k, r in comparisons.items())
+
+
+def mc_beats_empirical(
+    comparisons: Mapping[str, LDSResult], heldout: Mapping[str, LDSResult] | None = None
+) -> dict[str, str]:
+    """Fig. 4: K-FAC influence with the MC Fisher (GGN^model) beats the empirical Fisher
+    (GGN^loss), with K-FAC expand and reduce, for the loss and the ELBO (``evaluate`` stage).
+
+    ``comparisons`` maps labels such as ``"loss: MC - empirical (expand)"`` to paired per-query
+    LDS differences at the paper's fixed damping; the labels containing ``"MC - empirical"``
+    are this claim's (others, e.g. ``"expand - reduce"``, are ignored), listed in the mapping's
+    order. Rule: :func:`verdict_all` -- "holds" when every comparison holds by :func:`verdict`
+    (2 paired standard errors), "does not hold" when any is significantly reversed, otherwise
+    "inconclusive": the paper claims the ordering in every setting, not on average.
+    ``heldout``: the same comparisons with each variant at its damping chosen on held-out
+    subsets; they are reported in the evidence with their own :func:`verdict_all`, which does
+    not change the verdict (the paper's comparison is at its fixed damping). ValueError when no
+    label matches (the claim is then not tested and has no row).
+    """
+    chosen = _comparisons(comparisons, "MC - empirical")
+    evidence = "at the fixed damping, " + _listing(chosen)
+    if heldout:
+        held = _comparisons(heldout, "MC - empirical")
+        evidence += (
+            "; at each variant's held-out damping, "
+            + _listing(held)
+            + f" ({verdict_all((r.mean, r.stderr) for r in held.values())})"
+        )
+    return claim(
+        "mc_beats_empirical",
+        "MC Fisher (GGN^model) beats the empirical Fisher (GGN^loss), with K-FAC expand and reduce, for the loss and the ELBO",
+        "Fig. 4",
+        evidence,
+        verdict_all((r.mean, r.stderr) for r in chosen.values()),
+    )
+
+
+def expand_beats_reduce(comparisons: Mapping[str, LDSResult]) -> dict[str, str]:
+    """Fig. 4: K-FAC expand beats K-FAC reduce, for both Fishers, for the loss and the ELBO
+    (``evaluate`` stage).
+
+    As :func:`mc_beats_empirical`, for the labels containing ``"expand - reduce"`` (e.g.
+    ``"elbo: expand - reduce (MC)"``). Rule: :func:`verdict_all` over them. ValueError when no
+    label matches.
+    """
+    chosen = _comparisons(comparisons, "expand - reduce")
+    return claim(
+        "expand_beats_reduce",
+        "K-FAC expand beats K-FAC reduce, for both Fishers, for the loss and the ELBO",
+        "Fig. 4",
+        _listing(chosen),
+        verdict_all((r.mean, r.stderr) for r in chosen.values()),
+    )
+
+
+def damping_insensitivity(kfac_range: float, trak_drop: float, dtrak_drop: float) -> dict[str, str]:
+    """Figs. 7, 8: K-FAC influence is insensitive to small damping, while TRAK and D-TRAK fail
+    at small damping (``evaluate`` stage).
+
+    ``kfac_range`` is max - min of K-FAC's loss LDS over the damping values <= 1e-4 of its
+    sweep; ``trak_drop`` and ``dtrak_drop`` the LDS at each baseline's best damping minus the LDS
+    at its smallest relative damping. Rule: "holds" when ``kfac_range < 0.05`` (within the
+    0.05 standard error this pipeline targets for an LDS, i.e. flat up to noise) and both drops
+    exceed 0.1 (``min(trak_drop, dtrak_drop) > 0.1``, twice that: a real failure); "does not
+    hold" otherwise.
+    """
+    ok = kfac_range < 0.05 and min(trak_drop, dtrak_drop) > 0.1
+    return claim(
+        "damping",
+        "K-FAC influence is insensitive to small damping; TRAK and D-TRAK fail at small damping",
+        "Figs. 7, 8",
+        f"K-FAC loss LDS varies by {kfac_range:.3f} over damping <= 1e-4; TRAK loses {trak_drop:.3f} and D-TRAK {dtrak_drop:.3f} from their best to their smallest damping",
+        "holds" if ok else "does not hold (rule: K-FAC range < 0.05 and both TRAK drops > 0.1)",
+    )
+
+
+def observation1(kfac_upper_better: int, retrain_upper_better: int, pairs: int) -> dict[str, str]:
+    """Observation 1 (Figs. 11, 12): the scores of l_t' for a later timestep t' > t predict the
+    change of l_t as well as or better than l_t's own scores with K-FAC influence, but not under
+    exact retraining (``observations`` stage).
+
+    ``kfac_upper_better`` is the number of (t, t' > t) pairs in which l_t' beats the diagonal
+    (l_t for l_t) in Fig. 11 (K-FAC influence), ``retrain_upper_better`` the same count in
+    Fig. 12 (exact retraining), ``pairs`` the number of such pairs. Rule: "holds" when the count
+    is strictly larger with K-FAC than with retraining (the later-timestep advantage belongs to
+    the approximation, not to the data); "does not hold" otherwise.
+    """
+    return claim(
+        "observation1",
+        "Observation 1: l_t' with t' > t predicts the change of l_t as well as or better than l_t, in the influence approximation but not under exact retraining",
+        "Figs. 11, 12",
+        f"t' > t beats the diagonal in {kfac_upper_better} of {pairs} pairs with K-FAC influence, {retrain_upper_better} with exact retraining",
+        "holds"
+        if kfac_upper_better > retrain_upper_better
+        else "does not hold (rule: more such pairs with K-FAC than with retraining)",
+    )
+
+
+def observation2(predicted_increase: float, actual_increase: float) -> dict[str, str]:
+    """Observation 2 (Figs. 13, 14): influence functions predict a decrease of the loss far more
+    often than it happens; removing half the data mostly increases it (``observations`` stage).
+
+    ``predicted_increase`` and ``actual_increase`` are the fractions of (sample, subset) pairs in
+    which K-FAC influence predicts, and retraining shows, a higher loss after removing the
+    examples outside the subset. Rule: "holds" when the loss actually increases in more than 80%
+    of pairs (``actual_increase > 0.8``: "mostly") and the prediction says so at least 20
+    percentage points less often (``predicted_increase < actual_increase - 0.2``: "far more
+    often"); "does not hold" otherwise.
+    """
+    holds = actual_increase > 0.8 and predicted_increase < actual_increase - 0.2
+    return claim(
+        "observation2",
+        "Observation 2: influence functions predict a loss decrease far more often than it happens: removing data mostly increases the loss",
+        "Figs. 13, 14",
+        f"predicted increase in {predicted_increase:.0%}, actual in {actual_increase:.0%} of (sample, subset) pairs (loss)",
+        "holds"
+        if holds
+        else "does not hold (rule: actual increase > 80% of pairs, predicted at least 20 points less often)",
+    )
+
+
+def observation3(
+    spearman_min: float, spearman_max: float, pearson_min: float, pearson_max: float
+) -> dict[str, str]:
+    """Observation 3 (Fig. 15): the ELBO ranks generated samples nearly the same whichever data
+    the model was trained on (``measure`` stage).
+
+    The arguments are the smallest and largest Spearman and Pearson correlation, over the
+    samples, between the ELBO under the full-data model and under each subset model (seed 0).
+    Rule: "holds" when every subset model's Spearman exceeds 0.9 (``spearman_min > 0.9``: a
+    near-perfect rank agreement, so the ELBO's change under retraining is a small part of it);
+    "does not hold" otherwise. The Pearson range is evidence only.
+    """
+    return claim(
+        "observation3",
+        "Observation 3: the ELBO ranks generated samples nearly the same whichever data the model was trained on",
+        "Fig. 15",
+        f"full model vs each subset model (seed 0), ELBO of the samples: Spearman {spearman_min:.3f} to "
+        f"{spearman_max:.3f}, Pearson {pearson_min:.3f} to {pearson_max:.3f}",
+        "holds"
+        if spearman_min > 0.9
+        else "does not hold (rule: Spearman > 0.9 for every subset model)",
+    )
+
+
+def counterfactual_top_removal(margins: Sequence[float]) -> dict[str, str]:
+    """Fig. 3: retraining without K-FAC's top influences changes the sample's loss more than
+    retraining without TRAK's or D-TRAK's (``counterfactual`` stage).
+
+    ``margins`` has one entry per sample: the change of its loss with K-FAC's top examples
+    removed minus the change with the better of TRAK's and D-TRAK's, averaged over the removed
+    fractions (the samples, not the (sample, fraction) pairs, are the independent units). Rule:
+    :func:`verdict` on their mean with standard error std(ddof=1) / sqrt(n) (2 standard errors);
+    with one sample there is no standard error (printed as nan) and the verdict is
+    "inconclusive (one sample)". ValueError when ``margins`` is empty or not finite.
+    """
+    m = np.asarray(margins, dtype=np.float64)
+    if m.ndim != 1 or m.size == 0:
+        raise ValueError(f"margins must be a non-empty sequence of floats, got shape {m.shape}")
+    if not np.isfinite(m).all():
+        raise ValueError(f"margins must be finite, got {m.tolist()}")
+    n = len(m)
+    mean = float(m.mean())
+    se = float(m.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+    return claim(
+        "counterfactual",
+        "Removing K-FAC's top influences changes the sample's loss more than removing TRAK's or D-TRAK's",
+        "Fig. 3",
+        f"K-FAC minus the better of TRAK / D-TRAK (mean over fractions), mean over {n} samples: {mean:+.3f} ± {se:.3f}",
+        verdict(mean, se) if math.isfinite(se) else "inconclusive (one sample)",
+    )

@@ -1,0 +1,335 @@
+"""The fan-out of retraining jobs: LDS subsets (App. G.4) and retraining without top
+influences (App. G.6).
+
+A :class:`RetrainJob` describes one model to train on a subset of a saved training set; it
+holds only plain values, so the pickled job is small and portable. :func:`run_job` trains one
+job (idempotent and resumable); :func:`run_jobs` runs many through
+:func:`~diffusion_attribution.core.jobs.run_tasks` (`submitit`_).
+
+Seeds ("shared seeds"). The k-th seed of every subset is the same number s_k (``retrain.seeds``,
+disjoint from the full model's seed): a job's ``TrainConfig.seed`` is ``seed`` regardless of
+``keep``. Seed s_k therefore fixes the
+initialisation, the batch-order stream and the (t, eps) noise stream for every subset, so the
+models of two subsets with the same seed differ because of the data they saw and (as little as
+possible) because of training noise -- common random numbers in training. In a pilot this kept
+the LDS ceiling at 0.71 where independent seeds per (subset, k) dropped it to 0.54, below a
+method's score; shared seeds make a smaller number of subsets go further, and the evaluation
+reports the LDS against independent seeds (one seed per subset) beside it. (The batch *order*
+still differs between subsets, since it is a permutation of a different set; the generator
+states are what is shared.)
+
+Idempotence and resumption. A finished model (``job.output``) is never retrained. While a
+job trains it checkpoints to ``<output>.<fingerprint>.ckpt`` (the fingerprint hashes the
+configs, the subset's images and the training code, so a checkpoint is never resumed after any
+of them changed); an interrupted job resumes from its last checkpoint and ends with the same
+weights as an uninterrupted one. The checkpoint is removed once the model is saved.
+
+Nothing finished is deleted: :func:`prune` moves the models and checkpoints of other settings
+or code into a stale folder outside the DVC outputs
+(:func:`~diffusion_attribution.core.identity.move_aside`).
+
+Execution settings are environment variables and an optional cluster file, never
+``params.yaml`` (moving to a cluster must not invalidate DVC results): ``DA_EXECUTOR``
+(``local`` by default, ``slurm``, ``inline``), ``DA_MAX_PARALLEL``, ``DA_DEVICE`` (the torch
+device jobs train on, default ``cpu``), ``DA_SLURM_*`` and ``DA_CLUSTER``; see
+:mod:`diffusion_attribution.core.jobs`, which runs the jobs (tasks named ``retrain``). Each job
+trains with one torch thread, because several threaded jobs oversubscribe the cores badly.
+Under SLURM a job is requeueable: after a preemption or ``scontrol requeue`` it resumes from
+its checkpoint.
+
+.. _submitit: https://github.com/facebookincubator/submitit
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from diffusion_attribution.core.config import DiffusionConfig, ModelConfig, TrainConfig
+from diffusion_attribution.core.identity import code_digest, move_aside
+from diffusion_attribution.core.identity import file_digest as file_digest
+from diffusion_attribution.core.jobs import EXECUTORS as EXECUTORS
+from diffusion_attribution.core.jobs import OWNER_ENV as OWNER_ENV
+from diffusion_attribution.core.jobs import exit_with_owner as exit_with_owner
+from diffusion_attribution.core.jobs import run_tasks
+from diffusion_attribution.diffusion.datasets import ImageDataset
+from diffusion_attribution.diffusion.ddpm import NoiseSchedule
+from diffusion_attribution.diffusion.training import (
+    build_model,
+    fingerprint,
+    save_model,
+    train_ddpm,
+)
+
+
+@dataclass(frozen=True)
+class RetrainJob:
+    """One model to retrain.
+
+    Attributes:
+        name: label for progress and error messages, e.g. ``"subset_007_seed1"``.
+        data_path: an :class:`~diffusion_attribution.diffusion.datasets.ImageDataset` file.
+        keep: ids (indices into that file) of the training examples kept.
+        seed: the training seed k. Shared across subsets ("shared seeds", see the module
+            docstring): it becomes ``TrainConfig.seed`` whatever ``keep`` is, overriding the
+            ``seed`` in ``train``.
+        model, diffusion, train: :class:`ModelConfig`, :class:`DiffusionConfig` and
+            :class:`TrainConfig` as plain dicts (``cfg.model_dump(mode="json")``).
+        output: path of the model file written by :func:`~diffusion_attribution.diffusion.training.save_model`.
+    """
+
+    name: str
+    data_path: str
+    keep: tuple[int, ...]
+    seed: int
+    model: dict
+    diffusion: dict
+    train: dict
+    output: str
+
+
+def _configs(job: RetrainJob) -> tuple[ModelConfig, DiffusionConfig, TrainConfig]:
+    train = TrainConfig(**{**job.train, "seed": job.seed})
+    return ModelConfig(**job.model), DiffusionConfig(**job.diffusion), train
+
+
+def _checkpoint_path(output: Path, *parts: object) -> Path:
+    return output.with_name(f"{output.name}.{fingerprint(*parts)}.ckpt")
+
+
+def _remove_checkpoints(output: Path, keep: Path | None = None) -> None:
+    for ckpt in output.parent.glob(f"{output.name}.*.ckpt"):
+        if ckpt != keep:
+            ckpt.unlink(missing_ok=True)
+
+
+def checkpoint_path(job: RetrainJob) -> Path:
+    """Where :func:`run_job` checkpoints ``job`` while it trains (and resumes from)."""
+    data = ImageDataset.load(job.data_path).subset(list(job.keep))
+    return _checkpoint_path(Path(job.output), *_configs(job), data.images)
+
+
+def _job_functions() -> tuple:
+    """The code that turns a job into a model besides the modules ``train``, ``ddpm`` and
+    ``unet`` (which :func:`~diffusion_attribution.diffusion.training.fingerprint` covers): how a job's
+    configs and seed are made, how it trains, and how its subset is cut (batch order)."""
+    return (_configs, run_job, ImageDataset.subset)
+
+
+@functools.cache
+def _job_code() -> str:
+    """:func:`~diffusion_attribution.core.identity.code_digest` of :func:`_job_functions` (once
+    per process): docstrings and comments do not count."""
+    return code_digest(*_job_functions())
+
+
+def make_job(
+    name: str,
+    data_path: str | Path,
+    keep: Sequence[int],
+    seed: int,
+    model: ModelConfig,
+    diffusion: DiffusionConfig,
+    train: TrainConfig,
+    out_dir: str | Path,
+    data_digest: str | None = None,
+) -> RetrainJob:
+    """A job whose output file name carries a fingerprint of everything that defines the model
+    (the training set's content, configs, kept ids, seed, the training code and
+    :func:`_job_functions`, the code without docstrings and comments):
+    ``<out_dir>/<name>-<fingerprint>.pt``. ``data_digest`` (:func:`file_digest` of
+    ``data_path``, computed here when not given) lets many jobs share one hash of the data.
+
+    A model left in ``out_dir`` by other settings or code therefore never passes for this
+    one, so ``out_dir`` can persist across runs (DVC ``persist: true``) and a rerun after an
+    interrupt skips exactly the finished models; :func:`prune` moves the stale ones aside.
+    What the name covers and what it does not: :mod:`diffusion_attribution.core.identity`.
+    """
+    keep = tuple(int(i) for i in keep)
+    digest = data_digest or file_digest(data_path)
+    fp = fingerprint(digest, _job_code(), model, diffusion, train, keep, int(seed))
+    return RetrainJob(
+        name=name,
+        data_path=str(data_path),
+        keep=keep,
+        seed=int(seed),
+        model=model.model_dump(mode="json"),
+        diffusion=diffusion.model_dump(mode="json"),
+        train=train.model_dump(mode="json"),
+        output=str(Path(out_dir) / f"{name}-{fp}.pt"),
+    )
+
+
+def subset_jobs(
+    data_path: str | Path,
+    masks: torch.Tensor,
+    seeds: Sequence[int],
+    model: ModelConfig,
+    diffusion: DiffusionConfig,
+    train: TrainConfig,
+    out_dir: str | Path,
+    *,
+    shared: bool = True,
+) -> list[list[RetrainJob]]:
+    """``jobs[i][k]``: the model of subset i (``masks[i]``, True = kept) with training seed
+    ``seeds[k]`` (App. G.4). ``shared=True``: every subset's k-th model has seed ``seeds[k]``
+    (shared seeds: module docstring). ``shared=False``: one model per subset, subset i with
+    the seed ``seeds[i]`` of its own (``len(seeds) == len(masks)``), the independent-seed
+    design."""
+    digest = file_digest(data_path)
+    if not shared and len(seeds) != len(masks):
+        raise ValueError(f"independent seeds: {len(seeds)} seeds for {len(masks)} subsets")
+
+    def job(i: int, mask: torch.Tensor, seed: int, tag: str) -> RetrainJob:
+        keep = torch.nonzero(mask).flatten().tolist()
+        return make_job(
+            f"subset{i:03d}_{tag}{seed}", data_path, keep, seed, model, diffusion, train,
+            out_dir, digest,
+        )  # fmt: skip
+
+    if not shared:
+        return [[job(i, mask, seeds[i], "indep")] for i, mask in enumerate(masks)]
+    return [[job(i, mask, s, "seed") for s in seeds] for i, mask in enumerate(masks)]
+
+
+def reference_jobs(
+    data_path: str | Path,
+    num_train: int,
+    seeds: Sequence[int],
+    steps: int,
+    model: ModelConfig,
+    diffusion: DiffusionConfig,
+    train: TrainConfig,
+    out_dir: str | Path,
+) -> list[RetrainJob]:
+    """``jobs[k]``: a model on the *full* training set with training seed ``seeds[k]`` for
+    ``steps`` steps.
+
+    The reference a subset model's measurement is compared with (Figs. 13-15): with ``steps``
+    = subset steps / fraction it has seen each example as often as a subset model has seen each
+    of its own (the paper's epoch-matched design, App. G.5) and shares its seed, so m(subset
+    model) - m(reference) reflects the removed data, not shorter training or another seed."""
+    digest = file_digest(data_path)
+    ref_train = train.model_copy(update={"steps": int(steps)})
+    return [
+        make_job(
+            f"reference_seed{s}",
+            data_path,
+            range(num_train),
+            s,
+            model,
+            diffusion,
+            ref_train,
+            out_dir,
+            digest,
+        )
+        for s in seeds
+    ]
+
+
+def prune(
+    out_dir: str | Path, jobs: Sequence[RetrainJob], *, stale_dir: str | Path
+) -> list[tuple[Path, Path]]:
+    """Move the model files and checkpoints in ``out_dir`` that belong to none of ``jobs``
+    (left by runs with other settings or code) into ``stale_dir/<UTC timestamp>/``; returns
+    the ``(from, to)`` pairs. Nothing is deleted; ``stale_dir`` (required, so that no caller
+    loses a model by accident) should lie outside the DVC outputs, e.g.
+    ``.cache/stale/retrain``."""
+    wanted = {Path(j.output).name for j in jobs}
+    stale = [
+        f
+        for f in sorted(Path(out_dir).glob("*.pt*"))
+        if f.name.split(".pt", 1)[0] + ".pt" not in wanted
+    ]
+    return move_aside(stale, stale_dir)
+
+
+def run_job(job: RetrainJob) -> str:
+    """Train ``job`` and save its EMA model to ``job.output``; returns ``job.output``.
+
+    Returns at once when ``job.output`` exists. Trains with one torch thread (several jobs run
+    at once), on ``DA_DEVICE`` (default ``cpu``), checkpointing so that an interrupted job
+    resumes where it stopped.
+    """
+    output = Path(job.output)
+    if output.exists():
+        _remove_checkpoints(output)  # one left by a kill between saving and cleaning up
+        return job.output
+    exit_with_owner()
+    model_cfg, diff_cfg, train_cfg = _configs(job)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        data = ImageDataset.load(job.data_path).subset(list(job.keep))
+        image_shape = tuple(data.images.shape[1:])
+        schedule = NoiseSchedule.linear(
+            diff_cfg.num_timesteps, diff_cfg.beta_start, diff_cfg.beta_end
+        )
+        ckpt = _checkpoint_path(output, model_cfg, diff_cfg, train_cfg, data.images)
+        # one left by a run with other settings or code is never resumed
+        _remove_checkpoints(output, keep=ckpt)
+        result = train_ddpm(
+            lambda: build_model(model_cfg, image_shape),
+            data.images,
+            schedule,
+            train_cfg,
+            checkpoint_path=ckpt,
+            device=os.environ.get("DA_DEVICE", "cpu"),
+            progress=False,
+            desc=job.name,
+        )
+        save_model(output, result.ema_model.cpu(), model_cfg, image_shape)
+        ckpt.unlink(missing_ok=True)
+    finally:
+        torch.set_num_threads(threads)
+    return job.output
+
+
+def run_jobs(
+    jobs: Sequence[RetrainJob],
+    *,
+    executor: str | None = None,
+    max_parallel: int | None = None,
+    folder: str = ".cache/submitit",
+    progress: bool = True,
+) -> list[str]:
+    """Run every job whose output does not exist yet; returns the outputs in job order.
+
+    :func:`~diffusion_attribution.core.jobs.run_tasks` of :func:`run_job` under the name
+    ``retrain``: executors, settings (environment variables, the ``DA_CLUSTER`` file),
+    re-attaching to SLURM jobs after a crash and requeueing are described there. Checkpoints
+    left beside finished models are removed first.
+
+    Args:
+        jobs: the jobs; their outputs must be distinct.
+        executor: ``"local"``, ``"slurm"`` or ``"inline"``; default ``DA_EXECUTOR`` or
+            ``"local"``.
+        max_parallel: jobs running at once (the SLURM array parallelism); default
+            ``DA_MAX_PARALLEL`` or ``os.cpu_count()``.
+        folder: submitit's folder for pickled jobs, results and per-job logs
+            (``<folder>/retrain``).
+        progress: print progress lines (done / total, running, ETA).
+
+    Raises:
+        RuntimeError: jobs failed (:class:`~diffusion_attribution.core.jobs.TasksFailed`); the
+            message names each one and its submitit log; the other jobs finished.
+    """
+    jobs = list(jobs)
+    for j in jobs:
+        if Path(j.output).exists():
+            _remove_checkpoints(Path(j.output))
+    return run_tasks(
+        run_job,
+        jobs,
+        name="retrain",
+        executor=executor,
+        max_parallel=max_parallel,
+        folder=folder,
+        progress=progress,
+        unit="models",
+    )

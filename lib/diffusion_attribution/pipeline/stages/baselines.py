@@ -1,0 +1,198 @@
+"""Stage ``baselines``: TRAK, D-TRAK and similarity baselines (Sec. 4, App. G.3.1).
+
+TRAK for the loss, ELBO and trajectory and D-TRAK, over a damping grid relative to the mean
+eigenvalue of the projected empirical Fisher, in float32 and float16; the gradient dot product
+and cosine and a model-free pixel similarity beside them. Same (t, eps) draws, score format
+and convention as the ``influence`` stage. Their LDS is the ``evaluate`` stage's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import torch
+from scipy.stats import spearmanr
+
+from diffusion_attribution.attribution.scores import ScoreKey, ScoreSet
+from diffusion_attribution.attribution.trak import Projector, baseline_scores
+from diffusion_attribution.core.config import Config
+from diffusion_attribution.diffusion.unet import kfac_parameters
+from diffusion_attribution.pipeline.shards import FeatureSettings, sharded_train_features
+from diffusion_attribution.pipeline.stages import StageResult
+from diffusion_attribution.pipeline.workspace import Workspace
+
+NOTEBOOK = "06_baselines.ipynb"
+INPUTS = ("outputs/data", "outputs/train", "outputs/sample", "outputs/influence")
+OUTS = ("outputs/baselines",)
+PERSIST: tuple[str, ...] = ()
+FIGURES = ("baselines_vs_kfac.png", "trak_precision_agreement.png")
+METRICS = ("metrics/baselines.json",)
+
+SIMILARITY_LABELS = {
+    "grad_dot": "gradient dot product",
+    "grad_cos": "gradient cosine",
+    "pixel": "pixel similarity",
+}
+
+
+def mean_spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean over rows (samples) of the Spearman correlation of two (Q, N) score matrices."""
+    return float(
+        torch.tensor(
+            [spearmanr(x, y).statistic for x, y in zip(a.numpy(), b.numpy(), strict=True)]
+        ).mean()
+    )
+
+
+def run(config: Config, ws: Workspace) -> StageResult:
+    """Compute and save every baseline score matrix; their agreement with K-FAC influence."""
+    icfg, tcfg = config.influence, config.trak
+    ds, net = ws.dataset, ws.model
+    queries = ws.samples["images"]
+    params = kfac_parameters(net)
+    measurements = ws.measurements(config.diffusion, icfg.timesteps)
+    projector = Projector(
+        sum(p.numel() for p in params), tcfg.projection_dim, seed=tcfg.seed, kind=tcfg.projection
+    )
+    features = FeatureSettings(
+        train_draws=icfg.train_draws,
+        seed=icfg.seed,
+        batch_size=icfg.batch_size,
+        projection_dim=tcfg.projection_dim,
+        projection=tcfg.projection,
+        projection_seed=tcfg.seed,
+    )
+    scores = baseline_scores(
+        net,
+        params,
+        ds.images,
+        queries,
+        measurements,
+        projector,
+        tcfg.relative_dampings,
+        query_measurements=tcfg.query_measurements,
+        train_draws=icfg.train_draws,
+        query_draws=icfg.query_draws,
+        seed=icfg.seed,
+        query_trajectories=ws.samples["trajectory"],
+        batch_size=icfg.batch_size,
+        progress=True,
+        # the long part, resumable per shard of the training set
+        train=sharded_train_features(ws, diffusion=config.diffusion, settings=features),
+    )  # computed on ws.device (the model's), saved and compared on the CPU
+    # wall-clock times go to the metrics, not into the scores file: the same inputs give the
+    # same bytes (two runs are compared bitwise in tests/test_smoke_run.py)
+    seconds = scores.meta["seconds"]
+    meta = {k: v for k, v in scores.meta.items() if k != "seconds"}
+    scores = ScoreSet({key: s.cpu() for key, s in scores.items()}, meta)
+    scores.save(ws.out(ws.BASELINE_SCORES))
+
+    kfac = ScoreSet.load(ws.path(ws.INFLUENCE_SCORES))
+    ref = kfac[ScoreKey("kfac", "loss", "mc_expand", icfg.damping, icfg.compression)]
+    rows = []
+    for key, s in scores.items():
+        if key.precision == "float32" and key.measurement in ("loss", "square_norm", "none"):
+            rows.append(
+                {
+                    "method": key.method,
+                    "relative_damping": scores.relative_damping(key),
+                    "spearman_vs_kfac": mean_spearman(s, ref),
+                }
+            )
+    table = pd.DataFrame(rows)
+    prec_rows = []
+    for key, s in scores.items():
+        if key.precision == "float16":
+            s32 = scores[replace(key, precision="float32")]
+            prec_rows.append(
+                {
+                    "method": key.method,
+                    "measurement": key.measurement,
+                    "relative_damping": scores.relative_damping(key),
+                    "spearman_fp16_fp32": mean_spearman(s, s32),
+                }
+            )
+    prec = pd.DataFrame(prec_rows)
+
+    best = table[table.method == "trak"].sort_values("spearman_vs_kfac").iloc[-1]
+    dbest = table[table.method == "d-trak"].sort_values("spearman_vs_kfac").iloc[-1]
+    worst16 = prec.sort_values("spearman_fp16_fp32", na_position="last").iloc[0]
+    sim = {m: float(table[table.method == m].spearman_vs_kfac.iloc[0]) for m in SIMILARITY_LABELS}
+    metrics = {
+        "projection_dim": tcfg.projection_dim,
+        "seconds": {k: round(v, 1) for k, v in seconds.items()},
+        "mean_eigenvalue": dict(scores.meta["mean_eigenvalue"]),
+        "spearman_vs_kfac": {
+            "trak_best": round(best.spearman_vs_kfac, 4),
+            "trak_best_relative_damping": best.relative_damping,
+            "dtrak_best": round(dbest.spearman_vs_kfac, 4),
+            **{k: round(v, 4) for k, v in sim.items()},
+        },
+        "fp16_vs_fp32_min_spearman": round(float(prec.spearman_fp16_fp32.min()), 4),
+    }
+    ws.write_metrics("baselines", metrics)
+    summary = (
+        f"**This run.** Projection dimension {tcfg.projection_dim}. Agreement with K-FAC influence on the loss (mean "
+        f"Spearman over samples): TRAK at most {best.spearman_vs_kfac:.3f} (relative damping {best.relative_damping:g}), "
+        f"D-TRAK at most {dbest.spearman_vs_kfac:.3f}, gradient dot product {sim['grad_dot']:.3f}, cosine "
+        f"{sim['grad_cos']:.3f}, pixel similarity {sim['pixel']:.3f}. In traker's float16 pipeline (X^T X accumulated, "
+        f"damped and applied in float16, inverted in float32) the scores agree with float32 least at relative damping "
+        f"{worst16.relative_damping:g} for {worst16.method.upper()} ({worst16.measurement}): Spearman "
+        f"{worst16.spearman_fp16_fp32:.3f}"
+        + (
+            f"; at {n_bad} of {len(prec)} (method, damping) points float16 gives no finite scores at all. "
+            if (n_bad := int(prec.spearman_fp16_fp32.isna().sum()))
+            else ". "
+        )
+        + "Whether any of this predicts retraining is the evaluation stage's LDS."
+    )
+    return StageResult(
+        metrics=metrics,
+        tables={"agreement": table, "precision": prec},
+        data={"agreement": table, "precision": prec},
+        summary=summary,
+    )
+
+
+def fig_agreement(result: StageResult) -> plt.Figure:
+    """Spearman of each baseline's scores with K-FAC influence (loss), against damping."""
+    table = result.data["agreement"]
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for method, marker in (("trak", "o"), ("d-trak", "s")):
+        t = table[table.method == method].sort_values("relative_damping")
+        ax.plot(t.relative_damping, t.spearman_vs_kfac, marker=marker, label=method.upper())
+    for method, style in (("grad_dot", "--"), ("grad_cos", ":"), ("pixel", "-.")):
+        value = table[table.method == method].spearman_vs_kfac
+        if len(value):
+            ax.axhline(
+                float(value.iloc[0]), ls=style, color="gray", label=SIMILARITY_LABELS[method]
+            )
+    ax.set(
+        xscale="log",
+        xlabel="damping / mean eigenvalue of the projected empirical Fisher",
+        ylabel="Spearman with K-FAC influence",
+        title="Agreement of the baselines with K-FAC influence (loss)",
+    )
+    ax.legend(fontsize=8)
+    return fig
+
+
+def fig_precision(result: StageResult) -> plt.Figure:
+    """Spearman of float16 with float32 TRAK / D-TRAK scores, against damping (Fig. 18)."""
+    prec = result.data["precision"]
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for (method, m), t in prec.groupby(["method", "measurement"]):
+        t = t.sort_values("relative_damping")
+        ax.plot(
+            t.relative_damping, t.spearman_fp16_fp32, marker="o", label=f"{method.upper()} ({m})"
+        )
+    ax.set(
+        xscale="log",
+        xlabel="damping / mean eigenvalue",
+        ylabel="Spearman(float16, float32 scores)",
+        title="traker's float16 pipeline against float32 (the cause of Fig. 18)",
+    )
+    ax.legend(fontsize=8)
+    return fig

@@ -1,0 +1,70 @@
+"""Stage ``claims``: every claim of the paper tested by this run, in one table.
+
+The rows are the ``claims`` entries of the metrics of the stages that test them (each decided
+by its named rule in :mod:`diffusion_attribution.evaluation.claims`), in the order of the pipeline.
+"""
+
+from __future__ import annotations
+
+import json
+
+from diffusion_attribution.core.config import Config
+from diffusion_attribution.core.io import atomic_write_text
+from diffusion_attribution.evaluation import claims
+from diffusion_attribution.pipeline.stages import StageResult
+from diffusion_attribution.pipeline.workspace import Workspace, write_json
+
+NOTEBOOK = "12_claims.ipynb"
+INPUTS = (
+    "metrics/influence.json",
+    "metrics/lds.json",
+    "metrics/measure.json",
+    "metrics/observations.json",
+    "metrics/counterfactual.json",
+)
+OUTS = ("reports/claims.md",)
+PERSIST: tuple[str, ...] = ()
+FIGURES: tuple[str, ...] = ()
+METRICS = ("metrics/claims.json",)
+
+#: The smallest of the paper's settings (CIFAR-2, App. G.1-G.2): training images and U-Net
+#: parameters in K-FAC's layers (Ho et al.'s CIFAR-10 model).
+PAPER_NUM_TRAIN, PAPER_NUM_PARAMETERS = 5000, 35_700_000
+
+
+def caveat(influence_metrics: dict) -> str:
+    """What the verdicts of a run of this size say, from the ``influence`` stage's metrics
+    (``num_train``, ``num_parameters``): a run smaller than the paper's smallest setting tests
+    the claims at its own scale only."""
+    n, p = influence_metrics.get("num_train"), influence_metrics.get("num_parameters")
+    if n is None or p is None:
+        return "The run's scale is unknown (no training-set size in metrics/influence.json)."
+    size = f"{n:,} training images, a {p / 1e6:.3g} M-parameter U-Net in K-FAC's layers"
+    if n < PAPER_NUM_TRAIN or p < 0.9 * PAPER_NUM_PARAMETERS:
+        return (
+            f"This run ({size}) is smaller than the paper's CIFAR benchmarks (CIFAR-2: "
+            f"{PAPER_NUM_TRAIN:,} images, Ho et al.'s 35.7 M-parameter U-Net); a claim that does "
+            "not hold here is a finding about this scale, not a verdict on the paper's CIFAR "
+            "results."
+        )
+    return f"This run ({size}) is at the scale of the paper's CIFAR benchmarks."
+
+
+def run(config: Config, ws: Workspace) -> StageResult:
+    """Collect the claims into ``reports/claims.md`` and ``metrics/claims.json``."""
+    found = claims.collect(ws.path(p) for p in INPUTS)
+    influence = ws.path("metrics/influence.json")
+    scale = caveat(json.loads(influence.read_text()) if influence.is_file() else {})
+    table = claims.to_markdown(found)
+    atomic_write_text(
+        "# The paper's claims on this run\n\n" + scale + "\n\n" + table + "\n",
+        ws.out("reports/claims.md"),
+    )
+    counts = claims.summary_counts(found)
+    metrics = {"counts": counts, "claims": found}
+    write_json(ws.out("metrics/claims.json"), metrics)
+    summary = (
+        f"**This run.** {len(found)} claims: {counts['holds']} hold, {counts['does not hold']} do not hold, "
+        f"{counts['inconclusive']} are inconclusive. {scale}"
+    )
+    return StageResult(metrics=metrics, data={"table": table}, summary=summary)

@@ -1,0 +1,132 @@
+"""Stage ``train``: the DDPM whose samples are attributed (App. G.2, G.5).
+
+AdamW with linear warm-up then cosine decay, gradient clipping and EMA weights, everything
+seeded; resumes from its last checkpoint when interrupted.
+"""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import torch
+
+from diffusion_attribution.core.config import Config
+from diffusion_attribution.core.io import atomic_write_text
+from diffusion_attribution.diffusion.ddpm import diffusion_loss, draw_noise
+from diffusion_attribution.diffusion.training import (
+    build_model,
+    fingerprint,
+    save_model,
+    train_ddpm,
+)
+from diffusion_attribution.diffusion.unet import kfac_parameters, num_parameters
+from diffusion_attribution.pipeline.stages import StageResult
+from diffusion_attribution.pipeline.workspace import Workspace, schedule_of
+
+NOTEBOOK = "02_train.ipynb"
+INPUTS = ("outputs/data",)
+OUTS = ("outputs/train",)
+PERSIST: tuple[str, ...] = ()
+FIGURES = ("training_curve.png",)
+METRICS = ("metrics/train.json",)
+
+#: (t, eps) draws per training image for the reported training-set loss, and their seed.
+EVAL_DRAWS, EVAL_SEED = 16, 12345
+#: Training images the reported loss is averaged over (the first ones): all of digits and of
+#: CIFAR-2; for CIFAR-10 the noise of all 50000 x 16 draws alone would take 9.8 GB.
+EVAL_IMAGES = 5000
+
+
+@torch.no_grad()
+def _train_set_loss(model, schedule, images, t, eps, batch: int = 256) -> torch.Tensor:
+    """Per-image loss from the given draws, batch by batch on the model's device (the draws
+    stay on the CPU)."""
+    device = next(model.parameters()).device
+    return torch.cat(
+        [
+            diffusion_loss(
+                model,
+                schedule,
+                images[i : i + batch].to(device),
+                t[i : i + batch].to(device),
+                eps[i : i + batch].to(device),
+            ).cpu()
+            for i in range(0, len(images), batch)
+        ]
+    )
+
+
+def run(config: Config, ws: Workspace) -> StageResult:
+    """Train the full model on the training set; save its EMA weights and the loss curve."""
+    ds = ws.dataset
+    shape = ws.image_shape
+    schedule = schedule_of(config.diffusion)
+    net = build_model(config.model, shape)
+    n_kfac = sum(p.numel() for p in kfac_parameters(net))
+    print(
+        f"U-Net: {num_parameters(net):,} parameters, {n_kfac:,} in Linear/Conv2d layers (covered by K-FAC)"
+    )
+    checkpoint = ws.out(
+        f".cache/checkpoints/train-{fingerprint(config.model, config.diffusion, config.train, ds.images)}.pt"
+    )
+    result = train_ddpm(
+        lambda: build_model(config.model, shape),
+        ds.images,
+        schedule,
+        config.train,
+        checkpoint_path=checkpoint,
+        device=ws.device,
+    )
+    save_model(ws.out(ws.MODEL), result.ema_model, config.model, shape)
+    checkpoint.unlink()  # it only serves to resume an interrupted run
+    losses = pd.Series(result.losses, name="loss")
+    atomic_write_text(losses.rename_axis("step").to_csv(), ws.out("outputs/train/losses.csv"))
+    steps = config.train.steps
+    print(f"{steps} steps in {result.seconds:.1f} s ({steps / result.seconds:.1f} steps/s)")
+    n_eval = min(len(ds), EVAL_IMAGES)
+    t_draws, eps_draws = draw_noise(
+        n_eval, EVAL_DRAWS, shape, schedule.num_timesteps, seed=EVAL_SEED
+    )
+    eval_images = ds.images[:n_eval]
+    loss_ema = _train_set_loss(result.ema_model, schedule, eval_images, t_draws, eps_draws)
+    loss_raw = _train_set_loss(result.model, schedule, eval_images, t_draws, eps_draws)
+    metrics = {
+        "steps": steps,
+        "seconds": round(result.seconds, 1),
+        "num_parameters": num_parameters(net),
+        "final_running_loss": round(float(losses.tail(100).mean()), 5),
+        "train_diffusion_loss_ema": round(float(loss_ema.mean()), 4),
+        "train_diffusion_loss_raw": round(float(loss_raw.mean()), 4),
+    }
+    ws.write_metrics("train", metrics)
+    summary = (
+        f"**This run.** {metrics['num_parameters']:,} parameters trained for {metrics['steps']} steps in "
+        f"{metrics['seconds']} s. Running mean of the last 100 mini-batch losses: {metrics['final_running_loss']}. "
+        f"Diffusion loss l on the training set (eq. 2, sum over {int(torch.tensor(shape).prod())} pixels, "
+        f"{EVAL_DRAWS} draws per image, {'all' if n_eval == len(ds) else f'the first {n_eval}'} images): EMA weights {metrics['train_diffusion_loss_ema']}, raw weights "
+        f"{metrics['train_diffusion_loss_raw']}. Later stages use the EMA weights."
+    )
+    return StageResult(
+        metrics=metrics, data={"losses": losses, "dataset": ds.name}, summary=summary
+    )
+
+
+def fig_training_curve(result: StageResult) -> plt.Figure:
+    """Mini-batch loss per step and its running mean over 100 steps (log scale)."""
+    losses = result.data["losses"]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(losses.index + 1, losses, lw=0.4, alpha=0.4, label="mini-batch loss")
+    ax.plot(
+        losses.index + 1,
+        losses.rolling(100, min_periods=1).mean(),
+        lw=1.5,
+        label="running mean (100 steps)",
+    )
+    ax.set(
+        xlabel="training step",
+        ylabel="loss (per-pixel MSE)",
+        yscale="log",
+        title=f"Training the DDPM on {result.data['dataset']}",
+    )
+    ax.legend()
+    return fig
