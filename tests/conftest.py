@@ -12,8 +12,45 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
+
+from diffusion_attribution.diffusion.ddpm import NoiseSchedule
+from diffusion_attribution.diffusion.unet import UNet
+from tests.helpers import TINY_4X4, TINY_DIGITS
 
 TESTS = Path(__file__).resolve().parent
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (timing- and summation-order-sensitive checks), restored
+    afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def linear_schedule() -> NoiseSchedule:
+    """A short linear noise schedule (20 steps, beta 1e-3 .. 0.2) for the tiny models."""
+    return NoiseSchedule.linear(20, 1e-3, 0.2)
+
+
+@pytest.fixture
+def tiny_unet() -> UNet:
+    """The 4x4 U-Net of :data:`tests.helpers.TINY_4X4` (every layer type), seeded, float64."""
+    torch.manual_seed(0)
+    return UNet(TINY_4X4).double()
+
+
+@pytest.fixture
+def digits_unet() -> UNet:
+    """The default profile's 8x8 U-Net (:data:`tests.helpers.TINY_DIGITS`), seeded, float32."""
+    torch.manual_seed(0)
+    return UNet(TINY_DIGITS)
+
+
 SLURM_SCRIPT = TESTS / "slurm_localhost.sh"
 SLURM_BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel")
 

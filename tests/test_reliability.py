@@ -557,8 +557,7 @@ def tiny_model():
 def fault_nan_weight_checkpoint(tmp_path: Path) -> Exception:
     """A model file with one NaN weight: the pipeline's loader refuses it, naming file, layer,
     value."""
-    from diffusion_attribution.diffusion.training import save_model
-    from diffusion_attribution.pipeline.workspace import load_checked_model
+    from diffusion_attribution.diffusion.training import load_checked_model, save_model
 
     cfg, model = tiny_model()
     path = tmp_path / "model.pt"
@@ -780,8 +779,7 @@ DAMAGE = {
 
 
 def write_model(path: Path) -> Callable[[Path], object]:
-    from diffusion_attribution.diffusion.training import save_model
-    from diffusion_attribution.pipeline.workspace import load_checked_model
+    from diffusion_attribution.diffusion.training import load_checked_model, save_model
 
     cfg, model = tiny_model()
     save_model(path, model, cfg, (1, 8, 8))

@@ -29,24 +29,17 @@ import math
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from diffusion_attribution.attribution.compression import Quantized, quantize, svd_compress
 from diffusion_attribution.attribution.scores import ScoreKey, ScoreSet
+from diffusion_attribution.core.operators import InverseCurvature
 from diffusion_attribution.diffusion.measurements import Measurement
 
 Compression = Literal["none", "int8", "int4"]
-
-
-class Curvature(Protocol):
-    """Anything that applies a damped inverse to rows of flat parameter vectors."""
-
-    def inverse_apply(self, V: Tensor, damping: float) -> Tensor: ...
-
-    def inverse_apply_sweep(self, V: Tensor, dampings: Sequence[float]) -> dict[float, Tensor]: ...
 
 
 def train_gradient_scale(num_pixels: int) -> float:
@@ -73,7 +66,7 @@ def compress(
 
 
 def precondition(
-    curvature: Curvature,
+    curvature: InverseCurvature,
     query_gradients: Tensor,
     damping: float,
     compression: str = "int8",
@@ -215,7 +208,7 @@ def precondition_queries(
     params: Sequence[Tensor],
     queries: Tensor,
     measurements: Mapping[str, Measurement],
-    curvatures: Mapping[str, Curvature],
+    curvatures: Mapping[str, InverseCurvature],
     specs: Sequence[ScoreKey],
     *,
     query_draws: int,
@@ -333,7 +326,7 @@ def attribute(
     train_images: Tensor,
     queries: Tensor,
     measurements: Mapping[str, Measurement],
-    curvatures: Mapping[str, Curvature],
+    curvatures: Mapping[str, InverseCurvature],
     specs: Sequence[ScoreKey],
     *,
     train_measurement: Measurement,

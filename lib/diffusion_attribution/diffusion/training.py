@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from diffusion_attribution.core.config import ModelConfig, TrainConfig
-from diffusion_attribution.core.io import atomic_save
+from diffusion_attribution.core.io import atomic_save, check_finite, load
 from diffusion_attribution.diffusion.ddpm import NoiseSchedule, q_sample, sample_timesteps
 from diffusion_attribution.diffusion.unet import UNet, UNetConfig
 
@@ -185,6 +185,16 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> nn.Modul
     model = build_model(ModelConfig(**state["model_config"]), tuple(state["image_shape"]))
     model.load_state_dict(state["state_dict"])
     return model.to(device).eval()
+
+
+def load_checked_model(path: str | Path, device: torch.device | str = "cpu") -> nn.Module:
+    """:func:`load_model` after checking the file: a corrupt one (truncated, bit-flipped, a
+    pickle) raises :class:`~diffusion_attribution.core.io.CorruptFileError` and a weight that
+    is not finite :class:`~diffusion_attribution.core.io.NonFiniteError`, each naming the file
+    (and the layer, index and value)."""
+    state = load(path, "model")
+    check_finite(state["state_dict"], f"load_model({path})")
+    return load_model(path, device=device)
 
 
 def fingerprint(*parts: object) -> str:

@@ -159,7 +159,7 @@ def run_measure_task(task: MeasureTask) -> str:
     """Measure each model of ``task`` whose cache file does not exist yet (one torch thread
     per process by default), saving each model's values atomically as soon as they exist."""
     from diffusion_attribution.core.io import check_finite
-    from diffusion_attribution.pipeline.workspace import load_checked_model
+    from diffusion_attribution.diffusion.training import load_checked_model
 
     threads = torch.get_num_threads()
     torch.set_num_threads(task.threads)

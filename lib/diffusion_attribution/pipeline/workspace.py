@@ -29,6 +29,7 @@ from diffusion_attribution.core.config import Config, DiffusionConfig
 from diffusion_attribution.diffusion.datasets import ImageDataset, pixel_levels
 from diffusion_attribution.diffusion.ddpm import NoiseSchedule
 from diffusion_attribution.diffusion.measurements import Measurement, SquareNorm
+from diffusion_attribution.diffusion.training import load_checked_model
 
 
 def execution_settings() -> dict[str, object]:
@@ -57,19 +58,6 @@ def measurements_of(
     first = {k: v for k, v in measured.items() if not k.startswith("l_t=")}
     rest = {k: v for k, v in measured.items() if k.startswith("l_t=")}
     return {**first, "square_norm": SquareNorm(schedule), **rest}
-
-
-def load_checked_model(path: str | Path, device: torch.device | str = "cpu") -> nn.Module:
-    """:func:`~diffusion_attribution.diffusion.training.load_model` after checking the file: a corrupt one
-    (truncated, bit-flipped, a pickle) raises :class:`~diffusion_attribution.core.io.CorruptFileError`
-    and a weight that is not finite :class:`~diffusion_attribution.core.io.NonFiniteError`, each
-    naming the file (and the layer, index and value)."""
-    from diffusion_attribution.core.io import check_finite, load
-    from diffusion_attribution.diffusion.training import load_model
-
-    state = load(path, "model")
-    check_finite(state["state_dict"], f"load_model({path})")
-    return load_model(path, device=device)
 
 
 def write_json(path: str | Path, obj: object) -> None:

@@ -1,0 +1,1 @@
+"""The Attributor facade (placeholder while it is written)."""
