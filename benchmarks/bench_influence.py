@@ -32,8 +32,8 @@ import torch
 def child(args: argparse.Namespace) -> dict:
     from diffusion_attribution.attribution.influence import attribute
     from diffusion_attribution.attribution.scores import ScoreKey
-    from diffusion_attribution.core.config import ModelConfig
-    from diffusion_attribution.curvature.kfac import fit_kfac
+    from diffusion_attribution.core.sections import ModelConfig
+    from diffusion_attribution.curvature.fit import fit_kfac
     from diffusion_attribution.diffusion.datasets import load_dataset
     from diffusion_attribution.diffusion.ddpm import NoiseSchedule
     from diffusion_attribution.diffusion.measurements import DiffusionLoss

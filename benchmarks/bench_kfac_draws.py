@@ -62,10 +62,13 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from diffusion_attribution.attribution.scores import ScoreSet
 from diffusion_attribution.core.config import Config, dump_config, load_config
 from diffusion_attribution.core.identity import code_digest, file_digest, fingerprint
 from diffusion_attribution.core.io import atomic_save
+from diffusion_attribution.diffusion.datasets import ImageDataset, pixel_levels
 from diffusion_attribution.diffusion.draws import DrawScheme
+from diffusion_attribution.diffusion.training import load_checked_model
 from diffusion_attribution.evaluation import lds as lds_module
 from diffusion_attribution.evaluation.lds import (
     LDSResult,
@@ -74,6 +77,15 @@ from diffusion_attribution.evaluation.lds import (
     predicted_changes,
 )
 from diffusion_attribution.pipeline.workspace import Workspace
+
+
+def load_dataset(ws: Workspace) -> ImageDataset:
+    return ImageDataset.load(ws.path(ws.TRAIN_SET))
+
+
+def load_output(ws: Workspace, rel: str) -> dict:
+    return torch.load(ws.path(rel), weights_only=True)
+
 
 CURVATURE = "mc_expand"  # the paper's K-FAC variant, the only one swept here
 
@@ -147,15 +159,20 @@ def inputs_fingerprint(ws: Workspace, config: Config) -> str:
 
 def ekfac_curvature(ws: Workspace, config: Config, cache: Path, fp: str):
     """EK-FAC (MC Fisher, expand) on the curvature stage's rows, fitted once and cached."""
-    from diffusion_attribution.curvature.kfac import KFAC, fit_kfac
+    from diffusion_attribution.curvature.fit import fit_kfac
+    from diffusion_attribution.curvature.kfac import KFAC
     from diffusion_attribution.diffusion.measurements import DiffusionLoss
     from diffusion_attribution.diffusion.unet import kfac_parameters
-    from diffusion_attribution.pipeline.workspace import schedule_of
+    from diffusion_attribution.pipeline.schedule import schedule_of
 
     path = cache / f"ekfac-{fp}.pt"
     if path.exists():
         return KFAC.load(path), None
-    ccfg, ds, net = config.curvature, ws.dataset, ws.model
+    ccfg, ds, net = (
+        config.curvature,
+        load_dataset(ws),
+        load_checked_model(ws.path(ws.MODEL), device=ws.device),
+    )
     schedule = schedule_of(config.diffusion)
     d = DiffusionLoss(schedule).draw(ds.images, torch.arange(len(ds)), ccfg.num_draws, ccfg.seed)
     fisher, kfac = CURVATURE.split("_")
@@ -196,9 +213,13 @@ def compute_pass(
     from diffusion_attribution.attribution.scores import ScoreKey
     from diffusion_attribution.diffusion.measurements import DiffusionLoss
     from diffusion_attribution.diffusion.unet import kfac_parameters
-    from diffusion_attribution.pipeline.workspace import schedule_of
+    from diffusion_attribution.pipeline.schedule import schedule_of
 
-    icfg, ds, net = config.influence, ws.dataset, ws.model
+    icfg, ds, net = (
+        config.influence,
+        load_dataset(ws),
+        load_checked_model(ws.path(ws.MODEL), device=ws.device),
+    )
     first = settings[0]
     loss = first.scheme.wrap(DiffusionLoss(schedule_of(config.diffusion)))
     keys = {
@@ -250,10 +271,10 @@ def run_sweep(
     """Scores for every named setting (cached), their LDS and the paired differences."""
     from diffusion_attribution.curvature.kfac import KFAC
 
-    gt = ws.ground_truth
+    gt = load_output(ws, ws.GROUND_TRUTH)
     measured, masks = gt["subsets"]["loss"], gt["masks"]
     Q = measured.shape[0]
-    queries = ws.samples["images"][:Q]
+    queries = load_output(ws, ws.SAMPLES)["images"][:Q]
     fp = inputs_fingerprint(ws, config)
     wanted = {n: SETTINGS[n] for n in names}
     needed = {"reference": REFERENCE, **wanted}  # paired differences are against it
@@ -274,7 +295,7 @@ def run_sweep(
     if any(s.ekfac for group in todo.values() for s in group):
         curvatures[True], info["ekfac_fit_seconds"] = ekfac_curvature(ws, config, cache, fp)
     total_rows = sum(
-        len(ws.dataset) * g[0].train_draws + Q * g[0].query_draws for g in todo.values()
+        len(load_dataset(ws)) * g[0].train_draws + Q * g[0].query_draws for g in todo.values()
     )
     print(
         f"{len(todo)} gradient passes to compute ({total_rows:,} gradient rows), "
@@ -321,7 +342,7 @@ def run_sweep(
         queries=Q,
         subsets=measured.shape[1],
         seeds=measured.shape[2],
-        train=len(ws.dataset),
+        train=len(load_dataset(ws)),
         bounds=retraining_bounds(measured),
         reference_scores=entries[REFERENCE]["scores"],
         computed_seconds=computed,
@@ -354,7 +375,7 @@ def _pm(r: LDSResult) -> str:
 def check_against_pipeline(ws: Workspace, config: Config, reference_scores) -> str | None:
     """The reference is the influence stage's main loss matrix when the profile uses 256/256
     draws: say how well they agree (they should be equal up to float round-off)."""
-    from diffusion_attribution.attribution.scores import ScoreKey, ScoreSet
+    from diffusion_attribution.attribution.scores import ScoreKey
 
     icfg = config.influence
     path = ws.path(ws.INFLUENCE_SCORES)
@@ -403,7 +424,7 @@ def build_smoke_workspace(root: Path, threads: int) -> None:
     64 digits-2 images, 8 generated queries, 8 random halves x 2 shared seeds retrained for
     100 steps and measured with 64 common draws. Made once (``root/READY`` records the
     recipe; a changed recipe rebuilds it)."""
-    from diffusion_attribution.curvature.kfac import fit_kfac
+    from diffusion_attribution.curvature.fit import fit_kfac
     from diffusion_attribution.diffusion.datasets import load_digits
     from diffusion_attribution.diffusion.ddpm import sample
     from diffusion_attribution.diffusion.measurements import DiffusionLoss, quantize
@@ -411,7 +432,7 @@ def build_smoke_workspace(root: Path, threads: int) -> None:
     from diffusion_attribution.diffusion.unet import kfac_parameters
     from diffusion_attribution.evaluation.ground_truth import measure
     from diffusion_attribution.evaluation.lds import subset_masks
-    from diffusion_attribution.pipeline.workspace import schedule_of
+    from diffusion_attribution.pipeline.schedule import schedule_of
 
     recipe = repr((SMOKE_SECTIONS, SMOKE_SUBSETS, SMOKE_SEEDS, SMOKE_RETRAIN_STEPS))
     ready = root / "READY"
@@ -432,7 +453,7 @@ def build_smoke_workspace(root: Path, threads: int) -> None:
     net = full.ema_model.eval()
     save_model(ws.out(ws.MODEL), net, config.model, shape)
     res = sample(net, schedule, 8, shape, seed=config.sample.seed, record_trajectory=True)
-    images = quantize(res.x0.clamp(-1, 1), ws.pixel_levels)
+    images = quantize(res.x0.clamp(-1, 1), pixel_levels(load_dataset(ws).name))
     atomic_save({"images": images, "trajectory": res.trajectory}, ws.out(ws.SAMPLES))
     ccfg = config.curvature
     d = DiffusionLoss(schedule).draw(ds.images, torch.arange(len(ds)), ccfg.num_draws, ccfg.seed)

@@ -65,12 +65,13 @@ class Clock:
 
 def workload(args: argparse.Namespace) -> dict:
     """Trained model, training images, queries, schedule and the pre-drawn (t, eps)."""
-    from diffusion_attribution.core.config import TrainConfig, load_config
+    from diffusion_attribution.core.config import load_config
+    from diffusion_attribution.core.sections import TrainConfig
     from diffusion_attribution.diffusion.datasets import load_digits
     from diffusion_attribution.diffusion.ddpm import sample
     from diffusion_attribution.diffusion.measurements import DiffusionLoss
     from diffusion_attribution.diffusion.training import build_model, train_ddpm
-    from diffusion_attribution.pipeline.workspace import schedule_of
+    from diffusion_attribution.pipeline.schedule import schedule_of
 
     config = load_config(args.params)
     ds = load_digits((0, 1))
@@ -162,7 +163,7 @@ def project_scores(w: dict, curvatures: dict, args, timings: dict | None = None)
 
 
 def run_project(w: dict, backend: str, args) -> dict:
-    from diffusion_attribution.curvature.kfac import fit_kfac
+    from diffusion_attribution.curvature.fit import fit_kfac
     from diffusion_attribution.diffusion.unet import kfac_parameters
 
     net, d = w["net"], w["curvature"]

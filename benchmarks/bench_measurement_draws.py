@@ -22,10 +22,12 @@ import argparse
 import time
 from pathlib import Path
 
+import pandas as pd
 import torch
 
-from diffusion_attribution.attribution.scores import select
+from diffusion_attribution.attribution.scores import ScoreSet, select
 from diffusion_attribution.core.config import load_config
+from diffusion_attribution.diffusion.datasets import ImageDataset
 from diffusion_attribution.diffusion.measurements import DiffusionLoss
 from diffusion_attribution.evaluation.ground_truth import measure_models, stack
 from diffusion_attribution.evaluation.lds import (
@@ -34,7 +36,16 @@ from diffusion_attribution.evaluation.lds import (
     paired_difference,
     predicted_changes,
 )
-from diffusion_attribution.pipeline.workspace import Workspace, schedule_of
+from diffusion_attribution.pipeline.schedule import schedule_of
+from diffusion_attribution.pipeline.workspace import Workspace
+
+
+def load_dataset(ws: Workspace) -> ImageDataset:
+    return ImageDataset.load(ws.path(ws.TRAIN_SET))
+
+
+def load_output(ws: Workspace, rel: str) -> dict:
+    return torch.load(ws.path(rel), weights_only=True)
 
 
 def main() -> None:
@@ -46,10 +57,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     config = load_config(Path(args.root) / "params.yaml")
     ws = Workspace(args.root, threads=args.threads)
-    gt, subsets, table = ws.ground_truth, ws.subsets, ws.lds_table
+    gt, subsets, table = (
+        load_output(ws, ws.GROUND_TRUTH),
+        load_output(ws, ws.SUBSETS),
+        pd.read_csv(ws.path(ws.LDS_TABLE)),
+    )
     masks, own = gt["masks"], gt["subsets"]["loss"]
     Q, M, K = own.shape
-    queries = ws.samples["images"][:Q]
+    queries = load_output(ws, ws.SAMPLES)["images"][:Q]
     grid = [[Path(n).stem for n in row] for row in subsets["models"]]
     models = {
         Path(n).stem: ws.path(f"outputs/retrain/models/{n}")
@@ -67,7 +82,9 @@ def main() -> None:
         "TRAK*": dict(method="trak", measurement="loss", precision="float32"),
         "D-TRAK*": dict(method="d-trak", measurement="square_norm", precision="float32"),
     }
-    scores = ws.scores
+    scores = ScoreSet.load(ws.path(ws.INFLUENCE_SCORES)) | ScoreSet.load(
+        ws.path(ws.BASELINE_SCORES)
+    )
     preds = {}
     for label, query in methods.items():
         row = select(table, "loss", **query)

@@ -51,8 +51,8 @@ from diffusion_attribution.attribution.influence import (
     train_gradient_scale,
 )
 from diffusion_attribution.attribution.projection import Projector
-from diffusion_attribution.core.config import TrainConfig
-from diffusion_attribution.curvature.kfac import fit_kfac
+from diffusion_attribution.core.sections import TrainConfig
+from diffusion_attribution.curvature.fit import fit_kfac
 from diffusion_attribution.diffusion.ddpm import NoiseSchedule, draw_noise
 from diffusion_attribution.diffusion.ddpm import sample as ancestral_sample
 from diffusion_attribution.diffusion.gradients import per_example_gradients

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from diffusion_attribution.core.config import ModelConfig
+from diffusion_attribution.core.sections import ModelConfig
 from diffusion_attribution.diffusion.unet import UNetConfig
 
 #: The default profile's U-Net for 8x8 one-channel digits (176,849 parameters): the schema's

@@ -18,16 +18,18 @@ N, Q, STEPS = 12, 3, 40
 
 
 def tiny_unet_and_scheduler():
+    """A small diffusers U-Net with self-attention at 4x4, and its DDPM scheduler."""
     torch.manual_seed(0)
     unet = diffusers.UNet2DModel(
         sample_size=8,
         in_channels=1,
         out_channels=1,
         block_out_channels=(16, 32),
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
         layers_per_block=1,
         norm_num_groups=8,
+        attention_head_dim=8,
     )
     scheduler = diffusers.DDPMScheduler(num_train_timesteps=100)
     return unet, scheduler
@@ -67,33 +69,37 @@ def readme_example(unet, scheduler, train_images, queries):
     """The README's example: ``unet`` and ``scheduler`` from diffusers, ``train_images`` the
     training set (N, C, H, W), ``queries`` the images to attribute (e.g. generated samples)."""
     # README
-    import torch
-
     import diffusion_attribution as da
 
-    class Eps(torch.nn.Module):  # (x_t, t) -> eps; the library counts t = 1..T, diffusers 0..T-1
-        def __init__(self, unet):
-            super().__init__()
-            self.unet = unet
+    attributor = da.Attributor.from_diffusers(unet, scheduler, train_images)
+    scores = attributor.scores(queries)  # K-FAC influence on the diffusion loss
+    values, indices = scores.top(3)  # per query: the training images whose removal hurts most
+    elbo = attributor.scores(queries, "elbo", settings=da.ScoreSettings(damping=1e-3))
+    # end README
+    return scores, indices, elbo
 
-        def forward(self, x, t):
-            return self.unet(x, t - 1).sample
 
-    model = Eps(unet).eval()
-    betas = torch.cat([torch.zeros(1), scheduler.betas]).double()  # index 0: t = 0, no noise
-    schedule = da.NoiseSchedule(betas, 1 - betas, torch.cumprod(1 - betas, 0))
+def low_level(unet, scheduler, train_images, queries):
+    """The same scores from the low-level functions the pipeline calls."""
+    import diffusion_attribution as da
+    from diffusion_attribution.attributor import DiffusersEps, schedule_from_betas
+
+    model = DiffusersEps(unet).eval()
+    schedule = schedule_from_betas(scheduler.betas)
     loss = da.DiffusionLoss(schedule)
     params = da.kfac_parameters(model)
-    d = loss.draw(train_images, torch.arange(len(train_images)), 8, seed=0)
-    K = da.fit_kfac(model, params, schedule, train_images, d["t"], d["eps"])  # MC Fisher, expand
-    key = da.ScoreKey("kfac", "loss", curvature="K", damping=1e-3)
-    draws = dict(train_measurement=loss, train_draws=64, query_draws=64, seed=0)
-    scores, _ = da.attribute(
-        model, params, train_images, queries, {"loss": loss}, {"K": K}, [key], **draws
+    d = loss.draw(train_images, torch.arange(len(train_images)), 8, seed=2)
+    K = da.fit_kfac(
+        model, params, schedule, train_images, d["t"], d["eps"], batch_size=512, mc_seed=2
     )
-    scores[key]  # (queries, N): score[q, j] ~ m(theta_{-j}, x_q) - m(theta, x_q)
-    # end README
-    return scores[key], schedule
+    key = da.ScoreKey(
+        "kfac", "loss", "mc_expand", damping=1e-8 * K.mean_eigenvalue(), compression="int8"
+    )
+    draws = dict(train_measurement=loss, train_draws=256, query_draws=256, seed=3)
+    scores, _ = da.attribute(
+        model, params, train_images, queries, {"loss": loss}, {"mc_expand": K}, [key], **draws
+    )
+    return scores[key]
 
 
 @pytest.fixture(scope="module")
@@ -104,30 +110,38 @@ def attributed():
     samples = generate(unet, scheduler, Q)
     # the queries: generated samples, then two training images (for the sanity check)
     queries = torch.cat([samples, train_images[:2]])
-    scores, schedule = readme_example(unet, scheduler, train_images, queries)
-    return {"scores": scores, "losses": losses, "schedule": schedule, "scheduler": scheduler}
+    scores, indices, elbo = readme_example(unet, scheduler, train_images, queries)
+    return {
+        "scores": scores,
+        "indices": indices,
+        "elbo": elbo,
+        "low_level": low_level(unet, scheduler, train_images, queries),
+        "losses": losses,
+    }
 
 
-def test_training_ran_and_the_schedule_is_the_schedulers(attributed):
+def test_training_ran(attributed):
     losses = attributed["losses"]
     assert sum(losses[-10:]) < sum(losses[:10]), losses  # a few steps do lower the loss
-    s, sch = attributed["schedule"], attributed["scheduler"]
-    # library t = diffusers index + 1
-    torch.testing.assert_close(s.alpha_bars[1:], sch.alphas_cumprod.double())
 
 
 def test_scores_are_finite_and_shaped(attributed):
-    scores = torch.as_tensor(attributed["scores"])
-    assert scores.shape == (Q + 2, N)
-    assert torch.isfinite(scores).all() and scores.abs().sum() > 0
+    for result in (attributed["scores"], attributed["elbo"]):
+        assert result.matrix.shape == (Q + 2, N)
+        assert torch.isfinite(result.matrix).all() and result.matrix.abs().sum() > 0
+    assert attributed["indices"].shape == (Q + 2, 3)
+    assert attributed["elbo"].measurement == "elbo"
+
+
+def test_scores_are_the_low_level_paths(attributed):
+    assert torch.equal(attributed["scores"].matrix, attributed["low_level"])
 
 
 def test_a_training_image_is_its_own_top_influence(attributed):
     """Removing x_j raises the loss on x_j most: as a query, a training image has itself as
     its most positive score."""
-    scores = torch.as_tensor(attributed["scores"])
-    for q, j in ((Q, 0), (Q + 1, 1)):
-        assert int(scores[q].argmax()) == j, scores[q]
+    top = attributed["indices"][:, 0]
+    assert top[Q:].tolist() == [0, 1], attributed["scores"].matrix[Q:]
 
 
 def code_between_markers() -> str:
@@ -145,7 +159,7 @@ def readme_blocks() -> list[str]:
 
 def test_readme_shows_this_code():
     code = code_between_markers()
-    assert len(code.splitlines()) >= 10
+    assert 3 <= len([line for line in code.splitlines() if line.strip()]) <= 8
     assert code in readme_blocks(), (
         "the README's diffusers example differs from tests/test_own_model.py:\n" + code
     )

@@ -33,7 +33,9 @@ import pytest
 import torch
 import yaml
 
+from diffusion_attribution.attribution.scores import ScoreSet
 from diffusion_attribution.core.config import parse_config
+from diffusion_attribution.diffusion.datasets import ImageDataset
 from diffusion_attribution.pipeline import stages
 from diffusion_attribution.pipeline.workspace import Workspace
 
@@ -121,7 +123,8 @@ def figure_cells(name: str) -> list[str]:
 
 def finite_scores(ws: Workspace) -> int:
     checked = 0
-    for key, s in ws.scores.scores.items():
+    scores = ScoreSet.load(ws.path(ws.BASELINE_SCORES))
+    for key, s in scores.scores.items():
         assert s.shape == (2, 8), (key, tuple(s.shape))
         if key.precision == "float16":
             continue  # traker's float16 pipeline may overflow by design (trak.py, Fig. 18)
@@ -187,20 +190,23 @@ def test_cifar2_dry_run(width, tmp_path, monkeypatch):
         for out in declared(name):
             assert ws.path(out).exists(), f"stage {name}: declared output {out} missing"
         if name == "data":
-            assert ws.image_shape == (3, 32, 32)
-            assert ws.dataset.name == "cifar2" and len(ws.dataset) == 8
-            assert set(ws.dataset.labels.tolist()) == {1, 7}
+            dataset = ImageDataset.load(ws.path(ws.TRAIN_SET))
+            assert tuple(dataset.images.shape[1:]) == (3, 32, 32)
+            assert dataset.name == "cifar2" and len(dataset) == 8
+            assert set(dataset.labels.tolist()) == {1, 7}
         elif name == "train":
             expected = 35.7e6 * (width / 128) ** 2  # parameters scale as width^2
             assert math.isclose(result.metrics["num_parameters"], expected, rel_tol=0.05)
             assert math.isfinite(result.metrics["train_diffusion_loss_ema"])
         elif name == "sample":
-            assert ws.samples["images"].shape == (2, 3, 32, 32)
-            assert ws.samples["trajectory"].shape == (9, 2, 3, 32, 32)
+            samples = torch.load(ws.path(ws.SAMPLES), weights_only=True)
+            assert samples["images"].shape == (2, 3, 32, 32)
+            assert samples["trajectory"].shape == (9, 2, 3, 32, 32)
         elif name == "baselines":
             assert finite_scores(ws) > 0
         elif name == "measure":
-            for measured in ws.ground_truth["subsets"].values():
+            ground_truth = torch.load(ws.path(ws.GROUND_TRUTH), weights_only=True)
+            for measured in ground_truth["subsets"].values():
                 assert measured.shape == (2, 4, 2) and torch.isfinite(measured).all()
     print("dry run seconds per stage:", {k: round(v, 1) for k, v in seconds.items()})
     print(f"dry run total: {sum(seconds.values()):.1f} s")

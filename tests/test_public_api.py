@@ -15,7 +15,9 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 def readme_example() -> str:
     text = README.read_text()
     section = text[text.index("### Use the library on your own model") :]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    section = section[: section.index("\n## ")]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    return next(b for b in blocks if "da.Attributor(model" in b)
 
 
 def test_public_names_resolve():
@@ -33,5 +35,6 @@ def test_readme_example_runs_on_a_tiny_model():
         "queries": torch.rand(2, 1, 4, 4, generator=g) * 2 - 1,
     }
     exec(compile(readme_example(), "README example", "exec"), env)
-    s = env["scores"][env["key"]]
+    s = env["scores"].matrix
     assert s.shape == (2, 6) and torch.isfinite(s).all() and s.abs().sum() > 0
+    assert env["scores"].settings.method == "d-trak"

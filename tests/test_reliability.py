@@ -39,7 +39,7 @@ import torch
 import yaml
 
 from diffusion_attribution.core import config as config_module
-from diffusion_attribution.core import io
+from diffusion_attribution.core import io, sections
 from diffusion_attribution.core.config import VALID_MARKER, Config, ConfigError, load_config
 from diffusion_attribution.pipeline import dvcgraph, sandbox, stages
 from diffusion_attribution.pipeline import runner as pipeline
@@ -477,7 +477,7 @@ def test_digit_counts_are_those_of_the_data():
     from diffusion_attribution.diffusion.datasets import load_digits
 
     counts = tuple(len(load_digits([c])) for c in range(10))
-    assert counts == config_module.DIGIT_COUNTS
+    assert counts == sections.DIGIT_COUNTS
     assert load_config(SMOKE).data.num_train == len(load_digits([3, 8])) == 357
 
 
@@ -499,7 +499,7 @@ def test_every_stage_depends_on_the_validation():
     assert next(iter(spec)) == dvcgraph.VALIDATE
     validate = spec[dvcgraph.VALIDATE]
     assert validate["outs"] == [dvcgraph.VALIDATED]
-    assert {"params.yaml", "lib/diffusion_attribution/config.py"} <= set(validate["deps"])
+    assert {"params.yaml", "lib/diffusion_attribution/core/config.py"} <= set(validate["deps"])
     assert "--write" in validate["cmd"] and dvcgraph.VALIDATED in validate["cmd"]
     for name in stages.NAMES:
         assert dvcgraph.VALIDATED in spec[name]["deps"], name
@@ -546,7 +546,7 @@ def test_dvc_repro_with_bad_parameters_deletes_nothing(tmp_path):
 
 
 def tiny_model():
-    from diffusion_attribution.core.config import ModelConfig
+    from diffusion_attribution.core.sections import ModelConfig
     from diffusion_attribution.diffusion.training import build_model
 
     cfg = ModelConfig(base_channels=4, channel_mults=(1,), attn_resolutions=(), norm_groups=2)
@@ -577,7 +577,7 @@ def fault_diverged_training(tmp_path: Path) -> Exception:
     """A training run whose loss becomes NaN (a NaN pixel in the data): saving the model is
     refused (every atomic save checks its tensors), naming the output, the layer and the
     value, and nothing is written."""
-    from diffusion_attribution.core.config import TrainConfig
+    from diffusion_attribution.core.sections import TrainConfig
     from diffusion_attribution.diffusion.ddpm import NoiseSchedule
     from diffusion_attribution.diffusion.training import build_model, save_model, train_ddpm
 
@@ -606,7 +606,7 @@ def fault_diverged_training_checkpoint(tmp_path: Path) -> Exception:
     """The same diverging run with checkpoints: it stops at its first checkpoint after the
     loss became NaN, naming the checkpoint file and the layer, and leaves no NaN checkpoint
     to resume from."""
-    from diffusion_attribution.core.config import TrainConfig
+    from diffusion_attribution.core.sections import TrainConfig
     from diffusion_attribution.diffusion.ddpm import NoiseSchedule
     from diffusion_attribution.diffusion.training import build_model, train_ddpm
 
@@ -882,8 +882,8 @@ def test_load_names_a_missing_file(tmp_path):
 
 
 #: Loads of data files that are not ``torch.load(..., weights_only=True)``: the one allowed,
-#: submitit's own job result files (written and read by the same user), in jobs.py.
-ALLOWED_UNSAFE = {("jobs.py", "pickle_load")}
+#: submitit's own job result files (written and read by the same user), in core/executors.py.
+ALLOWED_UNSAFE = {("core/executors.py", "pickle_load")}
 UNSAFE = {"load", "loads", "pickle_load", "read_pickle", "Unpickler"}
 PICKLERS = {"pickle", "cloudpickle", "dill", "joblib", "_pickle", "pd", "pandas"}
 

@@ -142,7 +142,7 @@ def kill_retrain_half_way(repo: Path, env: dict) -> dict[Path, tuple[int, bytes]
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
     # The notebook's kernel runs in a session of its own; it exits within a second of losing
-    # its parent (and a training job it started exits with it: retrain.exit_with_owner).
+    # its parent (and a training job it started exits with it: core.executors.exit_with_owner).
     wait_for_no_processes(repo)
     finished = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in models.glob("*.pt")}
     assert 1 <= len(finished) < 10, "the kill should land half-way through the retraining"
@@ -157,7 +157,7 @@ def smoke(tmp_path_factory):
         "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
         "DA_THREADS": "2",
         # shards and jobs in the stage's own process: a subprocess per small task costs more
-        # than the task (the local executor's kills are tried in tests/test_retrain.py)
+        # than the task (the local executor's kills: tests/evaluation/test_retraining.py)
         "DA_EXECUTOR": "inline",
         "DA_SHARD_EXAMPLES": "120",
         "HOME": str(tmp),
@@ -203,6 +203,34 @@ def test_killed_run_resumes_and_completes(smoke):
     assert "didn't change" in again.stdout and not ran(again.stdout), again.stdout
     # The pipeline's stages (data.dvc, the CIFAR-10 archive for paper scale, is absent offline).
     assert "up to date" in dvc(smoke, "status", "dvc.yaml").stdout
+
+
+def test_editing_curvature_code_reruns_only_what_depends_on_it(smoke, tmp_path):
+    """In a copy of the finished run, a code change in a curvature module (a new function, no
+    comment) makes ``dvc status`` name exactly the stages whose derived dependencies list that
+    module: ``curvature`` and what runs its code, none of the stages that run no K-FAC code."""
+    repo = tmp_path / "repo"
+    shutil.copytree(smoke.repo, repo)
+    env = {**smoke.env, "PYTHONPATH": str(repo / "lib")}
+    assert json.loads(dvc(smoke, "status", "--json", "dvc.yaml", env=env, cwd=repo).stdout) == {}
+    spec = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    users = {
+        dep: {name for name, s in spec.items() if dep in s["deps"]}
+        for dep in spec["curvature"]["deps"]
+        if dep.startswith("lib/diffusion_attribution/curvature/")
+        and not dep.endswith("__init__.py")
+    }
+    edited = max(sorted(users), key=lambda dep: len(users[dep]))  # the most widely used one
+    module = repo / edited
+    module.write_text(
+        module.read_text() + "\n\ndef edited_after_the_run() -> None:\n    return None\n"
+    )
+    status = json.loads(dvc(smoke, "status", "--json", "dvc.yaml", env=env, cwd=repo).stdout)
+    named = {name.rsplit(":", 1)[-1] for name in status}
+    assert named == users[edited], (edited, status)
+    assert "curvature" in named
+    assert not named & {"data", "train", "sample", "retrain", "measure"}, named
+    print(f"\nediting {edited}: dvc status names {sorted(named)}")
 
 
 # ---- 2. the report ------------------------------------------------------------------------------
@@ -440,7 +468,7 @@ def test_kills_at_random_moments_lose_nothing(smoke):
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["data"]["cifar2_size"] = 4000
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    ddpm = repo / "lib" / "diffusion_attribution" / "ddpm.py"
+    ddpm = repo / "lib" / "diffusion_attribution" / "diffusion" / "ddpm.py"
     ddpm.write_text(ddpm.read_text() + "\n# a comment changes no result\n")
     run = dvc(smoke, "repro")
     print(f"then dvc repro reran {len(ran(run.stdout))} stages")

@@ -21,13 +21,17 @@ from importlib import import_module
 __version__ = "0.1.0"
 
 _PUBLIC = {
+    "Attributor": "attributor",
+    "Attribution": "attributor",
+    "FitSettings": "attributor",
+    "ScoreSettings": "attributor",
     "NoiseSchedule": "diffusion.ddpm",
     "DiffusionLoss": "diffusion.measurements",
     "ELBO": "diffusion.measurements",
     "TimestepLoss": "diffusion.measurements",
     "TrajectoryLogProb": "diffusion.measurements",
     "SquareNorm": "diffusion.measurements",
-    "fit_kfac": "curvature.kfac",
+    "fit_kfac": "curvature.fit",
     "KFAC": "curvature.kfac",
     "attribute": "attribution.influence",
     "ScoreKey": "attribution.scores",

@@ -10,15 +10,16 @@ from torch import nn
 from diffusion_attribution.attribution.influence import (
     attribute,
     influence_scores,
+    influence_specs,
     precondition,
     train_gradient_scale,
 )
 from diffusion_attribution.attribution.scores import ScoreKey
-from diffusion_attribution.curvature.kfac import DenseCurvature, fit_kfac
+from diffusion_attribution.curvature.fit import fit_kfac
+from diffusion_attribution.curvature.kfac import DenseCurvature
 from diffusion_attribution.diffusion.ddpm import NoiseSchedule
 from diffusion_attribution.diffusion.measurements import DiffusionLoss, TimestepLoss
-from diffusion_attribution.diffusion.unet import UNet, kfac_parameters
-from tests.helpers import TINY_4X4
+from diffusion_attribution.diffusion.unet import kfac_parameters
 
 F64 = torch.float64
 SCHEDULE = NoiseSchedule.linear(20, 1e-3, 0.3)
@@ -97,21 +98,15 @@ def test_scores_predict_exact_retraining_on_a_convex_model():
         assert 0.85 < slope < 1.2, slope  # removal of 1 of N: first order in 1/N
 
 
-def tiny_unet():
-    torch.manual_seed(0)
-    cfg = TINY_4X4
-    return UNet(cfg).double().eval()
-
-
 def autograd_gradient(model, params, measurement, x, draws, scale=1.0):
     value = scale * measurement(model, x[None], {k: v[None] for k, v in draws.items()})[0]
     return torch.cat([g.flatten() for g in torch.autograd.grad(value, params)])
 
 
-def test_pipeline_equals_brute_force_with_explicit_inverse():
+def test_pipeline_equals_brute_force_with_explicit_inverse(tiny_unet):
     """attribute() with an explicit dense curvature equals (1/N) grad m^T (H + lambda I)^{-1}
     grad lbar computed with autograd loops and torch.linalg.inv."""
-    model = tiny_unet()
+    model = tiny_unet.eval()
     params = kfac_parameters(model)
     g = torch.Generator().manual_seed(1)
     n, nq, s = 6, 2, 3
@@ -170,8 +165,8 @@ def test_pipeline_equals_brute_force_with_explicit_inverse():
     assert timings.gradients > 0 and timings.overhead >= 0
 
 
-def test_int8_keeps_the_ranking_and_runs_are_deterministic():
-    model = tiny_unet()
+def test_int8_keeps_the_ranking_and_runs_are_deterministic(tiny_unet):
+    model = tiny_unet.eval()
     params = kfac_parameters(model)
     g = torch.Generator().manual_seed(2)
     x0 = torch.randn(24, 1, 4, 4, generator=g, dtype=F64)
@@ -222,8 +217,6 @@ def test_scores_do_not_depend_on_how_training_gradients_are_chunked():
 
 
 def test_influence_specs_sweep_every_variant_and_check_int8_for_each():
-    from diffusion_attribution.attribution.influence import influence_specs
-
     variants = ("mc_expand", "mc_reduce", "empirical_expand", "empirical_reduce")
     specs = influence_specs(
         variants,

@@ -9,23 +9,14 @@ import torch
 from diffusion_attribution.attribution import projection
 from diffusion_attribution.attribution.influence import train_gradient_scale
 from diffusion_attribution.attribution.projection import BLOCK_ROWS, Projector, block_key, featurize
-from diffusion_attribution.diffusion.ddpm import NoiseSchedule
 from diffusion_attribution.diffusion.gradients import gradient_matrix
 from diffusion_attribution.diffusion.measurements import make_measurement
-from diffusion_attribution.diffusion.unet import UNet, kfac_parameters
-from tests.helpers import TINY_4X4
 
 KINDS = ["rademacher", "gaussian"]
 CPU = torch.device("cpu")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny ops: several OpenMP threads only contend (60x slower beside a busy process)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+#: Tiny ops: several OpenMP threads only contend (60x slower beside a busy process).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------ the hash, in plain ints
@@ -357,17 +348,6 @@ def test_bad_arguments():
 
 
 # ------------------------------------------------------------------ featurize
-
-CFG = TINY_4X4
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    model = UNet(CFG).eval()
-    schedule = NoiseSchedule.linear(20, 1e-4, 0.3)
-    x = torch.rand(7, 1, 4, 4, generator=torch.Generator().manual_seed(5)) * 2 - 1
-    return model, kfac_parameters(model), schedule, x
 
 
 @pytest.mark.parametrize("name", ["loss", "square_norm"])

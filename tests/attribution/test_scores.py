@@ -12,6 +12,7 @@ from diffusion_attribution.attribution.scores import (
     rows,
     select,
 )
+from diffusion_attribution.core.io import NonFiniteError
 
 
 def test_key_fields_and_label():
@@ -103,10 +104,6 @@ def test_select_fixed_damping_or_best_of_sweep():
 def test_save_refuses_non_finite_scores_but_float16(tmp_path):
     """A NaN in a float32 score matrix is refused (named); traker's float16 pipeline may
     overflow to Inf by design (Fig. 18) and is saved as it is."""
-    import pytest
-
-    from diffusion_attribution.core.io import NonFiniteError
-
     bad = torch.zeros(2, 3)
     bad[1, 2] = float("nan")
     with pytest.raises(NonFiniteError, match="trak/loss"):

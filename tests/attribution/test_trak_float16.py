@@ -30,13 +30,7 @@ score_computers = pytest.importorskip(
 N, Q, P = 50, 7, 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny ops: several OpenMP threads only contend."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: more OpenMP threads only contend
 
 
 def features(n, k, q_count, seed, lo=0.0, hi=-2.0, query_scale=5.0):
@@ -141,7 +135,7 @@ def test_sweep_and_shared_features_equal_single_calls():
     dampings = [1e-4 * eig, 1e-2 * eig, eig, 100 * eig]
     sweep = trak_scores_sweep(q, phi, dampings, precision="float16")
     assert list(sweep) == dampings
-    both = trak._sweeps([q, q2], phi, dampings, N, "float16")
+    both = trak.trak_scores_sweeps([q, q2], phi, dampings, N, "float16")
     for d in dampings:
         single = trak_scores(q, phi, d, precision="float16")
         assert_bitwise(sweep[d], single)

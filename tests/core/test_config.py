@@ -105,18 +105,6 @@ def test_bad_values_name_the_key(patch, key, words):
     assert msg.startswith("invalid parameters in test.yaml")
 
 
-def test_protocol_overrides_are_explicit():
-    """A run may deviate from epoch matching only by saying so."""
-    raw = Config().model_dump(mode="json")
-    raw["retrain"].update(steps=300, epoch_matched=False)
-    c = parse_config(raw)
-    assert c.retrain.steps == 300 and not c.retrain.epoch_matched
-    d = Config()
-    assert d.retrain.steps == round(d.retrain.fraction * d.train.steps)
-    assert d.retrain.seeds == (100, 101, 102) and d.train.seed not in d.retrain.seeds
-    assert d.retrain.independent_seeds == tuple(range(103, 111))
-
-
 def test_several_errors_reported_together():
     raw = Config().model_dump(mode="json")
     raw["train"]["steps"] = 0
@@ -160,8 +148,6 @@ def test_pipeline_runner_validates_before_running(tmp_path):
 def test_params_yaml_is_the_schema_defaults_spelled_out():
     """One source of defaults: the default profile is the schema's defaults, key for key (the
     notebooks have none of their own; a test in test_pipeline checks that)."""
-    from diffusion_attribution.core.config import Config, dump_config
-
     text = (Path(__file__).resolve().parents[2] / "params.yaml").read_text()
     body = "\n".join(line for line in text.splitlines() if not line.startswith("#")) + "\n"
     assert body == dump_config(Config())

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import torch
 
-from diffusion_attribution.core.config import TrainConfig
 from diffusion_attribution.core.identity import (
     code_digest,
     fingerprint,
@@ -17,6 +16,7 @@ from diffusion_attribution.core.identity import (
     normalized_source,
     source_digest,
 )
+from diffusion_attribution.core.sections import TrainConfig
 
 MODULE = '''
 """A module docstring."""

@@ -1,5 +1,6 @@
 """The generic fan-out (diffusion_attribution.core.jobs) with the inline and local executors:
-cluster-file checks, finished tasks skipped, failures reported, progress lines."""
+a bad cluster file or bad arguments stop it before anything runs, finished tasks are skipped,
+failures reported. ``Task`` and ``write_output`` are the tasks of the executor tests too."""
 
 from __future__ import annotations
 
@@ -11,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from diffusion_attribution.core import jobs
-from diffusion_attribution.core.jobs import TasksFailed, load_cluster, run_tasks, slurm_settings
+from diffusion_attribution.core.jobs import TasksFailed, run_tasks
 
 
 @dataclass(frozen=True)
@@ -52,50 +52,6 @@ def runs(task: Task) -> int:
 @pytest.fixture(autouse=True)
 def _no_settings(no_execution_settings) -> None:
     """No DA_* execution setting of the caller's shell applies."""
-
-
-def test_cluster_file_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    path = tmp_path / "cluster.yaml"
-    path.write_text(
-        "partition: gpu\naccount: proj\nmem_gb: 16\ncpus_per_task: 4\ntime_min: 60\n"
-        "setup: [module load cuda, source venv/bin/activate]\n"
-        "overrides:\n  influence: {cpus_per_task: 8, gpus_per_task: 1}\n"
-    )
-    assert load_cluster(path)["overrides"] == {
-        "influence": {"cpus_per_task": 8, "gpus_per_task": 1}
-    }
-    retrain = slurm_settings("retrain", path)
-    assert (retrain["cpus_per_task"], retrain["gpus_per_task"], retrain["time_min"]) == (4, 0, 60)
-    assert retrain["setup"] == ["module load cuda", "source venv/bin/activate"]
-    influence = slurm_settings("influence", path)
-    assert (influence["cpus_per_task"], influence["gpus_per_task"]) == (8, 1)
-    # the DA_SLURM_* variables win over the file and its overrides
-    monkeypatch.setenv("DA_SLURM_GPUS", "2")
-    monkeypatch.setenv("DA_SLURM_PARTITION", "big")
-    assert slurm_settings("influence", path)["gpus_per_task"] == 2
-    assert slurm_settings("retrain", path)["partition"] == "big"
-    # without a file: the defaults
-    assert slurm_settings("retrain")["time_min"] == 240
-
-    bad = {
-        "partion: gpu\n": r"unknown key 'partion'; allowed: partition, account, qos",
-        "overrides:\n  retrain: {gpu: 1}\n": r"overrides\.retrain: unknown key 'gpu'; allowed:",
-        "overrides:\n  retrain: {overrides: {}}\n": r"overrides\.retrain: unknown key 'overrides'",
-        "time_min: 1h\n": r"time_min must be int, got '1h'",
-        "cpus_per_task: 0\n": r"cpus_per_task must be > 0",
-        "setup: module load cuda\n": r"setup must be list",
-        "setup: [1]\n": r"setup must be a list of shell commands",
-        "- partition\n": r"expected a mapping",
-    }
-    for text, message in bad.items():
-        path.write_text(text)
-        with pytest.raises(ValueError, match=message):
-            load_cluster(path)
-    with pytest.raises(ValueError, match="does not exist"):
-        load_cluster(tmp_path / "missing.yaml")
-    monkeypatch.setenv("DA_SLURM_TIME_MIN", "soon")
-    with pytest.raises(ValueError, match="DA_SLURM_TIME_MIN must be int"):
-        slurm_settings("retrain")
 
 
 def test_bad_cluster_file_stops_before_anything_runs(tmp_path: Path, monkeypatch) -> None:
@@ -196,61 +152,3 @@ def test_on_failure_cancel(tmp_path: Path, executor: str, tests_importable) -> N
         )  # fmt: skip
     assert [f.name for f in info.value.failures] == ["bad"]
     assert [runs(t) for t in tasks[1:]] == [0, 0, 0]
-
-
-def test_progress_lines(capsys) -> None:
-    now = [0.0]
-    prog = jobs._Progress("retrain", total=48, done=10, clock=lambda: now[0])
-    prog.update(10, 0)
-    now[0] = 2.0
-    prog.update(11, 2)  # changed, but within 5 s of the last line
-    now[0] = 20.0
-    prog.update(12, 2)
-    now[0] = 40.0
-    prog.update(12, 2)  # unchanged: no line before 30 s have passed
-    now[0] = 50.0
-    prog.update(12, 2)  # ... but one every 30 s (at least twice a minute)
-    now[0] = 90.0
-    prog.update(48, 0, final=True)
-    assert capsys.readouterr().out.splitlines() == [
-        "retrain: 10/48 done, 0 running, ETA ?",
-        "retrain: 12/48 done, 2 running, ETA 6m00s",  # 2 done in 20 s, 36 left
-        "retrain: 12/48 done, 2 running, ETA 15m00s",
-        "retrain: 48/48 done, 0 running, took 1m30s",
-    ]
-    quiet = jobs._Progress("x", total=1, done=0, enabled=False)
-    quiet.update(1, 0, final=True)
-    assert capsys.readouterr().out == ""
-
-
-def test_call_is_requeueable(tmp_path: Path) -> None:
-    """submitit's checkpoint protocol (before a SLURM time limit): the call resubmits itself
-    with the same task, and runs ``fn`` again when requeued."""
-    import cloudpickle
-
-    task = Task("a", str(tmp_path / "a.out"))
-    call = jobs._Call(write_output)
-    again = call.checkpoint(task)
-    assert again.function is call and again.args == (task,)
-    again = cloudpickle.loads(cloudpickle.dumps(again))  # as submitit stores it
-    assert again.result() == task.output and runs(task) == 1
-
-
-def test_worker_killed_for_memory_is_reported_and_retried(tmp_path: Path, tests_importable):
-    """A local task killed by SIGKILL (what the out-of-memory killer sends) is reported as
-    killed, naming the task and the likely cause, while the others finish; a rerun retries it
-    alone."""
-    tasks = [
-        Task("good", str(tmp_path / "g.out")),
-        Task("big", str(tmp_path / "big.out"), oom_once=True),
-    ]
-    kw = dict(name="t", executor="local", folder=tmp_path / "s", max_parallel=1, progress=False)
-    with pytest.raises(TasksFailed) as info:
-        run_tasks(write_output, tasks, **kw)
-    (failure,) = info.value.failures
-    assert failure.name == "big" and "killed (SIGKILL" in failure.error, failure.error
-    assert "out-of-memory" in failure.error and "rerun to retry" in failure.error
-    assert Path(tasks[0].output).exists() and not Path(tasks[1].output).exists()
-    run_tasks(write_output, tasks, **kw)  # the retry
-    assert Path(tasks[1].output).read_text() == "big"
-    assert [runs(t) for t in tasks] == [1, 2]

@@ -1,4 +1,4 @@
-"""The SLURM executor of diffusion_attribution.core.jobs against a real controller on localhost
+"""The SLURM executor (diffusion_attribution.core.slurm) against a real controller on localhost
 (the ``slurm_cluster`` fixture; skipped without root or the SLURM binaries): the same models
 as the local executor, failures reported, re-attaching after the driver died, requeueing."""
 
@@ -20,12 +20,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffusion_attribution.core import jobs
 from diffusion_attribution.core.jobs import TasksFailed, run_tasks
+from diffusion_attribution.core.slurm import SlurmRun, squeue_states
 from diffusion_attribution.diffusion.datasets import ImageDataset
 from diffusion_attribution.evaluation.retraining import checkpoint_path, run_job, run_jobs
 from tests.core.test_jobs import Task, write_output
-from tests.evaluation.test_retrain import make_job, same, weights
+from tests.evaluation.test_retraining import make_job, same, weights
 
 pytestmark = pytest.mark.usefixtures("slurm_cluster", "no_execution_settings")
 
@@ -130,7 +130,7 @@ def test_rerun_reattaches_after_the_driver_died(tmp_path: Path, monkeypatch, cap
         f"""
         import pickle
         from diffusion_attribution.core.jobs import run_tasks
-        from test_slurm import gated
+        from tests.core.test_slurm import gated
         tasks = pickle.loads({pickle.dumps(tasks)!r})
         run_tasks(gated, tasks, name="reattach", executor="slurm", max_parallel=2,
                   folder={str(folder)!r}, progress=False)
@@ -155,25 +155,23 @@ def test_rerun_reattaches_after_the_driver_died(tmp_path: Path, monkeypatch, cap
         driver.wait(timeout=30)
     first = record(folder, "reattach")
     assert sorted(first) == sorted(t.output for t in tasks)
-    states = jobs.squeue_states()
+    states = squeue_states()
     assert (
         states[first[tasks[1].output]] == "RUNNING" and states[first[tasks[2].output]] == "RUNNING"
     )
     assert states[first[tasks[3].output]] == "PENDING"
     # slow3 is cancelled while nobody watches: the rerun submits it again, and nothing else
     subprocess.run(["scancel", first[tasks[3].output]], check=True)
-    wait_for(
-        lambda: jobs.squeue_states().get(first[tasks[3].output]) == "CANCELLED", 30, "no cancel"
-    )
+    wait_for(lambda: squeue_states().get(first[tasks[3].output]) == "CANCELLED", 30, "no cancel")
 
     submitted: list[str] = []
-    submit = jobs._Slurm.submit
+    submit = SlurmRun.submit
 
     def counting(self, todo, rec):
         submitted.extend(t.name for t in todo)
         return submit(self, todo, rec)
 
-    monkeypatch.setattr(jobs._Slurm, "submit", counting)
+    monkeypatch.setattr(SlurmRun, "submit", counting)
     threading.Timer(3.0, gate.touch).start()  # the running tasks finish while re-attached
     outs = run_tasks(gated, tasks, name="reattach", executor="slurm", max_parallel=2, folder=folder)
     assert outs == [t.output for t in tasks]

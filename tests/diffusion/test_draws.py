@@ -10,7 +10,7 @@ from torch import nn
 
 from diffusion_attribution.attribution.influence import attribute
 from diffusion_attribution.attribution.scores import ScoreKey
-from diffusion_attribution.curvature.kfac import fit_kfac
+from diffusion_attribution.curvature.fit import fit_kfac
 from diffusion_attribution.diffusion.datasets import load_digits
 from diffusion_attribution.diffusion.ddpm import NoiseSchedule, q_sample
 from diffusion_attribution.diffusion.draws import DrawScheme, WithDraws, draw, stratified_timesteps

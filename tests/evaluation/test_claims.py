@@ -148,8 +148,8 @@ def test_kfac_vs_dtrak_golden():
 
 
 def test_kfac_vs_dtrak_rule():
-    """Ahead / tied / behind by 2 paired standard errors: a loss of 0.05 LDS that the old
-    0.1-margin rule called a match is now 'behind' when it is resolved."""
+    """Ahead / tied / behind by 2 paired standard errors: a loss of 0.05 LDS is 'behind' when
+    it is resolved, not a match within a fixed margin."""
     a, b = r(0.4, 0.03), r(0.5, 0.03)
     assert kfac_vs_dtrak(a, b, r(0.2, 0.01))["verdict"].startswith("holds (ahead")
     assert kfac_vs_dtrak(a, b, r(-0.05, 0.02))["verdict"].startswith("does not hold (behind")

@@ -8,9 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffusion_attribution.core.config import ModelConfig
+from diffusion_attribution.core import identity
+from diffusion_attribution.core.sections import ModelConfig
 from diffusion_attribution.diffusion.ddpm import NoiseSchedule, sample
 from diffusion_attribution.diffusion.training import build_model, save_model
+from diffusion_attribution.evaluation import ground_truth as gt
 from diffusion_attribution.evaluation.ground_truth import (
     ground_truth_measurements,
     measure,
@@ -71,8 +73,6 @@ def test_measure_models_caches_and_resumes(setup, tmp_path: Path, monkeypatch):
     assert len(stamps) == 3
 
     # a rerun measures nothing: the worker is never called
-    import diffusion_attribution.evaluation.ground_truth as gt
-
     def boom(*args, **kwargs):
         raise AssertionError("a cached model was measured again")
 
@@ -126,9 +126,6 @@ def test_measure_models_caches_and_resumes(setup, tmp_path: Path, monkeypatch):
 
 def test_cache_key_ignores_comments_not_code(setup, tmp_path: Path, monkeypatch):
     """The key covers the measurement code by meaning: a docstring edit keeps it."""
-    import diffusion_attribution.evaluation.ground_truth as gt
-    from diffusion_attribution.core import identity
-
     schedule, model, out, measurements, draws = setup
     path = tmp_path / "m.pt"
     save_model(path, model, MODEL, (1, 8, 8))

@@ -142,7 +142,7 @@ def score_agreement(reference: Tensor, other: Tensor) -> dict[str, float]:
     Pearson and Spearman correlation between the rows of ``reference`` and ``other`` (Q, N):
     one correlation per query over the training examples; returns their mean and minimum.
     """
-    from scipy.stats import pearsonr, spearmanr
+    from scipy.stats import pearsonr, spearmanr  # slow to import; only this check needs it
 
     if reference.shape != other.shape:
         raise ValueError(f"shapes differ: {tuple(reference.shape)} vs {tuple(other.shape)}")

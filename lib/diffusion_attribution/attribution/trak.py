@@ -62,52 +62,36 @@ sqrt(#params)) and on the backend's float16 GEMM (this runs on the features' dev
 Where the rest lives
 --------------------
 The seeded random projection R and the streaming of per-example gradients through it are
-:mod:`diffusion_attribution.attribution.projection` (:class:`Projector`, :func:`featurize`); the similarity
-baselines scored alongside TRAK by :func:`baseline_scores` are
-:mod:`diffusion_attribution.attribution.similarity`. Both are re-exported here (``__all__``) so that
-``from diffusion_attribution.attribution.trak import Projector, featurize, pixel_similarity`` keeps working.
-:func:`baseline_scores` is the one orchestrator: every baseline matrix of a model, keyed by
-:class:`~diffusion_attribution.attribution.scores.ScoreKey`.
+:mod:`diffusion_attribution.attribution.projection` (:class:`~.projection.Projector`,
+:func:`~.projection.featurize`); the similarity baselines are
+:mod:`diffusion_attribution.attribution.similarity`. Every baseline matrix of one model -- TRAK,
+D-TRAK and the similarity baselines, keyed by
+:class:`~diffusion_attribution.attribution.scores.ScoreKey` -- comes from
+:func:`diffusion_attribution.attribution.baselines.baseline_scores`.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from diffusion_attribution.attribution.projection import (
-    BLOCK_ROWS,
-    PROJECT_BYTES,
-    Projector,
-    _synchronize,
-    featurize,
-)
-from diffusion_attribution.attribution.scores import ScoreKey, ScoreSet
-from diffusion_attribution.attribution.similarity import (
-    gradient_cosine,
-    gradient_dot,
-    pixel_similarity,
-)
+from diffusion_attribution.attribution.influence import train_gradient_scale
+from diffusion_attribution.attribution.projection import PROJECT_BYTES, Projector, featurize
 from diffusion_attribution.diffusion.measurements import Measurement
 
 __all__ = [
-    "BLOCK_ROWS",
+    "CURVATURE",
     "TRAIN_MEASUREMENTS",
-    "Projector",
-    "baseline_scores",
-    "featurize",
-    "gradient_cosine",
-    "gradient_dot",
     "mean_eigenvalue",
-    "pixel_similarity",
     "train_features",
     "trak_lambda",
     "trak_scores",
     "trak_scores_sweep",
+    "trak_scores_sweeps",
 ]
 
 Precision = Literal["float16", "float32", "float64"]
@@ -278,7 +262,7 @@ def trak_scores_sweep(
     return {d: ((left / (s + d)) @ right / n).float() for d in dampings}
 
 
-def _sweeps(
+def trak_scores_sweeps(
     queries: Sequence[Tensor],
     train: Tensor,
     dampings: Sequence[float],
@@ -324,10 +308,8 @@ def train_features(
     of TRAK / D-TRAK), with draws made group by group so memory does not grow with N; on the
     device of ``params`` (:func:`featurize`). ``train_images`` are the examples with ids
     ``first_id, first_id + 1, ...`` of the training set (a shard of it,
-    :func:`diffusion_attribution.pipeline.shards.sharded_train_features`): draws depend only on (seed,
-    example id), so a shard's rows are those of the whole set's."""
-    from diffusion_attribution.attribution.influence import train_gradient_scale
-
+    :func:`diffusion_attribution.pipeline.shards.features.sharded_train_features`): draws depend
+    only on (seed, example id), so a shard's rows are those of the whole set's."""
     n = len(train_images)
     scale = train_gradient_scale(train_images[0].numel())
     num_params = sum(p.numel() for p in params)
@@ -355,147 +337,3 @@ def train_features(
             print(f"{measurement.name} features: {stop}/{n}", flush=True)
             shown = time.perf_counter()
     return tf
-
-
-# --------------------------------------------------------------------------------------
-# The baselines stage: every baseline score matrix of one model
-# --------------------------------------------------------------------------------------
-
-
-def baseline_scores(
-    model: nn.Module,
-    params: Sequence[Tensor],
-    train_images: Tensor,
-    queries: Tensor,
-    measurements: Mapping[str, Measurement],
-    projector: Projector,
-    relative_dampings: Sequence[float],
-    *,
-    query_measurements: Sequence[str],
-    train_draws: int,
-    query_draws: int,
-    seed: int,
-    precisions: Sequence[Precision] = ("float32", "float16"),
-    query_trajectories: Tensor | None = None,
-    batch_size: int = 16,
-    project_rows: int | None = None,
-    progress: bool = False,
-    train: Mapping[str, Tensor] | None = None,
-) -> ScoreSet:
-    """TRAK, D-TRAK and similarity scores (Q, N) of one model, keyed by
-    :class:`~diffusion_attribution.attribution.scores.ScoreKey`.
-
-    ``measurements`` maps names to measurements (as in
-    :func:`~diffusion_attribution.attribution.influence.attribute`); it must hold ``"loss"``,
-    ``"square_norm"`` and every name in ``query_measurements``. Training features
-    (:func:`train_features`) are computed once per method -- gradients of
-    ``TRAIN_MEASUREMENTS[method]`` (the loss for TRAK, the square norm for D-TRAK) scaled to
-    lbar = l / D, ``train_draws`` draws each with seed ``seed`` -- and query features once per
-    measurement (unscaled, ``query_draws`` draws with seed ``seed + 1``, ``query_trajectories``
-    for a trajectory measurement), then scored for every damping and precision:
-
-    - ``ScoreKey("trak", m, curvature="projected_empirical", damping=d, compression="none",
-      precision=p)`` for m in ``query_measurements`` and p in ``precisions``,
-    - ``ScoreKey("d-trak", "square_norm", curvature="projected_empirical", damping=d,
-      precision=p)`` (D-TRAK's query gradients are of the square norm too),
-    - ``ScoreKey("grad_dot" | "grad_cos", m)`` on the projected query features of m and the
-      projected loss features (the identity in place of the Hessian; curvature ``"none"``,
-      damping 0, float32), and ``ScoreKey("pixel", "none")``.
-
-    Dampings d are ``relative_dampings`` times the mean eigenvalue trace(F)/k of each method's
-    projected empirical Fisher F = Phi^T Phi / N (:func:`mean_eigenvalue`; the absolute value,
-    normalised by N as in App. G.3.1, is the key's ``damping``). ``batch_size`` and
-    ``project_rows`` are passed to :func:`featurize` (speed and memory only). float16 scores
-    are traker's float16 pipeline (module docstring, "Precision") and may hold inf or NaN.
-
-    Every feature, kernel and score is computed on the device of ``params`` (the model's: the
-    sketch is generated there too, :class:`~diffusion_attribution.attribution.projection.Projector`), and
-    the matrices stay there; the caller moves them (to the CPU) when it saves them.
-
-    ``train`` (method -> (N, k) features, e.g. from
-    :func:`diffusion_attribution.pipeline.shards.sharded_train_features`) skips the training features'
-    computation; they must be what :func:`train_features` gives for these arguments.
-
-    Returns a :class:`~diffusion_attribution.attribution.scores.ScoreSet` with
-    ``meta = {"mean_eigenvalue": {"trak": ..., "d-trak": ...}, "seconds": {"gradients": ...,
-    "projection": ..., "scoring": ...}}``.
-    """
-    needed = dict.fromkeys([*TRAIN_MEASUREMENTS.values(), *query_measurements])
-    missing = [name for name in needed if name not in measurements]
-    if missing:
-        raise ValueError(f"no measurement named {missing}; have {sorted(measurements)}")
-    timings: dict[str, float] = {}
-    n = len(train_images)
-    device = params[0].device
-    kw = dict(
-        train_draws=train_draws,
-        seed=seed,
-        batch_size=batch_size,
-        project_rows=project_rows,
-        timings=timings,
-        progress=progress,
-    )
-    if train is None:
-        train = {
-            method: train_features(model, params, measurements[name], train_images, projector, **kw)
-            for method, name in TRAIN_MEASUREMENTS.items()
-        }
-    elif sorted(train) != sorted(TRAIN_MEASUREMENTS) or any(
-        f.shape != (n, projector.dim) for f in train.values()
-    ):
-        shapes = {m: tuple(f.shape) for m, f in train.items()}
-        raise ValueError(
-            f"train features must be {sorted(TRAIN_MEASUREMENTS)} of shape {(n, projector.dim)}, "
-            f"got {shapes}"
-        )
-    train = {m: f.to(device) for m, f in train.items()}
-    q_ids = torch.arange(len(queries))
-    query = {}
-    for name in dict.fromkeys([*query_measurements, TRAIN_MEASUREMENTS["d-trak"]]):
-        m = measurements[name]
-        d = m.draw(queries, q_ids, query_draws, seed + 1, trajectories=query_trajectories)
-        query[name] = featurize(
-            model,
-            params,
-            m,
-            queries,
-            d,
-            projector,
-            batch_size=batch_size,
-            project_rows=project_rows,
-            timings=timings,
-        )
-    start = time.perf_counter()
-    eigenvalues = {method: mean_eigenvalue(f) for method, f in train.items()}
-    scores: dict[ScoreKey, Tensor] = {}
-    jobs = [("trak", m) for m in query_measurements] + [("d-trak", TRAIN_MEASUREMENTS["d-trak"])]
-    sweeps: dict[tuple[str, str, str], dict[float, Tensor]] = {}
-    for method in TRAIN_MEASUREMENTS:
-        names = list(dict.fromkeys(name for m, name in jobs if m == method))
-        dampings = [r * eigenvalues[method] for r in relative_dampings]
-        for precision in precisions:
-            found = _sweeps([query[name] for name in names], train[method], dampings, n, precision)
-            sweeps.update(
-                {(method, name, precision): f for name, f in zip(names, found, strict=True)}
-            )
-    for method, name in jobs:
-        for precision in precisions:
-            for d, s in sweeps[(method, name, precision)].items():
-                key = ScoreKey(
-                    method,
-                    name,
-                    curvature=CURVATURE,
-                    damping=d,
-                    compression="none",
-                    precision=precision,
-                )
-                scores[key] = s
-    for name in query_measurements:
-        scores[ScoreKey("grad_dot", name)] = gradient_dot(query[name], train["trak"], n)
-        scores[ScoreKey("grad_cos", name)] = gradient_cosine(query[name], train["trak"])
-    scores[ScoreKey("pixel", "none")] = pixel_similarity(
-        queries.to(device), train_images.to(device)
-    )
-    _synchronize(device)
-    timings["scoring"] = time.perf_counter() - start
-    return ScoreSet(scores, {"mean_eigenvalue": eigenvalues, "seconds": timings})

@@ -21,6 +21,7 @@ import math
 import os
 import pickle
 import tempfile
+import time
 import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -107,8 +108,6 @@ def remove_partial_writes(folder: str | os.PathLike, older_than_s: float = 0.0) 
     outputs and caches before the stage runs (DVC runs one stage of a repository at a time);
     with SLURM jobs that may outlive a killed driver it passes an age, so a live job's write
     is left alone."""
-    import time
-
     folder = Path(folder)
     if not folder.is_dir():
         return []

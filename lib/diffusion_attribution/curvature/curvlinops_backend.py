@@ -3,83 +3,50 @@
 curvlinops' ``KFACLinearOperator`` / ``EKFACLinearOperator`` call the model with one argument
 and iterate over ``(X, y)`` batches. This module supplies both: :class:`FlatEps` wraps an
 eps-model as ``{"x": x_t, "t": t} -> (B, D)``, and :class:`NoisyBatches` streams the rows
-``r = n * S + s`` of pre-drawn ``(t, eps)`` (see ``curvature``'s module docstring for the
-conventions and the normalisation). :func:`build_operator` sets up the operator and
-:func:`read_factors` reads its factors -- including curvlinops' private state (``_mapping``,
-``_model_func``) -- into plain :class:`~diffusion_attribution.curvature.kronecker.LayerFactors`. No other
-module imports curvlinops; a change of curvlinops version is confined to this file.
+``r = n * S + s`` of pre-drawn ``(t, eps)`` (:mod:`~diffusion_attribution.curvature.rows`; see
+:mod:`~diffusion_attribution.curvature.kfac`'s module docstring for the conventions and the
+normalisation). :func:`build_operator` sets up the operator, :func:`read_factors` reads its
+factors -- including curvlinops' private state (``_mapping``, ``_model_func``) -- into plain
+:class:`~diffusion_attribution.curvature.kronecker.LayerFactors` and :func:`kfac_from_operator`
+turns them into a :class:`~diffusion_attribution.curvature.kfac.KFAC`. No other module imports
+curvlinops; a change of curvlinops version is confined to this file.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
-from diffusion_attribution.curvature.kronecker import LayerFactors, _check_finite
-from diffusion_attribution.diffusion.ddpm import NoiseSchedule, q_sample
+from diffusion_attribution.curvature.kfac import KFAC, FisherKind, KFACKind
+from diffusion_attribution.curvature.kronecker import (
+    LayerFactors,
+    check_factor_finite,
+    kronecker_blocks,
+)
+from diffusion_attribution.curvature.rows import check_draws, noisy_rows
+from diffusion_attribution.diffusion.ddpm import NoiseSchedule
 
 if TYPE_CHECKING:  # curvlinops is imported lazily (it is slow to import and warns)
     from curvlinops import KFACLinearOperator
 
-FisherKind = Literal["mc", "empirical", "type2"]
-"""``"mc"``: GGN^model via the MC Fisher of eq. 10 (``mc_samples`` draws per row, default 1);
-``"empirical"``: GGN^loss, the empirical Fisher of eq. 11; ``"type2"``: exact GGN^model
-(exact loss Hessian; D backward passes per batch — an oracle for tests)."""
-
-KFACKind = Literal["expand", "reduce"]
-"""K-FAC-expand (the paper's default) or K-FAC-reduce for weight-sharing layers
-(Eschenhagen et al., 2023)."""
+__all__ = [
+    "FlatEps",
+    "NoisyBatches",
+    "OperatorFactors",
+    "build_operator",
+    "kfac_from_operator",
+    "read_factors",
+]
 
 
 # --------------------------------------------------------------------------------------------
-# Data: rows of noisy inputs, generated lazily
+# Data: the rows as curvlinops reads them, generated lazily
 # --------------------------------------------------------------------------------------------
-
-
-def _check_draws(x0: Tensor, t: Tensor, eps: Tensor, num_timesteps: int) -> tuple[int, int]:
-    if x0.ndim != 4:
-        raise ValueError(f"x0 must have shape (N, C, H, W), got {tuple(x0.shape)}")
-    if t.ndim != 2 or t.shape[0] != x0.shape[0]:
-        raise ValueError(f"t must have shape (N, S) with N={x0.shape[0]}, got {tuple(t.shape)}")
-    n, s = t.shape
-    if tuple(eps.shape) != (n, s, *x0.shape[1:]):
-        raise ValueError(f"eps must have shape {(n, s, *x0.shape[1:])}, got {tuple(eps.shape)}")
-    if t.dtype.is_floating_point or t.dtype == torch.bool:
-        raise ValueError(f"t must be an integer tensor, got {t.dtype}")
-    if n * s == 0:
-        raise ValueError("need at least one example and one draw")
-    if int(t.min()) < 1 or int(t.max()) > num_timesteps:
-        raise ValueError(f"timesteps must lie in 1..{num_timesteps}")
-    return n, s
-
-
-def noisy_rows(
-    schedule: NoiseSchedule,
-    x0: Tensor,
-    t: Tensor,
-    eps: Tensor,
-    start: int = 0,
-    stop: int | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Rows ``start..stop-1`` of the curvature data (row ``r = n * S + s``).
-
-    ``x0`` (N, C, H, W), ``t`` (N, S) int, ``eps`` (N, S, C, H, W). Returns the noisy inputs
-    ``x_t = sqrt(alpha_bar_t) x0[n] + sqrt(1 - alpha_bar_t) eps[n, s]`` (B, C, H, W) (eq. 1),
-    their timesteps (B,) and the regression targets ``eps[n, s].flatten()`` (B, D).
-    """
-    n, s = t.shape
-    stop = n * s if stop is None else min(stop, n * s)
-    rows = torch.arange(start, stop, device=t.device)
-    x0_r = x0[(rows // s).to(x0.device)]
-    t_r = t.reshape(-1)[rows]
-    eps_r = eps.reshape(n * s, *x0.shape[1:])[rows.to(eps.device)].to(x0_r.dtype)
-    return q_sample(schedule, x0_r, t_r, eps_r), t_r, eps_r.flatten(1)
 
 
 class NoisyBatches:
@@ -100,7 +67,7 @@ class NoisyBatches:
         dtype: torch.dtype,
         device: torch.device,
     ):
-        _check_draws(x0, t, eps, schedule.num_timesteps)
+        check_draws(x0, t, eps, schedule.num_timesteps)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.schedule, self.x0, self.t, self.eps = schedule, x0, t, eps
@@ -138,23 +105,6 @@ class FlatEps(nn.Module):
         return self.model(X["x"], X["t"]).flatten(1)
 
 
-@contextmanager
-def _fitting_mode(model: nn.Module, params: Sequence[Tensor]) -> Iterator[None]:
-    """Eval mode (no dropout: the factors must be deterministic), grads enabled for ``params``."""
-    was_training = model.training
-    requires = [p.requires_grad for p in params]
-    model.eval()
-    for p in params:
-        p.requires_grad_(True)
-    try:
-        with torch.enable_grad():
-            yield
-    finally:
-        model.train(was_training)
-        for p, r in zip(params, requires, strict=True):
-            p.requires_grad_(r)
-
-
 # --------------------------------------------------------------------------------------------
 # Fitting with curvlinops
 # --------------------------------------------------------------------------------------------
@@ -180,15 +130,17 @@ def build_operator(
 ) -> KFACLinearOperator:
     """The (not yet fitted) curvlinops (E)KFAC operator for the rows of ``(x0, t, eps)``.
 
-    Lower-level than :func:`fit_kfac` (which calls this and :meth:`KFAC.from_operator`); the
-    tests use it to compare with curvlinops' own ``operator @ v``. The factors are computed on
-    first use, in the model's mode at that time: call it in eval mode.
+    Lower-level than :func:`~diffusion_attribution.curvature.fit.fit_kfac` (which calls this
+    and :func:`kfac_from_operator`); the tests use it to compare with curvlinops' own
+    ``operator @ v``. The factors are computed on first use, in the model's mode at that
+    time: call it in eval mode.
 
     ``check_deterministic`` defaults to ``False``: curvlinops' check costs two extra passes
     over the data plus a matvec, and determinism holds by construction here (pre-drawn
     ``(t, eps)``, rows regenerated identically on every pass, MC noise from ``mc_seed``,
-    dropout off in :func:`fit_kfac`).
+    dropout off in :func:`~diffusion_attribution.curvature.rows.fitting_mode`).
     """
+    # curvlinops is imported here, on first use: it is slow to import and warns
     from curvlinops import EKFACLinearOperator, FisherType, KFACLinearOperator, KFACType
 
     fisher_types = {
@@ -251,6 +203,7 @@ def read_factors(op: KFACLinearOperator, params: Sequence[Tensor]) -> OperatorFa
     them after its eigenvalue correction). Module names lose the ``model.`` prefix of
     :class:`FlatEps`. Raises ``FloatingPointError`` naming the layer if a factor is not finite.
     """
+    # curvlinops is imported here, on first use: it is slow to import and warns
     from curvlinops import EKFACLinearOperator
 
     params = list(params)
@@ -265,8 +218,8 @@ def read_factors(op: KFACLinearOperator, params: Sequence[Tensor]) -> OperatorFa
 
     def _check_factors(A_raw: dict[str, Tensor], G_raw: dict[str, Tensor]) -> None:
         for mod in mapping:
-            _check_finite(layer_name(mod), "input covariance A", A_raw.get(mod))
-            _check_finite(layer_name(mod), "gradient covariance G", G_raw.get(mod))
+            check_factor_finite(layer_name(mod), "input covariance A", A_raw.get(mod))
+            check_factor_finite(layer_name(mod), "gradient covariance G", G_raw.get(mod))
 
     state = op.state_dict()
     done = state["corrected_eigenvalues"] if ekfac else state["gradient_covariances"]
@@ -300,3 +253,33 @@ def read_factors(op: KFACLinearOperator, params: Sequence[Tensor]) -> OperatorFa
         separate_weight_and_bias=bool(state["separate_weight_and_bias"]),
         num_data=int(state["num_data"]),
     )
+
+
+def kfac_from_operator(
+    op: KFACLinearOperator,
+    params: Sequence[Tensor],
+    meta: dict[str, Any] | None = None,
+) -> KFAC:
+    """The :class:`~diffusion_attribution.curvature.kfac.KFAC` of a curvlinops 3.0.1
+    ``(E)KFACLinearOperator`` built on ``params``: its factors (:func:`read_factors`) as float64
+    Kronecker blocks (:func:`~diffusion_attribution.curvature.kronecker.kronecker_blocks`).
+
+    Computes the factors if the operator has not yet (curvlinops adds to existing factors
+    when ``compute_kronecker_factors`` runs twice, so it is called only when they are
+    empty). Module names lose the ``model.`` prefix of :class:`FlatEps`. Raises
+    ``FloatingPointError`` naming the layer if a factor is not finite.
+    """
+    params = list(params)
+    factors = read_factors(op, params)
+    shapes = [tuple(p.shape) for p in params]
+    blocks = kronecker_blocks(
+        factors.layers,
+        shapes,
+        ekfac=factors.ekfac,
+        separate_weight_and_bias=factors.separate_weight_and_bias,
+    )
+    meta = dict(meta or {})
+    meta.setdefault("ekfac", factors.ekfac)
+    meta.setdefault("separate_weight_and_bias", factors.separate_weight_and_bias)
+    meta.setdefault("num_rows", factors.num_data)
+    return KFAC(blocks, shapes, meta)

@@ -3,17 +3,19 @@
 The influence estimate of eq. 6 needs ``(Hessian + lambda I)^{-1} v``. Following the paper, the
 Hessian of the training loss is replaced by a generalised Gauss-Newton matrix and that by its
 block-diagonal Kronecker-factored approximation (K-FAC, eq. 12). Two backends fit the same
-matrices (defined below): this project's forward/backward hooks (:mod:`factors`, the default:
-shardable sums over examples with shard-invariant MC noise) and curvlinops 3.0.1
-(``KFACLinearOperator`` / ``EKFACLinearOperator``, the independent reference). Either way the
-result is plain float64 Kronecker factors with cached eigendecompositions, so that damped
-inverses are exact and a damping sweep costs no refit and no re-decomposition.
+matrices (defined below): this project's forward/backward hooks (the default: shardable sums
+over examples with shard-invariant MC noise) and curvlinops 3.0.1 (``KFACLinearOperator`` /
+``EKFACLinearOperator``, the independent reference). Either way the result is plain float64
+Kronecker factors with cached eigendecompositions, so that damped inverses are exact and a
+damping sweep costs no refit and no re-decomposition.
 
-Layout: :class:`KFAC` is assembled from ``kronecker`` (the blocks ``G (x) A`` and their
-eigendecompositions), ``factors`` (the hooks backend and its partial sums) and
-``curvlinops_adapter`` (the noisy-row data, :func:`build_operator` and the reading of
-curvlinops' factors: the only module that imports curvlinops). The names that moved there are
-re-exported here.
+Layout: the operators here, :class:`KFAC` and its brute-force oracle :class:`DenseCurvature`,
+are built from float64 Kronecker blocks (:mod:`~diffusion_attribution.curvature.kronecker`).
+:func:`~diffusion_attribution.curvature.fit.fit_kfac` fits them with one of two backends: the
+hooks (:mod:`~diffusion_attribution.curvature.hooks`, whose shard-additive sums are
+:mod:`~diffusion_attribution.curvature.partial_sums`) or curvlinops
+(:mod:`~diffusion_attribution.curvature.curvlinops_backend`, the only module that imports
+curvlinops). Both read the rows of :mod:`~diffusion_attribution.curvature.rows`.
 
 Conventions
 -----------
@@ -51,8 +53,8 @@ one scale, as in curvlinops and the paper's own code: where the model's residual
 same for both. The MC variant is ``1/D`` times the paper's eq. 9 written with the summed
 squared error ``||eps - eps_theta||^2`` averaged over rows, the empirical one ``1/D`` times
 eq. 11; eq. 11 is formed here from per-row (per-draw) gradients, not from per-example
-gradients averaged over the S draws. Whoever combines these matrices with gradients (the influence module) must use
-the per-pixel-mean loss lbar = l / D for the training gradients.
+gradients averaged over the S draws. Whoever combines these matrices with gradients (the
+influence module) must use the per-pixel-mean loss lbar = l / D for the training gradients.
 
 **Kronecker factors.** For a layer with weight ``W`` of shape ``(d_out, d_in)`` (a Conv2d
 weight is viewed as ``(c_out, c_in * k1 * k2)``, matching ``unfold``'s patch order) K-FAC is
@@ -88,152 +90,35 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from diffusion_attribution.core.io import atomic_save
-from diffusion_attribution.curvature.curvlinops_backend import (
-    FisherKind,
-    FlatEps,
-    KFACKind,
-    NoisyBatches,
-    _fitting_mode,
-    build_operator,
-    noisy_rows,
-    read_factors,
-)
-from diffusion_attribution.curvature.kronecker import KroneckerBlock, check_blocks, kronecker_blocks
-from diffusion_attribution.diffusion.ddpm import NoiseSchedule
+from diffusion_attribution.curvature.kronecker import KroneckerBlock, check_blocks
 
-if TYPE_CHECKING:  # annotations only: no module but curvlinops_adapter imports curvlinops
-    from diffusion_attribution.curvature.curvlinops_backend import KFACLinearOperator
+__all__ = ["KFAC", "CurvatureOperator", "DenseCurvature", "FisherKind", "KFACKind"]
 
-__all__ = [
-    "KFAC",
-    "Backend",
-    "Curvature",
-    "DenseCurvature",
-    "FisherKind",
-    "FlatEps",
-    "KFACKind",
-    "KroneckerBlock",
-    "NoisyBatches",
-    "build_operator",
-    "fit_kfac",
-    "noisy_rows",
-]
+FisherKind = Literal["mc", "empirical", "type2"]
+"""``"mc"``: GGN^model via the MC Fisher of eq. 10 (``mc_samples`` draws per row, default 1);
+``"empirical"``: GGN^loss, the empirical Fisher of eq. 11; ``"type2"``: exact GGN^model
+(exact loss Hessian; D backward passes per batch — an oracle for tests)."""
 
-Backend = Literal["hooks", "curvlinops"]
-"""Who computes the factors: this project's hooks (:mod:`diffusion_attribution.curvature.factors`,
-shard-invariant MC noise) or curvlinops 3.0.1 (the independent reference)."""
+KFACKind = Literal["expand", "reduce"]
+"""K-FAC-expand (the paper's default) or K-FAC-reduce for weight-sharing layers
+(Eschenhagen et al., 2023)."""
 
-_FORMAT = "diffusion_attribution.curvature.kfac.KFAC"
+_FORMAT = "diffusion_attribution.curvature.KFAC"
 _VERSION = 1
 
 
-def fit_kfac(
-    model: nn.Module,
-    params: Sequence[nn.Parameter],
-    schedule: NoiseSchedule,
-    x0: Tensor,
-    t: Tensor,
-    eps: Tensor,
-    *,
-    fisher: FisherKind = "mc",
-    kfac: KFACKind = "expand",
-    batch_size: int = 256,
-    mc_seed: int = 0,
-    mc_samples: int = 1,
-    ekfac: bool = False,
-    separate_weight_and_bias: bool = True,
-    progress: bool = False,
-    backend: Backend = "hooks",
-) -> KFAC:
-    """Fit K-FAC (or EK-FAC) of the GGN of the diffusion loss over ``N * S`` noisy rows.
-
-    ``model``: eps-model ``(x_t, t) -> eps`` (an ``nn.Module``); ``params``: the parameters
-    to cover (Linear / Conv2d weights and biases only, normally ``kfac_parameters(model)``);
-    ``x0`` (N, C, H, W); ``t`` (N, S) int64 timesteps in 1..T; ``eps`` (N, S, C, H, W): S
-    pre-drawn ``(t, eps)`` per example. Rows are streamed lazily in batches of about
-    ``batch_size`` with one pass over the data (two with ``ekfac``). The model runs in eval
-    mode (restored afterwards). See the module docstring for the matrix approximated and its
-    scaling.
-
-    ``backend="hooks"`` (default) computes the factors with this project's hooks
-    (:mod:`diffusion_attribution.curvature.factors`): the MC noise of example n depends only on
-    ``(mc_seed, n)``, so the fit is the sum of fits on shards of examples
-    (:func:`~diffusion_attribution.curvature.factors.factor_sums`). ``backend="curvlinops"`` fits with
-    curvlinops 3.0.1, the independent reference: the same matrices, but its MC targets come
-    from one generator seeded with ``mc_seed`` and running across its batches (the draws
-    depend on ``batch_size``), so its MC factors agree with the hooks' in expectation only;
-    the empirical and type-2 factors agree to float round-off. ``meta["backend"]`` records
-    which one ran.
-    """
-    if backend not in ("hooks", "curvlinops"):
-        raise ValueError(f"backend must be 'hooks' or 'curvlinops', got {backend!r}")
-    params = list(params)
-    t0 = time.perf_counter()
-    meta = {
-        "backend": backend,
-        "fisher": fisher,
-        "kfac": kfac,
-        "ekfac": ekfac,
-        "separate_weight_and_bias": separate_weight_and_bias,
-        "num_examples": t.shape[0],
-        "draws_per_example": t.shape[1],
-        "num_rows": t.numel(),
-        "output_dim": math.prod(x0.shape[1:]),
-        "mc_seed": mc_seed,
-        "mc_samples": mc_samples,
-        "batch_size": batch_size,
-    }
-    if backend == "hooks":
-        from diffusion_attribution.curvature import factors
-
-        kw = dict(batch_size=batch_size, mc_seed=mc_seed, mc_samples=mc_samples)
-        sums = factors.factor_sums(
-            model, params, schedule, x0, t, eps, fisher=fisher, kfac=kfac, **kw
-        )
-        result = factors.to_kfac(sums, separate_weight_and_bias=separate_weight_and_bias, meta=meta)
-        if ekfac:
-            corr = factors.correction_sums(
-                model, params, schedule, x0, t, eps, result, fisher=fisher, **kw
-            )
-            result = factors.apply_corrections(result, corr)
-    else:
-        with _fitting_mode(model, params):
-            op = build_operator(
-                model,
-                params,
-                schedule,
-                x0,
-                t,
-                eps,
-                fisher=fisher,
-                kfac=kfac,
-                batch_size=batch_size,
-                mc_seed=mc_seed,
-                mc_samples=mc_samples,
-                ekfac=ekfac,
-                separate_weight_and_bias=separate_weight_and_bias,
-                progress=progress,
-            )
-            result = KFAC.from_operator(op, params, meta=meta)
-    result.meta["fit_seconds"] = time.perf_counter() - t0
-    return result
-
-
-# --------------------------------------------------------------------------------------------
-# The curvature objects
-# --------------------------------------------------------------------------------------------
-
-
-class Curvature:
-    """Interface shared by :class:`KFAC` and :class:`DenseCurvature` (flat layout, float64)."""
+class CurvatureOperator:
+    """The base of :class:`KFAC` and :class:`DenseCurvature`: a symmetric positive
+    semi-definite (P, P) matrix K in the flat parameter layout (float64), applied to the rows
+    of V (shape (P,) or (Q, P)); both satisfy
+    :class:`~diffusion_attribution.core.operators.InverseCurvature`."""
 
     num_params: int
 
@@ -270,7 +155,7 @@ class Curvature:
         return float(self.eigenvalues().mean())
 
 
-class DenseCurvature(Curvature):
+class DenseCurvature(CurvatureOperator):
     """An explicit symmetric (P, P) matrix with the :class:`KFAC` interface (brute-force oracle).
 
     The eigendecomposition of ``(M + M^T) / 2`` in float64 is computed once, so
@@ -316,7 +201,7 @@ class DenseCurvature(Curvature):
         return self._eigh()[0].clone()
 
 
-class KFAC(Curvature):
+class KFAC(CurvatureOperator):
     """Block-diagonal Kronecker-factored curvature in the flat parameter layout (float64).
 
     Holds per layer the factors ``A`` (input covariance) and ``G`` (output-gradient
@@ -341,37 +226,6 @@ class KFAC(Curvature):
         self.meta = dict(meta or {})
         self.num_params = sum(math.prod(s) for s in self.param_shapes)
         check_blocks(self.blocks, self.param_shapes)
-
-    # -- construction from curvlinops ---------------------------------------------------------
-
-    @classmethod
-    def from_operator(
-        cls,
-        op: KFACLinearOperator,
-        params: Sequence[Tensor],
-        meta: dict[str, Any] | None = None,
-    ) -> KFAC:
-        """Extract the factors of a curvlinops 3.0.1 ``(E)KFACLinearOperator`` built on ``params``.
-
-        Computes the factors if the operator has not yet (curvlinops adds to existing factors
-        when ``compute_kronecker_factors`` runs twice, so it is called only when they are
-        empty). Module names lose the ``model.`` prefix of :class:`FlatEps`. Raises
-        ``FloatingPointError`` naming the layer if a factor is not finite.
-        """
-        params = list(params)
-        factors = read_factors(op, params)
-        shapes = [tuple(p.shape) for p in params]
-        blocks = kronecker_blocks(
-            factors.layers,
-            shapes,
-            ekfac=factors.ekfac,
-            separate_weight_and_bias=factors.separate_weight_and_bias,
-        )
-        meta = dict(meta or {})
-        meta.setdefault("ekfac", factors.ekfac)
-        meta.setdefault("separate_weight_and_bias", factors.separate_weight_and_bias)
-        meta.setdefault("num_rows", factors.num_data)
-        return cls(blocks, shapes, meta)
 
     # -- linear algebra ------------------------------------------------------------------------
 

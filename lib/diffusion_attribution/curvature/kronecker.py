@@ -9,9 +9,11 @@ eigenvalues ``g_i a_j`` (EK-FAC: corrected eigenvalues ``E_ij``), so
     (G (x) A + lambda I)^{-1} vec(M) = vec(Q_G [(Q_G^T M Q_A) / (g_i a_j + lambda)] Q_A^T).
 
 This module knows nothing of curvlinops: :class:`LayerFactors` is what a fitter hands over
-(``curvlinops_adapter`` fills it) and :func:`kronecker_blocks` turns it into float64
-:class:`KroneckerBlock` s with cached eigendecompositions. The normalisation of the factors is
-derived in ``curvature``'s module docstring.
+(:mod:`~diffusion_attribution.curvature.partial_sums` and
+:mod:`~diffusion_attribution.curvature.curvlinops_backend` fill it) and
+:func:`kronecker_blocks` turns it into float64 :class:`KroneckerBlock` s with cached
+eigendecompositions. The normalisation of the factors is derived in
+:mod:`diffusion_attribution.curvature.kfac`'s module docstring.
 """
 
 from __future__ import annotations
@@ -24,6 +26,14 @@ import torch
 from torch import Tensor
 
 from diffusion_attribution.core.io import check_finite
+
+__all__ = [
+    "KroneckerBlock",
+    "LayerFactors",
+    "check_blocks",
+    "check_factor_finite",
+    "kronecker_blocks",
+]
 
 
 @dataclass
@@ -172,7 +182,7 @@ class KroneckerBlock:
         }
 
 
-def _check_finite(layer: str, what: str, x: Tensor | None) -> None:
+def check_factor_finite(layer: str, what: str, x: Tensor | None) -> None:
     """``FloatingPointError`` (:class:`~diffusion_attribution.core.io.NonFiniteError`) naming the
     layer, the factor, and the index and value of the first NaN / Inf."""
     if x is not None:
@@ -216,7 +226,7 @@ def check_blocks(blocks: Sequence[KroneckerBlock], param_shapes: Sequence[Sequen
                 )
             covered[i] += 1
         for name, x in b.tensors().items():
-            _check_finite(b.layer, name, x)
+            check_factor_finite(b.layer, name, x)
     if covered != [1] * len(sizes):
         raise ValueError(f"every parameter must be in exactly one block, got {covered}")
 
@@ -247,13 +257,13 @@ def kronecker_blocks(
         G = None if layer.G is None else layer.G.to(f64)
         A = None if layer.A is None else layer.A.to(f64)
         for what, x in (("G (gradient covariance)", G), ("A (input covariance)", A)):
-            _check_finite(name, what, x)
+            check_factor_finite(name, what, x)
         if ekfac:
-            _check_finite(name, "corrected eigenvalues", layer.corrected)
+            check_factor_finite(name, "corrected eigenvalues", layer.corrected)
         if ekfac:
             QG_e, QA_e, corrected = layer.QG, layer.QA, layer.corrected
             for what, x in (("eigenvectors of G", QG_e), ("eigenvectors of A", QA_e)):
-                _check_finite(name, what, x)
+                check_factor_finite(name, what, x)
             QG = _orthonormalise(QG_e)
             QA = None if QA_e is None else _orthonormalise(QA_e)
         else:

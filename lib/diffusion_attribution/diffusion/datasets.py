@@ -4,9 +4,10 @@ The paper trains on CIFAR-10 (the 50,000-image train split) and on CIFAR-2, "a s
 CIFAR-10 of 5000 randomly subsampled images of classes *car* and *horse*, preserving an even
 class split" (following Zheng et al., 2024). This module provides both, read from the
 official *binary* CIFAR-10 archive (``cifar-10-binary.tar.gz``, tracked by ``data.dvc``) with
-numpy, never by unpickling anything, plus scikit-learn's bundled 8x8 digits, which ship with
-scikit-learn and so work offline: ``digits2`` (two classes, by default the visually
-confusable 3 and 8) and ``digits10`` are the CPU-sized stand-ins for CIFAR-2 and CIFAR-10.
+numpy by :mod:`diffusion_attribution.diffusion.cifar`, never by unpickling anything, plus
+scikit-learn's bundled 8x8 digits, which ship with scikit-learn and so work offline:
+``digits2`` (two classes, by default the visually confusable 3 and 8) and ``digits10`` are the
+CPU-sized stand-ins for CIFAR-2 and CIFAR-10.
 
 Every dataset is an :class:`ImageDataset`: float32 images in ``[-1, 1]`` (the DDPM data range)
 and the original integer class ids.
@@ -14,64 +15,33 @@ and the original integer class ids.
 
 from __future__ import annotations
 
-import hashlib
 import operator
-import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from diffusion_attribution.core.io import atomic_save
+from diffusion_attribution.diffusion.cifar import (
+    CIFAR10_CLASSES,
+    cifar2_indices,
+    read_cifar10_binary,
+)
 
 __all__ = [
-    "CIFAR10_CLASSES",
-    "CIFAR10_MD5",
-    "CIFAR10_URL",
     "DATASET_NAMES",
     "ImageDataset",
-    "cifar2_indices",
     "image_grid",
     "load_cifar",
     "load_dataset",
     "load_digits",
-    "read_cifar10_binary",
 ]
-
-#: Class names of CIFAR-10, indexed by label (``batches.meta.txt`` of the official archive).
-CIFAR10_CLASSES: tuple[str, ...] = (
-    "airplane",
-    "automobile",
-    "bird",
-    "cat",
-    "deer",
-    "dog",
-    "frog",
-    "horse",
-    "ship",
-    "truck",
-)
-
-#: Where ``data.dvc`` imports the archive from.
-CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
-#: MD5 of ``cifar-10-binary.tar.gz`` as published on the CIFAR-10 page (170,052,171 bytes).
-CIFAR10_MD5 = "c32a1d4ab5d03f1284b67883e8d87530"
 
 #: Names accepted by :func:`load_dataset`.
 DATASET_NAMES: tuple[str, ...] = ("digits2", "digits10", "cifar2", "cifar10")
-
-_CIFAR_DIR = "cifar-10-batches-bin"
-_CIFAR_MEMBERS = {
-    "train": tuple(f"{_CIFAR_DIR}/data_batch_{i}.bin" for i in range(1, 6)),
-    "test": (f"{_CIFAR_DIR}/test_batch.bin",),
-}
-_CIFAR_SIDE = 32
-_CIFAR_PIXELS = 3 * _CIFAR_SIDE * _CIFAR_SIDE  # 3072: 1024 red, 1024 green, 1024 blue
-_CIFAR_RECORD = 1 + _CIFAR_PIXELS  # one label byte, then the pixels
 _FORMAT = "diffusion_attribution.ImageDataset/1"
 
 
@@ -221,6 +191,7 @@ def load_digits(classes: Sequence[int] | None = None) -> ImageDataset:
     Raises:
         ValueError: if ``classes`` is empty, has duplicates, or holds anything but ints 0..9.
     """
+    # scikit-learn takes about a second to import: only when digits are loaded
     from sklearn.datasets import load_digits as _sk_load_digits
 
     keep = tuple(range(10)) if classes is None else _validate_digit_classes(classes)
@@ -239,184 +210,8 @@ def load_digits(classes: Sequence[int] | None = None) -> ImageDataset:
 
 
 # --------------------------------------------------------------------------------------
-# CIFAR-10 binary archive
+# CIFAR-2 and CIFAR-10 (the archive's reader: diffusion_attribution.diffusion.cifar)
 # --------------------------------------------------------------------------------------
-
-
-def _missing_archive_message(path: Path) -> str:
-    return (
-        f"CIFAR-10 archive not found: {str(path)!r}. The CIFAR-2/CIFAR-10 profiles need the "
-        f"official binary archive cifar-10-binary.tar.gz. Fetch it with `dvc update data.dvc` "
-        f"(downloads {CIFAR10_URL} and records its hash), or `dvc pull data.dvc` from a DVC "
-        f"remote that holds it, or download cifar-10-binary.tar.gz (the 'binary version') "
-        f"from https://www.cs.toronto.edu/~kriz/cifar.html into data/."
-    )
-
-
-def _parse_cifar_batch(name: str, data: bytes) -> tuple[np.ndarray, np.ndarray]:
-    """Split one batch's bytes into ``(N, 3, 32, 32)`` uint8 images and ``(N,)`` labels."""
-    if len(data) == 0 or len(data) % _CIFAR_RECORD != 0:
-        raise ValueError(
-            f"{name}: size {len(data)} bytes is not a positive multiple of the "
-            f"{_CIFAR_RECORD}-byte record (1 label byte + {_CIFAR_PIXELS} pixel bytes); "
-            f"the archive is truncated or not the binary CIFAR-10 version"
-        )
-    records = np.frombuffer(data, dtype=np.uint8).reshape(-1, _CIFAR_RECORD)
-    labels = records[:, 0].astype(np.int64)
-    if labels.max() > 9:
-        bad = int(np.argmax(labels > 9))
-        raise ValueError(f"{name}: record {bad} has label {int(labels[bad])}, expected 0..9")
-    # Channel-major: 1024 red bytes, then 1024 green, then 1024 blue, each row-major 32x32.
-    images = records[:, 1:].reshape(-1, 3, _CIFAR_SIDE, _CIFAR_SIDE).copy()
-    return images, labels
-
-
-class _HashingReader:
-    """A minimal read-only file object that feeds every byte read through MD5."""
-
-    def __init__(self, f: BinaryIO) -> None:
-        self._f = f
-        self.md5 = hashlib.md5()
-
-    def read(self, size: int = -1) -> bytes:
-        data = self._f.read(size)
-        self.md5.update(data)
-        return data
-
-    def drain(self) -> None:
-        """Read (and hash) whatever is left of the file."""
-        while self.read(1 << 20):
-            pass
-
-
-def read_cifar10_binary(
-    archive: str | Path, split: str = "train", *, md5: str | None = None
-) -> tuple[Tensor, Tensor]:
-    """Read one split of the official binary CIFAR-10 archive (App. G.1's CIFAR-10).
-
-    The archive ``cifar-10-binary.tar.gz`` holds ``cifar-10-batches-bin/data_batch_1.bin`` ..
-    ``data_batch_5.bin`` (train, 10,000 records each) and ``test_batch.bin`` (test). A record
-    is one label byte followed by 3072 pixel bytes: the 1024 red, then 1024 green, then 1024
-    blue values of a row-major 32x32 image. The archive is streamed member by member and the
-    bytes are parsed with numpy; nothing is unpickled and nothing is extracted to disk.
-
-    Reading a gzip stream does not by itself detect every corruption (a flipped byte inside
-    a member can come through as a wrong pixel), so pass ``md5=CIFAR10_MD5`` to check the
-    whole file in the same pass (``data.dvc`` records the same hash).
-
-    Args:
-        archive: path to ``cifar-10-binary.tar.gz``.
-        split: ``"train"`` (batches 1..5, concatenated in that order) or ``"test"``.
-        md5: if given, the expected MD5 (hex) of the archive file; checked while streaming.
-
-    Returns:
-        ``(images, labels)``: uint8 ``(N, 3, 32, 32)`` and int64 ``(N,)``.
-
-    Raises:
-        FileNotFoundError: if ``archive`` does not exist (the message says how to get it).
-        ValueError: for an unknown split, a file that is not a tar archive, a missing or
-            duplicated member, a member whose size is not a multiple of 3073 bytes, a label
-            above 9, or an MD5 that differs from ``md5``.
-    """
-    if split not in _CIFAR_MEMBERS:
-        raise ValueError(f"unknown split {split!r}; expected one of {tuple(_CIFAR_MEMBERS)}")
-    path = Path(archive)
-    if not path.is_file():
-        raise FileNotFoundError(_missing_archive_message(path))
-    wanted = _CIFAR_MEMBERS[split]
-    parsed: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    try:
-        # "r|*": a forward-only stream; each wanted member is read, parsed and dropped in turn.
-        with path.open("rb") as raw:
-            reader = _HashingReader(raw)
-            with tarfile.open(fileobj=reader, mode="r|*") as tar:
-                for member in tar:
-                    name = member.name.removeprefix("./")
-                    if name not in wanted:
-                        continue
-                    if name in parsed:
-                        raise ValueError(f"{path}: member {name} occurs more than once")
-                    if not member.isfile():
-                        raise ValueError(f"{path}: member {name} is not a regular file")
-                    f = tar.extractfile(member)
-                    if f is None:  # pragma: no cover - isfile() above rules this out
-                        raise ValueError(f"{path}: cannot read member {name}")
-                    parsed[name] = _parse_cifar_batch(name, f.read())
-                if md5 is not None:
-                    reader.drain()
-    except tarfile.TarError as e:
-        raise ValueError(f"{path} is not a readable tar(.gz) archive: {e}") from e
-    if md5 is not None and reader.md5.hexdigest() != md5.lower():
-        raise ValueError(
-            f"{path}: MD5 {reader.md5.hexdigest()} differs from the expected {md5.lower()}; "
-            f"the archive is corrupt or not the official cifar-10-binary.tar.gz"
-        )
-    missing = [m for m in wanted if m not in parsed]
-    if missing:
-        raise ValueError(
-            f"{path}: missing member(s) {missing}; expected the official binary archive "
-            f"cifar-10-binary.tar.gz with {list(wanted)}"
-        )
-    images = np.concatenate([parsed[m][0] for m in wanted])
-    labels = np.concatenate([parsed[m][1] for m in wanted])
-    return torch.from_numpy(images), torch.from_numpy(labels)
-
-
-def cifar2_indices(
-    labels: Tensor | Sequence[int],
-    classes: Sequence[int] = (1, 7),
-    size: int = 5000,
-    seed: int = 0,
-) -> Tensor:
-    """Indices of CIFAR-2: ``size`` images of two classes with an even class split.
-
-    App. G.1: "we follow Zheng et al. (2024) and create a subset of CIFAR-10 of 5000 randomly
-    subsampled images of classes *car* and *horse*, preserving an even class split". The
-    defaults are CIFAR-10's automobile (1) and horse (7). For each class in turn,
-    ``size // len(classes)`` of its images are drawn without replacement with a
-    :class:`torch.Generator` seeded by ``seed``. This is a seeded re-draw, not Zheng et al.'s
-    own list of indices.
-
-    Args:
-        labels: ``(N,)`` integer labels of the full training set.
-        classes: the distinct classes to draw (two for CIFAR-2).
-        size: total number of indices; must split evenly over ``classes``.
-        seed: seed of the draw; the same seed and labels give the same indices.
-
-    Returns:
-        ``(size,)`` int64 indices into ``labels``, sorted ascending.
-
-    Raises:
-        ValueError: if ``size`` is not positive or does not split evenly (e.g. odd for two
-            classes), ``classes`` is empty or has duplicates, or a class has fewer than
-            ``size // len(classes)`` images.
-    """
-    labels_t = torch.as_tensor(labels)
-    if labels_t.ndim != 1:
-        raise ValueError(f"labels must be 1-D, got shape {tuple(labels_t.shape)}")
-    classes = tuple(operator.index(c) for c in classes)
-    if not classes or len(set(classes)) != len(classes):
-        raise ValueError(f"classes must be distinct and non-empty, got {classes}")
-    size = operator.index(size)
-    if size <= 0 or size % len(classes) != 0:
-        raise ValueError(
-            f"size={size} must be a positive multiple of the number of classes "
-            f"({len(classes)}) for an even class split"
-            + (" (it is odd)" if len(classes) == 2 and size % 2 else "")
-        )
-    per_class = size // len(classes)
-    gen = torch.Generator().manual_seed(operator.index(seed))
-    chosen = []
-    for c in classes:
-        idx = torch.nonzero(labels_t == c).flatten()
-        if len(idx) < per_class:
-            raise ValueError(
-                f"class {c} has only {len(idx)} images, fewer than the {per_class} needed "
-                f"for size={size}"
-            )
-        perm = torch.randperm(len(idx), generator=gen)[:per_class]
-        chosen.append(idx[perm])
-    return torch.sort(torch.cat(chosen)).values.to(torch.int64)
 
 
 def load_cifar(
@@ -434,11 +229,13 @@ def load_cifar(
     Args:
         archive: path to the official ``cifar-10-binary.tar.gz``.
         dataset: ``"cifar10"`` (all 50,000 train images) or ``"cifar2"`` (see
-            :func:`cifar2_indices`: automobile and horse, ``cifar2_size`` images, even split).
+            :func:`~diffusion_attribution.diffusion.cifar.cifar2_indices`: automobile and
+            horse, ``cifar2_size`` images, even split).
         cifar2_size: size of CIFAR-2 (5000 in the paper).
         seed: seed of the CIFAR-2 draw.
-        md5: if given (e.g. :data:`CIFAR10_MD5`), the archive's expected MD5, checked while
-            reading (see :func:`read_cifar10_binary`).
+        md5: if given (e.g. :data:`~diffusion_attribution.diffusion.cifar.CIFAR10_MD5`), the
+            archive's expected MD5, checked while reading (see
+            :func:`~diffusion_attribution.diffusion.cifar.read_cifar10_binary`).
     """
     if dataset not in ("cifar2", "cifar10"):
         raise ValueError(f"unknown CIFAR dataset {dataset!r}; expected 'cifar2' or 'cifar10'")
@@ -472,8 +269,8 @@ def load_dataset(
             working directory); only ``cifar2``/``cifar10`` read it.
         cifar2_size: size of CIFAR-2.
         seed: seed of the CIFAR-2 draw (the other datasets are deterministic).
-        cifar_md5: if given (e.g. :data:`CIFAR10_MD5` for the real archive), the archive's
-            expected MD5, checked while reading it.
+        cifar_md5: if given (e.g. :data:`~diffusion_attribution.diffusion.cifar.CIFAR10_MD5`
+            for the real archive), the archive's expected MD5, checked while reading it.
 
     Raises:
         ValueError: for an unknown name, or ``digits2`` without exactly two classes.

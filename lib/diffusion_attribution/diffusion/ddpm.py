@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import tqdm.auto
 from torch import Tensor
 
 EpsModel = Callable[[Tensor, Tensor], Tensor]
@@ -231,8 +232,6 @@ def sample(
     bounds how many images go through the model at once) nor on ``device`` (noise is drawn
     on the CPU). No noise is added at t = 1. Recorded tensors stay on the CPU.
     """
-    from tqdm.auto import tqdm
-
     T = schedule.num_timesteps
     bs = batch_size or n
     g = torch.Generator().manual_seed(seed)
@@ -243,7 +242,9 @@ def sample(
     variances = torch.cat([torch.zeros(1, dtype=torch.float64), variances])
     if traj is not None:
         traj[T] = x.cpu()
-    for t_int in tqdm(range(T, 0, -1), desc="sampling", disable=not progress, mininterval=2):
+    for t_int in tqdm.auto.tqdm(
+        range(T, 0, -1), desc="sampling", disable=not progress, mininterval=2
+    ):
         t = torch.full((n,), t_int, dtype=torch.int64, device=device)
         eps_pred = torch.cat([eps_model(x[i : i + bs], t[i : i + bs]) for i in range(0, n, bs)])
         mean = p_mean(schedule, x, t, eps_pred.to(x.dtype))

@@ -48,6 +48,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
+from tqdm.std import tqdm
 
 from diffusion_attribution.diffusion.measurements import Measurement
 
@@ -272,8 +273,6 @@ def per_example_gradients(
         return {k: (v.to(cast) if v.is_floating_point() else v) for k, v in state.items()}
 
     def batches() -> Iterator[tuple[slice, Tensor]]:
-        from tqdm.std import tqdm
-
         starts = range(0, n, batch_size)
         for start in tqdm(starts, desc="gradients", disable=not progress, mininterval=5):
             rows = slice(start, min(start + batch_size, n))

@@ -15,17 +15,21 @@ and ends with the same weights as an uninterrupted one.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import tqdm.auto
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from diffusion_attribution.core.config import ModelConfig, TrainConfig
+from diffusion_attribution.core import identity
 from diffusion_attribution.core.io import atomic_save, check_finite, load
+from diffusion_attribution.core.sections import ModelConfig, TrainConfig
+from diffusion_attribution.diffusion import ddpm, unet
 from diffusion_attribution.diffusion.ddpm import NoiseSchedule, q_sample, sample_timesteps
 from diffusion_attribution.diffusion.unet import UNet, UNetConfig
 
@@ -70,8 +74,6 @@ def train_ddpm(
     state is saved every ``cfg.checkpoint_every`` steps and at the end, and an existing
     checkpoint is resumed from (a finished one returns at once).
     """
-    from tqdm.auto import tqdm
-
     if images.ndim != 4 or len(images) == 0:
         raise ValueError(
             f"images must be a non-empty (N, C, H, W) tensor, got {tuple(images.shape)}"
@@ -124,7 +126,9 @@ def train_ddpm(
         )
 
     model.train()
-    bar = tqdm(total=cfg.steps, initial=step, desc=desc, disable=not progress, mininterval=2)
+    bar = tqdm.auto.tqdm(
+        total=cfg.steps, initial=step, desc=desc, disable=not progress, mininterval=2
+    )
     start = time.perf_counter() - seconds
     while step < cfg.steps:
         if pos + bs > n:  # new epoch: reshuffle
@@ -207,10 +211,5 @@ def fingerprint(*parts: object) -> str:
     the code that produced it has changed, while an edited comment or docstring renames
     nothing (what an identity covers: :mod:`diffusion_attribution.core.identity`).
     """
-    import sys
-
-    from diffusion_attribution.core import identity
-    from diffusion_attribution.diffusion import ddpm, unet
-
     recipe = identity.code_digest(sys.modules[__name__], ddpm, unet)
     return identity.fingerprint(recipe, *parts)

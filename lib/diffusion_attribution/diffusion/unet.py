@@ -27,7 +27,7 @@ from torch import Tensor, nn
 @dataclass(frozen=True)
 class UNetConfig:
     """Hyperparameters of :class:`UNet` (no defaults: the pipeline's come from
-    :class:`~diffusion_attribution.core.config.ModelConfig`, the one place they are written).
+    :class:`~diffusion_attribution.core.sections.ModelConfig`, the one place they are written).
 
     Level ``i`` of the U-Net works at resolution ``image_size / 2**i`` with
     ``base_channels * channel_mults[i]`` channels and ``num_res_blocks`` residual blocks on the

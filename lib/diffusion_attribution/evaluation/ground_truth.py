@@ -30,7 +30,10 @@ import torch
 from torch import Tensor, nn
 
 from diffusion_attribution.core.identity import code_digest, file_digest, fingerprint, move_aside
-from diffusion_attribution.core.io import atomic_save
+from diffusion_attribution.core.io import CorruptFileError, atomic_save, check_finite, load
+from diffusion_attribution.core.jobs import run_tasks
+from diffusion_attribution.diffusion import ddpm, training, unet
+from diffusion_attribution.diffusion import measurements as measurement_module
 from diffusion_attribution.diffusion.ddpm import NoiseSchedule
 from diffusion_attribution.diffusion.measurements import (
     ELBO,
@@ -39,6 +42,7 @@ from diffusion_attribution.diffusion.measurements import (
     TimestepLoss,
     TrajectoryLogProb,
 )
+from diffusion_attribution.diffusion.training import load_checked_model
 
 
 def ground_truth_measurements(
@@ -99,12 +103,9 @@ def measure(
 def measurement_code() -> str:
     """:func:`~diffusion_attribution.core.identity.code_digest` of the code that computes a
     measurement (:func:`measure` and :func:`describe` here, the modules ``measurements``,
-    ``ddpm``, ``unet``, ``train``): docstrings and comments do not count, nor does how the
+    ``ddpm``, ``unet``, ``training``): docstrings and comments do not count, nor does how the
     models are fanned out over processes or jobs."""
-    from diffusion_attribution.diffusion import ddpm, measurements, unet
-    from diffusion_attribution.diffusion import training as train
-
-    return code_digest(*_MEASURED_BY, measurements, ddpm, unet, train)
+    return code_digest(*_MEASURED_BY, measurement_module, ddpm, unet, training)
 
 
 def cache_settings(
@@ -158,9 +159,6 @@ class MeasureTask:
 def run_measure_task(task: MeasureTask) -> str:
     """Measure each model of ``task`` whose cache file does not exist yet (one torch thread
     per process by default), saving each model's values atomically as soon as they exist."""
-    from diffusion_attribution.core.io import check_finite
-    from diffusion_attribution.diffusion.training import load_checked_model
-
     threads = torch.get_num_threads()
     torch.set_num_threads(task.threads)
     try:
@@ -239,8 +237,6 @@ def measure_models(
     per task on SLURM (``DA_MODELS_PER_TASK`` overrides both); ``folder`` (default: a hidden
     folder beside ``cache_dir``) holds the tasks' shared inputs and submitit's files.
     """
-    from diffusion_attribution.core.io import CorruptFileError, load
-
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     settings = cache_settings(measurements, queries, num_draws, seed, trajectories, batch_size)
@@ -303,8 +299,6 @@ def _run_measure_tasks(
     folder: Path,
     progress: bool,
 ) -> None:
-    from diffusion_attribution.core.jobs import run_tasks
-
     executor = os.environ.get("DA_EXECUTOR", "local")
     workers = min(workers or os.cpu_count() or 1, len(todo))
     if workers == 1 and executor != "slurm":

@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 from pydantic import BaseModel
 
-from diffusion_attribution.core.config import epoch_matched_steps
+from diffusion_attribution.core.sections import epoch_matched_steps
 from diffusion_attribution.evaluation.lds import lds, paired_difference, predicted_changes
 
 #: The paper's CIFAR-2 protocol (App. G): values as the paper states them.

@@ -55,7 +55,7 @@ def optimum(x: np.ndarray, j: int, eps: float, *, tol: float = 1e-14) -> float:
     """theta*(eps): the root of dL/dtheta = sum_n w_n tanh(theta - x_n), which increases in
     theta for eps <= 1 (all weights w_n >= 0; eps < 0 up-weights x_j), found by Brent's method
     inside the data's range."""
-    from scipy.optimize import brentq
+    from scipy.optimize import brentq  # slow to import; only this solve needs it
 
     x = np.asarray(x, dtype=np.float64)
     if eps > 1.0:

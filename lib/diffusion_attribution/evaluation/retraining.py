@@ -50,13 +50,10 @@ from pathlib import Path
 
 import torch
 
-from diffusion_attribution.core.config import DiffusionConfig, ModelConfig, TrainConfig
-from diffusion_attribution.core.identity import code_digest, move_aside
-from diffusion_attribution.core.identity import file_digest as file_digest
-from diffusion_attribution.core.jobs import EXECUTORS as EXECUTORS
-from diffusion_attribution.core.jobs import OWNER_ENV as OWNER_ENV
-from diffusion_attribution.core.jobs import exit_with_owner as exit_with_owner
+from diffusion_attribution.core.executors import exit_with_owner
+from diffusion_attribution.core.identity import code_digest, file_digest, move_aside
 from diffusion_attribution.core.jobs import run_tasks
+from diffusion_attribution.core.sections import DiffusionConfig, ModelConfig, TrainConfig
 from diffusion_attribution.diffusion.datasets import ImageDataset
 from diffusion_attribution.diffusion.ddpm import NoiseSchedule
 from diffusion_attribution.diffusion.training import (

@@ -39,7 +39,7 @@ from types import SimpleNamespace
 import yaml
 
 from diffusion_attribution.core.config import Config
-from diffusion_attribution.pipeline import stages
+from diffusion_attribution.pipeline import report, stages
 
 PACKAGE = "diffusion_attribution"
 LIB = Path(__file__).resolve().parents[1]
@@ -233,8 +233,6 @@ def report_spec() -> dict:
     """The ``dvc.yaml`` entry of the ``report`` stage: every stage's metrics, figures and
     executed notebook, the deviations table and the parameters file (whose hash it shows) in;
     ``reports/index.html`` and the rendered notebooks out."""
-    from diffusion_attribution.pipeline import report
-
     libs = sorted(_rel(p) for p in library_deps(f"{PACKAGE}.pipeline.report"))
     deps = ["params.yaml", *libs, report.DEVIATIONS]
     for name in stages.NAMES:

@@ -1,27 +1,13 @@
-"""Shared plotting helpers: every figure is a PNG under ``reports/figures/``."""
+"""Shared plotting helpers; a notebook saves each figure as a PNG under ``reports/figures/``
+(:meth:`~diffusion_attribution.pipeline.workspace.Workspace.save_figure`)."""
 
 from __future__ import annotations
 
-import io
-from pathlib import Path
-
 import matplotlib.pyplot as plt
+import numpy as np
 from torch import Tensor
 
-from diffusion_attribution.core.io import atomic_write_bytes
 from diffusion_attribution.diffusion.datasets import image_grid
-
-FIGURES = Path("reports/figures")
-
-
-def save_figure(fig: plt.Figure, name: str, root: str | Path = ".") -> Path:
-    """Save ``fig`` as ``reports/figures/<name>`` (PNG, 150 dpi, written atomically) and
-    return the path."""
-    path = Path(root) / FIGURES / name
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=150, bbox_inches="tight")
-    atomic_write_bytes(buffer.getvalue(), path)  # never a half-written PNG
-    return path
 
 
 def show_images(ax: plt.Axes, images: Tensor, nrow: int, title: str = "") -> None:
@@ -80,8 +66,6 @@ LDS_COLORS = {
 def lds_bars(bars: dict, title: str, shape: tuple[int, int, int]) -> plt.Figure:
     """Figs. 2a, 2b, 17: one horizontal bar per method, ``bars`` = {label: {"lds", "stderr",
     "group"}} (error bars: standard error over samples), coloured by group."""
-    import numpy as np
-
     labels = list(bars)
     means = [bars[k]["lds"] for k in labels]
     errs = [bars[k]["stderr"] for k in labels]
@@ -163,8 +147,6 @@ def damping_curves(
 
 def heatmap(df, title: str) -> plt.Figure:
     """Figs. 11, 12: a matrix of LDS values (rows: the predicted l_t; columns: the l_t' used)."""
-    import numpy as np
-
     fig, ax = plt.subplots(figsize=(5.2, 4.4))
     im = ax.imshow(
         df.to_numpy(), cmap="viridis", vmin=min(0.0, float(np.nanmin(df.to_numpy()))), vmax=1.0

@@ -18,8 +18,8 @@ the other stages wrote and puts it on one page:
 
 Nothing on the page or in the rendered notebooks asks for a network resource: images are
 files beside the page or embedded, nbconvert's MathJax and require.js URLs are switched off,
-and the page's few lines of script and style are inline (``tests/test_report.py`` opens it in
-headless Chromium and records every request).
+and the page's few lines of script and style are inline (``tests/test_smoke_run.py`` opens it
+in headless Chromium and records every request).
 """
 
 from __future__ import annotations
@@ -239,7 +239,7 @@ def provenance(root: str | Path = ".", params_file: str = "params.yaml") -> dict
 
 def stage_times(root: str | Path = ".") -> list[dict[str, str]]:
     """Each stage's executed notebook with papermill's start time and duration (seconds)."""
-    import nbformat
+    import nbformat  # imported here: dvcgraph imports this module and reads no notebook
 
     rows = []
     for name in stages.NAMES:
@@ -295,6 +295,7 @@ document.addEventListener("DOMContentLoaded", () => {
 def render_notebook(source: str | Path, out: str | Path) -> Path:
     """``source`` (an executed notebook) as standalone HTML at ``out``: nbconvert's lab
     template with images embedded, no MathJax or require.js from a CDN, code collapsible."""
+    # imported here: nbconvert is heavy, and dvcgraph imports this module
     import nbformat
     from nbconvert import HTMLExporter
 
@@ -347,7 +348,7 @@ def build(root: str | Path = ".", out: str = INDEX, params_file: str = "params.y
     """Write ``reports/index.html`` and the rendered notebooks under ``root`` (module
     docstring); every input must exist, or ``FileNotFoundError`` names the first missing one
     (before anything is written). Returns the page's path."""
-    import pandas as pd
+    import pandas as pd  # imported here: dvcgraph imports this module, and needs no pandas
 
     root = Path(root)
     page = root / out

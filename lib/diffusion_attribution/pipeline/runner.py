@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TextIO
 
 from diffusion_attribution.core.config import ConfigError, load_config
+from diffusion_attribution.core.io import remove_partial_writes
 from diffusion_attribution.pipeline import stages
 
 
@@ -91,6 +92,7 @@ def kernel_config():
     """Traitlets config for the notebook's kernel manager: CurveZMQ transport encryption where
     pyzmq has it (the kernelspec of ipykernel declares support; "auto" falls back to plain TCP
     for one that does not)."""
+    # imported here: the runner starts without the notebook machinery until a stage runs
     import zmq
     from traitlets.config import Config
 
@@ -102,6 +104,7 @@ def kernel_config():
 def execute(source: str | Path, out: str | Path, parameters: dict, cwd: str | Path) -> None:
     """Execute the notebook ``source`` into ``out`` with papermill, streaming what its cells
     print to this process's stdout / stderr as plain lines (:class:`LineWriter`)."""
+    # imported here: papermill (and the kernel machinery) is heavy, and only a stage needs it
     import papermill
 
     # The "python3" kernel must be this interpreter, not a user-level kernelspec elsewhere.
@@ -138,8 +141,6 @@ SLURM_PARTIAL_AGE_S = 900.0
 def remove_partial_writes_of(name: str, root: str | Path = ".") -> list[Path]:
     """:func:`~diffusion_attribution.core.io.remove_partial_writes` in what stage ``name`` resumes
     from: its persistent outputs and its caches (``.cache/<name>/``, ``.cache/jobs/<name>-*``)."""
-    from diffusion_attribution.core.io import remove_partial_writes
-
     root = Path(root)
     age = SLURM_PARTIAL_AGE_S if os.environ.get("DA_EXECUTOR") == "slurm" else 0.0
     folders = [root / p for p in stages.module(name).PERSIST]

@@ -1,7 +1,8 @@
 """The pipeline's stages as library functions: ``stages.<name>.run(config, workspace)``.
 
-Each stage module reads its inputs through a :class:`~diffusion_attribution.pipeline.workspace.Workspace`,
-writes its outputs, and returns a :class:`StageResult` (its metrics, the tables and arrays its
+Each stage module finds its inputs and places its outputs through the paths of a
+:class:`~diffusion_attribution.pipeline.workspace.Workspace`, loads each input with the type that
+defines it, and returns a :class:`StageResult` (its metrics, the tables and arrays its
 figures are drawn from, the claims it tests and a summary in prose with this run's numbers). A
 stage notebook (``notebooks/NN_<name>.ipynb``) is its parameters cell, that one call, the
 figures (:mod:`diffusion_attribution.pipeline.figures`) and the prose.

@@ -15,11 +15,16 @@ import pandas as pd
 import torch
 from scipy.stats import spearmanr
 
+from diffusion_attribution.attribution.baselines import baseline_scores
+from diffusion_attribution.attribution.projection import Projector
 from diffusion_attribution.attribution.scores import ScoreKey, ScoreSet
-from diffusion_attribution.attribution.trak import Projector, baseline_scores
 from diffusion_attribution.core.config import Config
+from diffusion_attribution.diffusion.datasets import ImageDataset, pixel_levels
+from diffusion_attribution.diffusion.training import load_checked_model
 from diffusion_attribution.diffusion.unet import kfac_parameters
-from diffusion_attribution.pipeline.shards import FeatureSettings, sharded_train_features
+from diffusion_attribution.pipeline.attributed import measurements_of
+from diffusion_attribution.pipeline.schedule import schedule_of
+from diffusion_attribution.pipeline.shards.features import FeatureSettings, sharded_train_features
 from diffusion_attribution.pipeline.stages import StageResult
 from diffusion_attribution.pipeline.workspace import Workspace
 
@@ -49,10 +54,17 @@ def mean_spearman(a: torch.Tensor, b: torch.Tensor) -> float:
 def run(config: Config, ws: Workspace) -> StageResult:
     """Compute and save every baseline score matrix; their agreement with K-FAC influence."""
     icfg, tcfg = config.influence, config.trak
-    ds, net = ws.dataset, ws.model
-    queries = ws.samples["images"]
+    ds = ImageDataset.load(ws.path(ws.TRAIN_SET))
+    net = load_checked_model(ws.path(ws.MODEL), device=ws.device)
+    samples = torch.load(ws.path(ws.SAMPLES), weights_only=True)
+    queries = samples["images"]
     params = kfac_parameters(net)
-    measurements = ws.measurements(config.diffusion, icfg.timesteps)
+    measurements = measurements_of(
+        schedule_of(config.diffusion),
+        config.diffusion.variance,
+        pixel_levels(ds.name),
+        icfg.timesteps,
+    )
     projector = Projector(
         sum(p.numel() for p in params), tcfg.projection_dim, seed=tcfg.seed, kind=tcfg.projection
     )
@@ -76,11 +88,13 @@ def run(config: Config, ws: Workspace) -> StageResult:
         train_draws=icfg.train_draws,
         query_draws=icfg.query_draws,
         seed=icfg.seed,
-        query_trajectories=ws.samples["trajectory"],
+        query_trajectories=samples["trajectory"],
         batch_size=icfg.batch_size,
         progress=True,
         # the long part, resumable per shard of the training set
-        train=sharded_train_features(ws, diffusion=config.diffusion, settings=features),
+        train=sharded_train_features(
+            ws, diffusion=config.diffusion, settings=features, num_train=len(ds)
+        ),
     )  # computed on ws.device (the model's), saved and compared on the CPU
     # wall-clock times go to the metrics, not into the scores file: the same inputs give the
     # same bytes (two runs are compared bitwise in tests/test_smoke_run.py)

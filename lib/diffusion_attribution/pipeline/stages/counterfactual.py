@@ -14,21 +14,26 @@ use their best damping on the loss LDS (``evaluate``).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+import torch
 
-from diffusion_attribution.attribution.scores import select
+from diffusion_attribution.attribution.scores import ScoreSet, select
 from diffusion_attribution.core.config import Config
+from diffusion_attribution.core.identity import file_digest
+from diffusion_attribution.diffusion.datasets import ImageDataset
 from diffusion_attribution.diffusion.measurements import DiffusionLoss
 from diffusion_attribution.evaluation import claims
 from diffusion_attribution.evaluation.ground_truth import measure_models
 from diffusion_attribution.evaluation.lds import random_removal_sets, top_removal_sets
-from diffusion_attribution.evaluation.retraining import file_digest, make_job, prune, run_jobs
+from diffusion_attribution.evaluation.retraining import RetrainJob, make_job, prune, run_jobs
+from diffusion_attribution.pipeline.schedule import schedule_of
 from diffusion_attribution.pipeline.stages import StageResult
-from diffusion_attribution.pipeline.workspace import Workspace, schedule_of
+from diffusion_attribution.pipeline.workspace import Workspace
 
 NOTEBOOK = "10_counterfactual.ipynb"
 INPUTS = (
@@ -78,17 +83,72 @@ def margins_over_baselines(changes: pd.DataFrame) -> pd.Series:
     return (wide["kfac"] - wide[baselines].max(axis=1)).groupby(level="sample").mean()
 
 
+def removal_jobs(
+    job: Callable[[str, list[int]], RetrainJob],
+    chosen: dict,
+    methods: tuple[str, ...],
+    fractions: tuple[float, ...],
+    seed: int,
+    num_train: int,
+    num_queries: int,
+) -> tuple[dict[str, RetrainJob], dict[str, tuple[str, torch.Tensor]]]:
+    """The retraining jobs (``job(name, kept ids)``) of every (method, fraction, sample) and
+    what each removes: ``"<method>_remove<fraction>_sample<q>"`` -> (job name, removed ids).
+    ``random`` removal has one set per fraction (seed ``seed``), one job for every sample."""
+    N, Qc = num_train, num_queries
+    jobs = {}
+    removed = {}
+    for method in methods:
+        for frac in fractions:
+            if method == "random":  # one random set per fraction, the control for every sample
+                sets = random_removal_sets(N, frac, 1, seed=seed).expand(Qc, -1)
+            else:
+                sets = top_removal_sets(chosen[method][1][:Qc], frac)
+            for q in range(Qc):
+                name = f"{method}_remove{frac:g}_sample{q}"
+                job_name = f"random_remove{frac:g}" if method == "random" else name
+                removed[name] = (job_name, sets[q])
+                if job_name not in jobs:
+                    keep = sorted(set(range(N)) - set(sets[q].tolist()))
+                    jobs[job_name] = job(job_name, keep)
+    return jobs, removed
+
+
+def changes(removed: dict, values: dict, ref: torch.Tensor) -> pd.DataFrame:
+    """Per (method, fraction, sample): the change of the sample's loss against the full
+    model's ``ref``, absolute and relative."""
+    rows = []
+    for name, (job_name, _) in removed.items():
+        method, frac, q = name.split("_")
+        q = int(q.removeprefix("sample"))
+        change = float(values[job_name]["loss"][q] - ref[q])
+        rows.append(
+            {
+                "method": method,
+                "fraction": float(frac.removeprefix("remove")),
+                "sample": q,
+                "change": change,
+                "relative": change / float(ref[q]),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
 def run(config: Config, ws: Workspace) -> StageResult:
     """Train the removal models and the reference (resumable), measure their loss on the samples."""
     cfcfg, mscfg = config.counterfactual, config.measure
     data_path = ws.path(ws.TRAIN_SET)
-    N, Qc = len(ws.dataset), cfcfg.num_queries
-    queries = ws.samples["images"][:Qc]
-    scores = ws.scores
+    N, Qc = len(ImageDataset.load(data_path)), cfcfg.num_queries
+    queries = torch.load(ws.path(ws.SAMPLES), weights_only=True)["images"][:Qc]
+    scores = ScoreSet.load(ws.path(ws.INFLUENCE_SCORES)) | ScoreSet.load(
+        ws.path(ws.BASELINE_SCORES)
+    )
     chosen = {
         m: scores.one(**q)
         for m, q in chosen_keys(
-            ws.lds_table, config.influence.damping, config.influence.compression
+            pd.read_csv(ws.path(ws.LDS_TABLE)),
+            config.influence.damping,
+            config.influence.compression,
         ).items()
     }
     digest = file_digest(data_path)
@@ -100,21 +160,9 @@ def run(config: Config, ws: Workspace) -> StageResult:
             name, data_path, keep, tcfg.seed, config.model, config.diffusion, tcfg, out_dir, digest
         )
 
-    jobs = {}
-    removed = {}  # "<method>_remove<fraction>_sample<q>" -> (job name, removed ids)
-    for method in cfcfg.methods:
-        for frac in cfcfg.fractions:
-            if method == "random":  # one random set per fraction, the control for every sample
-                sets = random_removal_sets(N, frac, 1, seed=cfcfg.seed).expand(Qc, -1)
-            else:
-                sets = top_removal_sets(chosen[method][1][:Qc], frac)
-            for q in range(Qc):
-                name = f"{method}_remove{frac:g}_sample{q}"
-                job_name = f"random_remove{frac:g}" if method == "random" else name
-                removed[name] = (job_name, sets[q])
-                if job_name not in jobs:
-                    keep = sorted(set(range(N)) - set(sets[q].tolist()))
-                    jobs[job_name] = job(job_name, keep)
+    jobs, removed = removal_jobs(
+        job, chosen, cfcfg.methods, cfcfg.fractions, cfcfg.seed, num_train=N, num_queries=Qc
+    )
     prune(out_dir, list(jobs.values()), stale_dir=ws.stale_dir("counterfactual"))
     existing = {j.output for j in jobs.values() if Path(j.output).exists()}
     print(
@@ -140,21 +188,7 @@ def run(config: Config, ws: Workspace) -> StageResult:
     )
     seconds = time.perf_counter() - start
     ref = values["full"]["loss"]
-    rows = []
-    for name, (job_name, _) in removed.items():
-        method, frac, q = name.split("_")
-        q = int(q.removeprefix("sample"))
-        change = float(values[job_name]["loss"][q] - ref[q])
-        rows.append(
-            {
-                "method": method,
-                "fraction": float(frac.removeprefix("remove")),
-                "sample": q,
-                "change": change,
-                "relative": change / float(ref[q]),
-            }
-        )
-    cf = pd.DataFrame(rows)
+    cf = changes(removed, values, ref)
     means = cf.groupby(["fraction", "method"]).change.mean()
     metrics = {
         "num_queries": Qc,

@@ -14,8 +14,10 @@ import pandas as pd
 import torch
 
 from diffusion_attribution.core.config import Config
+from diffusion_attribution.diffusion.datasets import ImageDataset
+from diffusion_attribution.diffusion.training import load_checked_model
 from diffusion_attribution.diffusion.unet import kfac_parameters
-from diffusion_attribution.pipeline.shards import sharded_curvatures
+from diffusion_attribution.pipeline.shards.curvature import sharded_curvatures
 from diffusion_attribution.pipeline.stages import StageResult
 from diffusion_attribution.pipeline.workspace import Workspace
 
@@ -31,7 +33,8 @@ def run(config: Config, ws: Workspace) -> StageResult:
     """Fit every variant in ``curvature.variants``; save them with their spectra's summary."""
     ccfg = config.curvature
     damping = config.influence.damping
-    ds, net = ws.dataset, ws.model
+    ds = ImageDataset.load(ws.path(ws.TRAIN_SET))
+    net = load_checked_model(ws.path(ws.MODEL), device=ws.device)
     params = kfac_parameters(net)
     print(
         f"{len(ds)} examples x {ccfg.num_draws} draws = {len(ds) * ccfg.num_draws} rows; "
@@ -39,7 +42,7 @@ def run(config: Config, ws: Workspace) -> StageResult:
     )
     rows, spectra = [], {}
     fitted = sharded_curvatures(
-        ws, ccfg.variants, diffusion=config.diffusion, curvature=config.curvature
+        ws, ccfg.variants, diffusion=config.diffusion, curvature=config.curvature, num_train=len(ds)
     )
     for variant, K in fitted:  # one at a time: at paper scale each holds GBs
         K.save(ws.out(ws.CURVATURE.format(variant=variant)))

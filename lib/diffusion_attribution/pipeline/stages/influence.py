@@ -14,15 +14,20 @@ import pandas as pd
 import torch
 
 from diffusion_attribution.attribution.compression import score_agreement, svd_nbytes
-from diffusion_attribution.attribution.influence import influence_specs
-from diffusion_attribution.attribution.scores import ScoreKey
-from diffusion_attribution.core.config import MAIN_VARIANT, Config, main_variant
+from diffusion_attribution.attribution.influence import Timings, influence_specs
+from diffusion_attribution.attribution.scores import ScoreKey, ScoreSet
+from diffusion_attribution.core.config import Config
+from diffusion_attribution.core.sections import MAIN_VARIANT, main_variant
+from diffusion_attribution.diffusion.datasets import ImageDataset, pixel_levels
+from diffusion_attribution.diffusion.training import load_checked_model
 from diffusion_attribution.diffusion.unet import kfac_parameters
 from diffusion_attribution.evaluation import claims
+from diffusion_attribution.pipeline.attributed import measurements_of
 from diffusion_attribution.pipeline.figures import plot_top_influences
-from diffusion_attribution.pipeline.shards import sharded_attribute
+from diffusion_attribution.pipeline.schedule import schedule_of
+from diffusion_attribution.pipeline.shards.influence import sharded_attribute
 from diffusion_attribution.pipeline.stages import StageResult
-from diffusion_attribution.pipeline.workspace import Workspace, schedule_of
+from diffusion_attribution.pipeline.workspace import Workspace
 
 NOTEBOOK = "05_influence.ipynb"
 INPUTS = ("outputs/data", "outputs/train", "outputs/sample", "outputs/curvature")
@@ -35,14 +40,77 @@ METRICS = ("metrics/influence.json",)
 FIG1_SAMPLES, FIG1_K = 4, 6
 
 
+def top_influence_stats(
+    queries: torch.Tensor, ds: ImageDataset, scores: torch.Tensor
+) -> tuple[float, float]:
+    """Fig. 1's check: the fractions of queries whose top positive training image is of the
+    same class as their nearest training image in pixel space, and is that image."""
+    nearest_pixel = torch.cdist(queries.flatten(1), ds.images.flatten(1)).argmin(1)
+    top1 = scores.argmax(1)
+    same_label = float((ds.labels[top1] == ds.labels[nearest_pixel]).float().mean())
+    top_is_nearest = float((top1 == nearest_pixel).float().mean())
+    return same_label, top_is_nearest
+
+
+def compression_table(
+    scores: ScoreSet,
+    curvature: str,
+    damping: float,
+    compressions: list[str],
+    params: list[torch.Tensor],
+    num_queries: int,
+) -> pd.DataFrame:
+    """Fig. 6: each compression's scores against the uncompressed ones (loss, ``curvature``,
+    ``damping``) and the MiB its query gradients take."""
+    ref = scores[ScoreKey("kfac", "loss", curvature, damping, "none")]
+    P, Q = sum(p.numel() for p in params), num_queries
+    comp_rows = []
+    for c in compressions:
+        agreement = score_agreement(ref, scores[ScoreKey("kfac", "loss", curvature, damping, c)])
+        nbytes = (
+            svd_nbytes([p.shape for p in params], int(c[3:]), Q)
+            if c.startswith("svd")
+            else Q * P * (1 if c == "int8" else 0.5)
+        )
+        comp_rows.append({"compression": c, **agreement, "MiB": nbytes / 2**20})
+    return pd.DataFrame(comp_rows).set_index("compression")
+
+
+def int8_by_variant(scores: ScoreSet, variants: tuple[str, ...], damping: float) -> dict:
+    """int8 against uncompressed loss scores for every variant scored at both (the
+    ablation's, Fig. 4): mean and worst-sample Spearman."""
+    by_variant = {}
+    for v in variants:
+        pair = [scores.get(ScoreKey("kfac", "loss", v, damping, c)) for c in ("none", "int8")]
+        if all(p is not None for p in pair):
+            a = score_agreement(*pair)
+            by_variant[v] = {k: round(a[k], 5) for k in ("spearman_mean", "spearman_min")}
+    return by_variant
+
+
+def seconds_split(timings: Timings) -> pd.Series:
+    """Seconds of each part of the score computation, rounded."""
+    return pd.Series(
+        {
+            "query gradients": timings.query_gradients,
+            "train gradients": timings.train_gradients,
+            "precondition + compress": timings.precondition,
+            "scoring (matmuls)": timings.scoring,
+        }
+    ).round(1)
+
+
 def run(config: Config, ws: Workspace) -> StageResult:
     """Compute and save every K-FAC score matrix; Fig. 6's agreement and the int8 claim."""
     ccfg, icfg = config.curvature, config.influence
-    ds, net = ws.dataset, ws.model
-    queries = ws.samples["images"]
+    ds = ImageDataset.load(ws.path(ws.TRAIN_SET))
+    net = load_checked_model(ws.path(ws.MODEL), device=ws.device)
+    queries = torch.load(ws.path(ws.SAMPLES), weights_only=True)["images"]
     params = kfac_parameters(net)
     schedule = schedule_of(config.diffusion)
-    measurements = ws.measurements(config.diffusion, icfg.timesteps)
+    measurements = measurements_of(
+        schedule, config.diffusion.variance, pixel_levels(ds.name), icfg.timesteps
+    )
     compressions = ["int8", "int4", *(f"svd{r}" for r in icfg.svd_ranks)]
     specs = influence_specs(
         ccfg.variants,
@@ -55,18 +123,17 @@ def run(config: Config, ws: Workspace) -> StageResult:
     )
     print(f"{len(queries)} queries x {len(ds)} training examples; {len(specs)} score matrices")
     scores, timings = sharded_attribute(
-        ws, specs, diffusion=config.diffusion, influence=config.influence
+        ws,
+        specs,
+        diffusion=config.diffusion,
+        influence=config.influence,
+        params=params,
+        num_queries=len(queries),
+        num_train=len(ds),
     )
     scores.save(ws.out(ws.INFLUENCE_SCORES))
     peak_rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    split = pd.Series(
-        {
-            "query gradients": timings.query_gradients,
-            "train gradients": timings.train_gradients,
-            "precondition + compress": timings.precondition,
-            "scoring (matmuls)": timings.scoring,
-        }
-    ).round(1)
+    split = seconds_split(timings)
 
     # Fig. 1 and what its top image is
     variant = main_variant(ccfg.variants)
@@ -76,41 +143,20 @@ def run(config: Config, ws: Workspace) -> StageResult:
         else specs[0]
     )
     s_main = scores[main_key]
-    nearest_pixel = torch.cdist(queries.flatten(1), ds.images.flatten(1)).argmin(1)
-    top1 = s_main.argmax(1)
-    same_label = float((ds.labels[top1] == ds.labels[nearest_pixel]).float().mean())
-    top_is_nearest = float((top1 == nearest_pixel).float().mean())
+    same_label, top_is_nearest = top_influence_stats(queries, ds, s_main)
 
     # Fig. 6: compressed against uncompressed query gradients
-    ref = scores[ScoreKey("kfac", "loss", main_key.curvature, icfg.damping, "none")]
     P, Q = sum(p.numel() for p in params), len(queries)
-    comp_rows = []
-    for c in compressions:
-        agreement = score_agreement(
-            ref, scores[ScoreKey("kfac", "loss", main_key.curvature, icfg.damping, c)]
-        )
-        nbytes = (
-            svd_nbytes([p.shape for p in params], int(c[3:]), Q)
-            if c.startswith("svd")
-            else Q * P * (1 if c == "int8" else 0.5)
-        )
-        comp_rows.append({"compression": c, **agreement, "MiB": nbytes / 2**20})
-    comp = pd.DataFrame(comp_rows).set_index("compression")
+    comp = compression_table(scores, main_key.curvature, icfg.damping, compressions, params, Q)
 
     # Fig. 16: the ELBO's per-timestep weights against the loss's
     w = schedule.elbo_weights(config.diffusion.variance)[2:]
     ratio = float((w / w.sum())[0] / (w / w.sum())[-1])
 
     # int8 for every variant Fig. 4 scores at int8 (the ablation's loss scores)
-    by_variant = {}
-    if icfg.compression == "int8":
-        for v in ccfg.variants:
-            pair = [
-                scores.get(ScoreKey("kfac", "loss", v, icfg.damping, c)) for c in ("none", "int8")
-            ]
-            if all(p is not None for p in pair):
-                a = score_agreement(*pair)
-                by_variant[v] = {k: round(a[k], 5) for k in ("spearman_mean", "spearman_min")}
+    by_variant = (
+        int8_by_variant(scores, ccfg.variants, icfg.damping) if icfg.compression == "int8" else {}
+    )
 
     int8 = comp.loc["int8"]
     svd = {c: float(comp.loc[c].spearman_mean) for c in comp.index if c.startswith("svd")}

@@ -21,6 +21,7 @@ from scipy.stats import pearsonr, spearmanr
 
 from diffusion_attribution.core.config import Config
 from diffusion_attribution.core.io import atomic_save
+from diffusion_attribution.diffusion.datasets import ImageDataset, pixel_levels
 from diffusion_attribution.evaluation import claims
 from diffusion_attribution.evaluation.ground_truth import (
     ground_truth_measurements,
@@ -28,8 +29,9 @@ from diffusion_attribution.evaluation.ground_truth import (
     stack,
 )
 from diffusion_attribution.evaluation.lds import lds_upper_bound, seed_reproducibility
+from diffusion_attribution.pipeline.schedule import schedule_of
 from diffusion_attribution.pipeline.stages import StageResult
-from diffusion_attribution.pipeline.workspace import Workspace, schedule_of
+from diffusion_attribution.pipeline.workspace import Workspace
 
 NOTEBOOK = "08_measure.ipynb"
 INPUTS = ("outputs/data", "outputs/train", "outputs/sample", "outputs/retrain")
@@ -64,25 +66,43 @@ def ground_truth_summary(measured: dict, reference: dict, full: dict) -> pd.Data
     return pd.DataFrame(rows).set_index("measurement")
 
 
-def run(config: Config, ws: Workspace) -> StageResult:
-    """Measure every model (cached), stack the ground truth, test Observation 3."""
-    mcfg = config.measure
-    Q = mcfg.num_queries
-    queries, trajectories = ws.samples["images"][:Q], ws.samples["trajectory"][:, :Q]
-    schedule = schedule_of(config.diffusion)
-    measurements = ground_truth_measurements(
-        schedule, config.diffusion.variance, ws.pixel_levels, config.influence.timesteps
-    )
-    num_draws = {
-        n: mcfg.timestep_draws if n.startswith("l_t=") else mcfg.draws for n in measurements
-    }
-    subsets = ws.subsets
+def models_to_measure(ws: Workspace, subsets: dict) -> tuple[dict, list, list, list]:
+    """The model files of the ``retrain`` stage's ``subsets`` (and the full model), by label:
+    the models, the (M, K) grid of subset-model labels, the K reference labels and the
+    independent-seed model files."""
     grid = [[Path(name).stem for name in row] for row in subsets["models"]]
     ref_labels = [Path(name).stem for name in subsets["references"]]
     independent = subsets.get("independent", [])
     models = {"full": ws.path(ws.MODEL)}
     for name in [n for row in subsets["models"] for n in row] + subsets["references"] + independent:
         models[Path(name).stem] = ws.path(f"outputs/retrain/models/{name}")
+    return models, grid, ref_labels, independent
+
+
+def elbo_correlations(full: torch.Tensor, elbo: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fig. 15: Pearson r and Spearman rho of the samples' ELBO under the full model against
+    each subset's first model."""
+    all_r = torch.tensor([pearsonr(full, elbo[:, i, 0]).statistic for i in range(elbo.shape[1])])
+    all_rho = torch.tensor([spearmanr(full, elbo[:, i, 0]).statistic for i in range(elbo.shape[1])])
+    return all_r, all_rho
+
+
+def run(config: Config, ws: Workspace) -> StageResult:
+    """Measure every model (cached), stack the ground truth, test Observation 3."""
+    mcfg = config.measure
+    Q = mcfg.num_queries
+    samples = torch.load(ws.path(ws.SAMPLES), weights_only=True)
+    queries, trajectories = samples["images"][:Q], samples["trajectory"][:, :Q]
+    schedule = schedule_of(config.diffusion)
+    levels = pixel_levels(ImageDataset.load(ws.path(ws.TRAIN_SET)).name)
+    measurements = ground_truth_measurements(
+        schedule, config.diffusion.variance, levels, config.influence.timesteps
+    )
+    num_draws = {
+        n: mcfg.timestep_draws if n.startswith("l_t=") else mcfg.draws for n in measurements
+    }
+    subsets = torch.load(ws.path(ws.SUBSETS), weights_only=True)
+    models, grid, ref_labels, independent = models_to_measure(ws, subsets)
     print(f"{Q} samples x {len(models)} models; draws per sample: {num_draws}")
     start = time.perf_counter()
     cache = ws.folder("outputs/measure/cache")
@@ -124,12 +144,7 @@ def run(config: Config, ws: Workspace) -> StageResult:
     summary_table = ground_truth_summary(measured, reference, full)
 
     elbo = measured["elbo"]
-    all_r = torch.tensor(
-        [pearsonr(full["elbo"], elbo[:, i, 0]).statistic for i in range(elbo.shape[1])]
-    )
-    all_rho = torch.tensor(
-        [spearmanr(full["elbo"], elbo[:, i, 0]).statistic for i in range(elbo.shape[1])]
-    )
+    all_r, all_rho = elbo_correlations(full["elbo"], elbo)
     obs3 = claims.observation3(
         float(all_rho.min()), float(all_rho.max()), float(all_r.min()), float(all_r.max())
     )

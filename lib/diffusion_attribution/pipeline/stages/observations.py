@@ -9,15 +9,18 @@ is the ``measure`` stage's.
 
 from __future__ import annotations
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
 
 from diffusion_attribution.attribution.scores import ScoreKey, ScoreSet, select
-from diffusion_attribution.core.config import Config, main_variant
+from diffusion_attribution.core.config import Config
+from diffusion_attribution.core.sections import main_variant
 from diffusion_attribution.evaluation import claims
 from diffusion_attribution.evaluation.lds import predicted_changes, retraining_proxy
-from diffusion_attribution.evaluation.response import response_curve
+from diffusion_attribution.evaluation.response import extended_loss, optimum, response_curve
+from diffusion_attribution.pipeline.figures import heatmap, predicted_vs_actual
 from diffusion_attribution.pipeline.stages import StageResult
 from diffusion_attribution.pipeline.workspace import Workspace
 
@@ -162,10 +165,10 @@ def observations(
 
 def run(config: Config, ws: Workspace) -> StageResult:
     """:func:`observations` on this run's K-FAC scores, ground truth and LDS table."""
-    gt = ws.ground_truth
+    gt = torch.load(ws.path(ws.GROUND_TRUTH), weights_only=True)
     result = observations(
         ScoreSet.load(ws.path(ws.INFLUENCE_SCORES)),
-        ws.lds_table,
+        pd.read_csv(ws.path(ws.LDS_TABLE)),
         gt["subsets"],
         gt["reference"],
         gt["masks"],
@@ -184,10 +187,6 @@ def run(config: Config, ws: Workspace) -> StageResult:
 def fig_response(result: StageResult):
     """Fig. 5: the extended objective at eps = 0 and 1, and the response theta*(eps) with the
     influence function's tangent."""
-    import matplotlib.pyplot as plt
-
-    from diffusion_attribution.evaluation.response import extended_loss, optimum
-
     d = result.data["fig5"]
     x, j, eps = d["x"], d["j"], d["eps"]
     grid = np.linspace(-3.0, 3.0, 400)
@@ -210,8 +209,6 @@ def fig_response(result: StageResult):
 
 def fig_timestep_proxy(result: StageResult, estimator: str):
     """Figs. 11 (``estimator="influence"``) and 12 (``"retraining"``)."""
-    from diffusion_attribution.pipeline.figures import heatmap
-
     if estimator == "influence":
         return heatmap(result.data["fig11"], "K-FAC influence (Fig. 11)")
     return heatmap(result.data["fig12"], "Exact retraining (Fig. 12)")
@@ -219,10 +216,6 @@ def fig_timestep_proxy(result: StageResult, estimator: str):
 
 def fig_predicted_vs_actual_loss(result: StageResult):
     """Fig. 13: predicted against actual change of the loss."""
-    import matplotlib.pyplot as plt
-
-    from diffusion_attribution.pipeline.figures import predicted_vs_actual
-
     Q, M = result.data["shape"]
     fig, ax = plt.subplots(figsize=(5, 4))
     predicted_vs_actual(
@@ -234,10 +227,6 @@ def fig_predicted_vs_actual_loss(result: StageResult):
 
 def fig_predicted_vs_actual_lt(result: StageResult):
     """Fig. 14: the same for each l_t."""
-    import matplotlib.pyplot as plt
-
-    from diffusion_attribution.pipeline.figures import predicted_vs_actual
-
     names = [n for n in result.data["changes"] if n != "loss"]
     fig, axes = plt.subplots(1, len(names), figsize=(3.3 * len(names), 3.3))
     for ax, name in zip(np.atleast_1d(axes), names, strict=True):

@@ -20,6 +20,7 @@ import torch
 
 from diffusion_attribution.core.config import Config
 from diffusion_attribution.core.io import atomic_save
+from diffusion_attribution.diffusion.datasets import ImageDataset
 from diffusion_attribution.evaluation.lds import subset_masks
 from diffusion_attribution.evaluation.retraining import prune, reference_jobs, run_jobs, subset_jobs
 from diffusion_attribution.pipeline.stages import StageResult
@@ -43,7 +44,7 @@ def run(config: Config, ws: Workspace) -> StageResult:
     """Train every subset model and reference that does not exist yet."""
     rcfg, tcfg = config.retrain, config.train
     data_path = ws.path(ws.TRAIN_SET)
-    n = len(ws.dataset)
+    n = len(ImageDataset.load(data_path))
     masks = subset_masks(n, rcfg.num_subsets, rcfg.fraction, rcfg.seed)
     subset_train = tcfg.model_copy(update={"steps": rcfg.steps})
     out_dir = ws.folder("outputs/retrain/models")

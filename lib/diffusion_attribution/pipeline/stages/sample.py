@@ -16,11 +16,14 @@ from sklearn.neighbors import KNeighborsClassifier
 
 from diffusion_attribution.core.config import Config
 from diffusion_attribution.core.io import atomic_save
+from diffusion_attribution.diffusion.datasets import ImageDataset, pixel_levels
 from diffusion_attribution.diffusion.ddpm import sample as ancestral_sample
 from diffusion_attribution.diffusion.measurements import quantize
+from diffusion_attribution.diffusion.training import load_checked_model
 from diffusion_attribution.pipeline.figures import show_images
+from diffusion_attribution.pipeline.schedule import schedule_of
 from diffusion_attribution.pipeline.stages import StageResult
-from diffusion_attribution.pipeline.workspace import Workspace, schedule_of
+from diffusion_attribution.pipeline.workspace import Workspace
 
 NOTEBOOK = "03_sample.ipynb"
 INPUTS = ("outputs/data", "outputs/train")
@@ -57,15 +60,15 @@ def nearest(
 
 def run(config: Config, ws: Workspace) -> StageResult:
     """Sample, save, and check that the samples look like the classes without copying."""
-    ds = ws.dataset
+    ds = ImageDataset.load(ws.path(ws.TRAIN_SET))
     scfg = config.sample
     schedule = schedule_of(config.diffusion)
     start = time.perf_counter()
     res = ancestral_sample(
-        ws.model,
+        load_checked_model(ws.path(ws.MODEL), device=ws.device),
         schedule,
         scfg.num_samples,
-        ws.image_shape,
+        tuple(ds.images.shape[1:]),
         seed=scfg.seed,
         variance=config.diffusion.variance,
         batch_size=scfg.batch_size,
@@ -74,7 +77,7 @@ def run(config: Config, ws: Workspace) -> StageResult:
         device=ws.device,
     )
     seconds = time.perf_counter() - start
-    images = quantize(res.x0.clamp(-1, 1), ws.pixel_levels)
+    images = quantize(res.x0.clamp(-1, 1), pixel_levels(ds.name))
     atomic_save(
         {
             "images": images,

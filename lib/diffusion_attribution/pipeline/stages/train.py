@@ -12,6 +12,7 @@ import torch
 
 from diffusion_attribution.core.config import Config
 from diffusion_attribution.core.io import atomic_write_text
+from diffusion_attribution.diffusion.datasets import ImageDataset
 from diffusion_attribution.diffusion.ddpm import diffusion_loss, draw_noise
 from diffusion_attribution.diffusion.training import (
     build_model,
@@ -20,8 +21,9 @@ from diffusion_attribution.diffusion.training import (
     train_ddpm,
 )
 from diffusion_attribution.diffusion.unet import kfac_parameters, num_parameters
+from diffusion_attribution.pipeline.schedule import schedule_of
 from diffusion_attribution.pipeline.stages import StageResult
-from diffusion_attribution.pipeline.workspace import Workspace, schedule_of
+from diffusion_attribution.pipeline.workspace import Workspace
 
 NOTEBOOK = "02_train.ipynb"
 INPUTS = ("outputs/data",)
@@ -58,8 +60,8 @@ def _train_set_loss(model, schedule, images, t, eps, batch: int = 256) -> torch.
 
 def run(config: Config, ws: Workspace) -> StageResult:
     """Train the full model on the training set; save its EMA weights and the loss curve."""
-    ds = ws.dataset
-    shape = ws.image_shape
+    ds = ImageDataset.load(ws.path(ws.TRAIN_SET))
+    shape = tuple(ds.images.shape[1:])
     schedule = schedule_of(config.diffusion)
     net = build_model(config.model, shape)
     n_kfac = sum(p.numel() for p in kfac_parameters(net))

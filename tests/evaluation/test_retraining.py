@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import pickle
 import signal
@@ -15,9 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffusion_attribution.core.config import DiffusionConfig, ModelConfig, TrainConfig
+import diffusion_attribution
+from diffusion_attribution.core.sections import DiffusionConfig, ModelConfig, TrainConfig
 from diffusion_attribution.diffusion.datasets import ImageDataset
 from diffusion_attribution.diffusion.training import load_model
+from diffusion_attribution.evaluation import retraining as retrain
+from diffusion_attribution.evaluation.lds import subset_masks
 from diffusion_attribution.evaluation.retraining import (
     RetrainJob,
     checkpoint_path,
@@ -224,9 +228,6 @@ def test_kill_and_rerun_resumes(data_path: str, tmp_path: Path, executor: str) -
 
 
 def test_fingerprinted_jobs_and_prune(data_path: str, tmp_path: Path) -> None:
-    from diffusion_attribution.evaluation import retraining as retrain
-    from diffusion_attribution.evaluation.lds import subset_masks
-
     out = tmp_path / "models"
     masks = subset_masks(30, 3, 0.5, seed=0)
     jobs = retrain.subset_jobs(data_path, masks, (7, 8), MODEL, DIFFUSION, TRAIN, out)
@@ -295,83 +296,94 @@ def test_fingerprinted_jobs_and_prune(data_path: str, tmp_path: Path) -> None:
     assert retrain.prune(out, wanted, stale_dir=tmp_path / "stale") == []
 
 
-def copy_package(tmp_path: Path, name: str, edits: dict[str, tuple[str, str]]):
-    """Import a copy of the package as ``name``, with ``edits`` ({file: (old, new)}) applied."""
-    import importlib
-
-    import diffusion_attribution
-
+def copy_package(tmp_path: Path, name: str, edits: dict[str, tuple[str, str]]) -> Path:
+    """A copy of the package's sources in ``tmp_path / name``, with ``edits`` ({path in the
+    package: (old, new)}) applied; returns the folder that holds the copy."""
     src = Path(diffusion_attribution.__file__).parent
     root = tmp_path / name
-    (root / name).mkdir(parents=True)
-    for f in src.glob("*.py"):
+    for f in src.rglob("*.py"):
+        rel = f.relative_to(src).as_posix()
         text = f.read_text()
-        if f.name in edits:
-            old, new = edits[f.name]
-            assert text.count(old) == 1, (f.name, old)
+        if rel in edits:
+            old, new = edits[rel]
+            assert text.count(old) == 1, (rel, old)
             text = text.replace(old, new)
-        (root / name / f.name).write_text(text)
+        dest = root / "diffusion_attribution" / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_text(text)
+    return root
+
+
+def _package_module(name: str) -> bool:
+    return name == "diffusion_attribution" or name.startswith("diffusion_attribution.")
+
+
+@contextlib.contextmanager
+def imported_from(root: Path):
+    """The retraining module of the package copy in ``root`` (:func:`copy_package`), imported
+    in place of the checkout's while the block runs; the checkout's modules are back after."""
+    saved = {n: m for n, m in sys.modules.items() if _package_module(n)}
+    for n in saved:
+        del sys.modules[n]
     sys.path.insert(0, str(root))
     try:
-        return importlib.import_module(f"{name}.retrain")
+        yield importlib.import_module("diffusion_attribution.evaluation.retraining")
     finally:
         sys.path.remove(str(root))
+        for n in [n for n in sys.modules if _package_module(n)]:
+            del sys.modules[n]
+        sys.modules.update(saved)
 
 
-@pytest.fixture
-def copies():
-    """Forget the package copies imported by a test."""
-    yield
-    for name in [n for n in sys.modules if n.startswith("pkg_")]:
-        del sys.modules[name]
-
-
-def test_job_names_follow_code_not_comments(data_path: str, tmp_path: Path, copies) -> None:
+def test_job_names_follow_code_not_comments(data_path: str, tmp_path: Path) -> None:
     """A docstring or comment edit in the training code renames no job; a code edit does."""
-    from diffusion_attribution.evaluation import retraining as retrain
 
     def name_of(module) -> str:
-        cfg = module.__name__.rsplit(".", 1)[0] + ".config"
-        cfg = sys.modules[cfg]
-        job = module.make_job(
-            "m",
-            data_path,
-            range(10),
-            0,
-            cfg.ModelConfig(**MODEL.model_dump()),
-            cfg.DiffusionConfig(**DIFFUSION.model_dump()),
-            cfg.TrainConfig(**TRAIN.model_dump()),
-            tmp_path / "out",
-        )
+        out = tmp_path / "out"
+        job = module.make_job("m", data_path, range(10), 0, MODEL, DIFFUSION, TRAIN, out)
         return Path(job.output).name
+
+    def name_in_copy(name: str, edits: dict[str, tuple[str, str]]) -> str:
+        with imported_from(copy_package(tmp_path, name, edits)) as module:
+            return name_of(module)
 
     base = name_of(retrain)
     docs = {
-        "ddpm.py": ('"""Denoising diffusion', '# a new comment\n"""Edited. Denoising diffusion'),
-        "train.py": (
+        "diffusion/ddpm.py": (
+            '"""Denoising diffusion',
+            '# a new comment\n"""Edited. Denoising diffusion',
+        ),
+        "diffusion/training.py": (
             "linear warm-up, then cosine to 0.",
             "warm-up, then a cosine decay (edited).\n\n    More text.",
         ),
-        "retrain.py": ("torch thread (several jobs run", "torch thread (edited: several jobs run"),
-        "data.py": ("Return the examples at", "The examples at"),
+        "evaluation/retraining.py": (
+            "torch thread (several jobs run",
+            "torch thread (edited: several jobs run",
+        ),
+        "diffusion/datasets.py": ("Return the examples at", "The examples at"),
     }
     code = {
-        "train.py": ("0.5 * (1.0 + math.cos", "0.5 * (1.0 - math.cos"),
-        "retrain.py": ('{**job.train, "seed": job.seed}', '{**job.train, "seed": job.seed + 1}'),
-        "data.py": ("idx = torch.as_tensor(indices)", "idx = torch.as_tensor(indices).flip(0)"),
+        "diffusion/training.py": ("0.5 * (1.0 + math.cos", "0.5 * (1.0 - math.cos"),
+        "evaluation/retraining.py": (
+            '{**job.train, "seed": job.seed}',
+            '{**job.train, "seed": job.seed + 1}',
+        ),
+        "diffusion/datasets.py": (
+            "idx = torch.as_tensor(indices)",
+            "idx = torch.as_tensor(indices).flip(0)",
+        ),
     }
-    assert name_of(copy_package(tmp_path, "pkg_same", {})) == base  # the location does not count
-    assert name_of(copy_package(tmp_path, "pkg_docs", docs)) == base
-    renamed = {
-        name_of(copy_package(tmp_path, f"pkg_code_{f.removesuffix('.py')}", {f: edit}))
-        for f, edit in code.items()
-    }
+    assert name_in_copy("same", {}) == base  # the location does not count
+    assert name_in_copy("docs", docs) == base
+    renamed = {name_in_copy(f"code_{Path(f).stem}", {f: edit}) for f, edit in code.items()}
     assert len(renamed) == len(code) and base not in renamed
+    assert name_of(retrain) == base  # the checkout's modules are back
 
 
 def test_job_exits_when_its_owner_is_killed(tmp_path: Path) -> None:
     """A job outlives neither a SIGKILLed run_jobs process nor its orphaned controller."""
-    child = "from diffusion_attribution.evaluation.retraining import exit_with_owner; import time; exit_with_owner(0.05); time.sleep(60)"
+    child = "from diffusion_attribution.core.executors import exit_with_owner; import time; exit_with_owner(0.05); time.sleep(60)"
     parent = textwrap.dedent(
         f"""
         import os, subprocess, sys, time

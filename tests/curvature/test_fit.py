@@ -1,13 +1,6 @@
-"""K-FAC curvature (paper Sec. 3.1): brute-force float64 checks on tiny eps-models.
-
-Normalisation under test (module docstring of ``curvature``): with R rows, D outputs per row,
-J_r the Jacobian of row r's flattened prediction and g_r the gradient of row r's
-per-pixel-mean squared error,
-    GGN (type2 / MC)  = 2 / (R D) sum_r J_r^T J_r,
-    empirical Fisher  = D / R   sum_r g_r g_r^T   (= 1 / (R D) sum_r g^_r g^_r^T with g^_r
-                                                  the gradient of the summed squared error:
-                                                  the MC Fisher's scale, as in curvlinops).
-"""
+"""The fit (:func:`~diffusion_attribution.curvature.fit.fit_kfac`, paper Sec. 3.1): brute-force
+float64 checks on tiny eps-models (:mod:`tests.curvature.oracles` states the normalisation
+under test), both backends, EK-FAC, determinism, and the errors a bad fit raises."""
 
 from __future__ import annotations
 
@@ -18,156 +11,29 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from diffusion_attribution.curvature.kfac import (
-    KFAC,
-    DenseCurvature,
-    build_operator,
-    fit_kfac,
-    noisy_rows,
-)
+from diffusion_attribution.curvature.curvlinops_backend import build_operator, kfac_from_operator
+from diffusion_attribution.curvature.fit import fit_kfac
+from diffusion_attribution.curvature.kfac import KFAC
+from diffusion_attribution.curvature.rows import noisy_rows
 from diffusion_attribution.diffusion.ddpm import NoiseSchedule
-from diffusion_attribution.diffusion.unet import UNet, kfac_parameters
-from tests.helpers import TINY_DIGITS
+from diffusion_attribution.diffusion.unet import kfac_parameters
+from tests.curvature.oracles import (
+    F64,
+    SCHEDULE,
+    ConvAttnEps,
+    LinearEps,
+    MLPEps,
+    T,
+    assert_close,
+    block_diag_mask,
+    brute_ef,
+    brute_ggn,
+    draws,
+    make,
+    rel_fro,
+)
 
-T = 10
-SCHEDULE = NoiseSchedule.linear(T, 1e-3, 0.2)
-F64 = torch.float64
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny problems: threads only add overhead, and oversubscribed cores are very slow."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-# ---------------------------------------------------------------------------------------------
-# tiny eps-models (float64)
-# ---------------------------------------------------------------------------------------------
-
-
-class LinearEps(nn.Module):
-    """flatten -> Linear(D, D) -> reshape; t ignored (no weight sharing)."""
-
-    def __init__(self, shape=(1, 2, 2), bias: bool = True):
-        super().__init__()
-        self.shape = shape
-        d = math.prod(shape)
-        self.lin = nn.Linear(d, d, bias=bias)
-
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        return self.lin(x.flatten(1)).reshape(-1, *self.shape)
-
-
-class MLPEps(nn.Module):
-    """[flatten(x), t / T] -> Linear -> tanh -> Linear -> reshape (no weight sharing)."""
-
-    def __init__(self, shape=(1, 2, 2), hidden: int = 3):
-        super().__init__()
-        self.shape = shape
-        d = math.prod(shape)
-        self.l1 = nn.Linear(d + 1, hidden)
-        self.l2 = nn.Linear(hidden, d)
-
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        h = torch.cat([x.flatten(1), (t.to(x.dtype) / T)[:, None]], dim=1)
-        return self.l2(torch.tanh(self.l1(h))).reshape(-1, *self.shape)
-
-
-class ConvAttnEps(nn.Module):
-    """Conv2d -> (+ Linear time embedding) -> token self-attention (Linear q/k/v) -> Conv2d."""
-
-    def __init__(self, c: int = 2):
-        super().__init__()
-        self.conv_in = nn.Conv2d(1, c, 3, padding=1)
-        self.temb = nn.Linear(1, c)
-        self.q, self.k, self.v = nn.Linear(c, c), nn.Linear(c, c), nn.Linear(c, c)
-        self.conv_out = nn.Conv2d(c, 1, 3, padding=1)
-
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        emb = self.temb((t.to(x.dtype) / T)[:, None])
-        h = torch.tanh(self.conv_in(x) + emb[:, :, None, None])
-        b, c, hh, ww = h.shape
-        tok = h.flatten(2).transpose(1, 2)  # (B, HW, C): Linear with weight sharing
-        att = torch.softmax(self.q(tok) @ self.k(tok).transpose(1, 2) / math.sqrt(c), dim=-1)
-        h = h + (att @ self.v(tok)).transpose(1, 2).reshape(b, c, hh, ww)
-        return self.conv_out(h)
-
-
-def make(cls, seed: int = 0, **kw) -> nn.Module:
-    torch.manual_seed(seed)
-    return cls(**kw).double()
-
-
-def draws(n: int, s: int, shape=(1, 2, 2), seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    x0 = torch.randn(n, *shape, generator=g, dtype=F64)
-    t = torch.randint(1, T + 1, (n, s), generator=g)
-    eps = torch.randn(n, s, *shape, generator=g, dtype=F64)
-    return x0, t, eps
-
-
-# ---------------------------------------------------------------------------------------------
-# brute force
-# ---------------------------------------------------------------------------------------------
-
-
-def _functional(model: nn.Module, params: list[Tensor]):
-    names = {id(p): n for n, p in model.named_parameters()}
-    keys = [names[id(p)] for p in params]
-    shapes = [p.shape for p in params]
-    sizes = [p.numel() for p in params]
-
-    def call(flat: Tensor, xt: Tensor, t: Tensor) -> Tensor:
-        d = {k: c.view(s) for k, c, s in zip(keys, flat.split(sizes), shapes, strict=True)}
-        return torch.func.functional_call(model, d, (xt, t))
-
-    flat0 = torch.cat([p.detach().flatten() for p in params])
-    return call, flat0
-
-
-def brute_ggn(model, params, x0, t, eps) -> Tensor:
-    """2 / (R D) sum_r J_r^T J_r from the explicit Jacobian."""
-    xt, tt, _ = noisy_rows(SCHEDULE, x0, t, eps)
-    call, flat0 = _functional(model, params)
-    J = torch.func.jacrev(lambda f: call(f, xt, tt).flatten())(flat0)  # (R*D, P)
-    r, d = xt.shape[0], xt[0].numel()
-    return 2.0 / (r * d) * J.T @ J
-
-
-def brute_ef(model, params, x0, t, eps) -> Tensor:
-    """D / R sum_r g_r g_r^T, g_r = grad of row r's per-pixel-mean squared error."""
-    xt, tt, y = noisy_rows(SCHEDULE, x0, t, eps)
-    call, flat0 = _functional(model, params)
-    G = torch.func.jacrev(lambda f: (call(f, xt, tt).flatten(1) - y).pow(2).mean(1))(flat0)
-    return G.T @ G * y.shape[1] / y.shape[0]
-
-
-def block_diag_mask(kfac: KFAC) -> Tensor:
-    mask = torch.zeros(kfac.num_params, kfac.num_params, dtype=torch.bool)
-    for b in kfac.blocks:
-        idx = b.flat_index().flatten()
-        mask[idx[:, None], idx[None, :]] = True
-    return mask
-
-
-def layer_mask(kfac: KFAC) -> Tensor:
-    """Same-layer mask (weight and bias of one layer together)."""
-    mask = torch.zeros(kfac.num_params, kfac.num_params, dtype=torch.bool)
-    for layer in kfac.layers:
-        idx = torch.cat([b.flat_index().flatten() for b in kfac.blocks if b.layer == layer])
-        mask[idx[:, None], idx[None, :]] = True
-    return mask
-
-
-def assert_close(a: Tensor, b: Tensor, rtol: float = 1e-10):
-    torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * float(b.abs().max()))
-
-
-def rel_fro(a: Tensor, b: Tensor) -> float:
-    return float(torch.linalg.norm(a - b) / torch.linalg.norm(b))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,7 +145,7 @@ def test_empirical_fisher_one_row_scaling():
     op = build_operator(
         model, params, SCHEDULE, x0, t, eps, fisher="empirical", separate_weight_and_bias=False
     )
-    assert_close(KFAC.from_operator(op, params).to_dense(), 4 * torch.outer(g, g))  # D = 4
+    assert_close(kfac_from_operator(op, params).to_dense(), 4 * torch.outer(g, g))  # D = 4
     # MLP, one row: every block of the EF is rank one, K-FAC reproduces it
     mlp = make(MLPEps)
     p2 = kfac_parameters(mlp)
@@ -364,80 +230,7 @@ def test_expand_reduce_coincide_without_weight_sharing_only():
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. matvec / inverse / curvlinops agreement
-# ---------------------------------------------------------------------------------------------
-
-CASES = [
-    (LinearEps, (1, 2, 2), "mc", "expand", False),
-    (MLPEps, (1, 2, 2), "empirical", "reduce", True),
-    (ConvAttnEps, (1, 4, 4), "mc", "expand", True),
-    (ConvAttnEps, (1, 4, 4), "mc", "reduce", False),
-    (ConvAttnEps, (1, 4, 4), "empirical", "expand", False),
-]
-
-
-@pytest.mark.parametrize("cls,shape,fisher,approx,separate", CASES)
-@pytest.mark.parametrize("ekfac", [False, True], ids=["kfac", "ekfac"])
-def test_matvec_inverse_and_curvlinops(cls, shape, fisher, approx, separate, ekfac):
-    model = make(cls)
-    params = kfac_parameters(model)
-    x0, t, eps = draws(3, 2, shape=shape, seed=1)
-    kw = dict(fisher=fisher, kfac=approx, separate_weight_and_bias=separate, ekfac=ekfac)
-    op = build_operator(model, params, SCHEDULE, x0, t, eps, batch_size=4, mc_seed=3, **kw)
-    K = KFAC.from_operator(op, params)
-    dense = K.to_dense()
-    P = K.num_params
-    V = torch.randn(3, P, dtype=F64, generator=torch.Generator().manual_seed(0))
-    # KFAC.matvec == curvlinops operator @ v (operator columns are vectors)
-    assert_close(K.matvec(V), (op @ V.T).T, rtol=1e-9)
-    assert_close(K.matvec(V[0]), op @ V[0], rtol=1e-9)
-    assert_close(K.matvec(V), V @ dense)
-    assert_close(K.matvec(V, 0.3), V @ dense + 0.3 * V)
-    assert torch.allclose(dense, dense.T, rtol=0, atol=1e-14 * float(dense.abs().max()))
-    assert float(K.eigenvalues().min()) >= 0
-    torch.testing.assert_close(
-        K.eigenvalues().sort().values, torch.linalg.eigvalsh(dense), rtol=0, atol=1e-12
-    )
-    eye = torch.eye(P, dtype=F64)
-    for lam in (1e-3, 1e-1, 10.0):
-        X = K.inverse_apply(V, lam)
-        assert_close(X, torch.linalg.solve(dense + lam * eye, V.T).T, rtol=1e-8)
-        assert_close(K.matvec(X, lam), V, rtol=1e-10)
-    # float32 in, float32 out; a vector in, a vector out
-    assert K.inverse_apply(V[0].float(), 0.1).dtype == torch.float32
-    assert K.inverse_apply(V[0], 0.1).shape == (P,)
-    with pytest.raises(ValueError, match="flat parameter layout"):
-        K.inverse_apply(V[:, :-1], 0.1)
-
-
-def test_inverse_tiny_damping_full_rank():
-    """lambda = 1e-8 on a full-rank K-FAC: residual of the exact eigen-inverse stays tiny."""
-    model = make(LinearEps)
-    params = kfac_parameters(model)
-    x0, t, eps = draws(8, 2, seed=2)
-    K = fit_kfac(model, params, SCHEDULE, x0, t, eps, fisher="type2")
-    assert float(K.eigenvalues().min()) > 1e-3  # A = mean a a^T of 16 rows in R^4: full rank
-    V = torch.randn(2, K.num_params, dtype=F64)
-    X = K.inverse_apply(V, 1e-8)
-    assert rel_fro(K.matvec(X, 1e-8), V) < 1e-12
-    D = DenseCurvature(K.to_dense())
-    assert rel_fro(D.inverse_apply(V, 1e-8), X) < 1e-10
-    assert_close(D.matvec(V, 0.5), K.matvec(V, 0.5))
-    with pytest.raises(FloatingPointError):
-        DenseCurvature(torch.zeros(3, 3, dtype=F64)).inverse_apply(torch.ones(3), 0.0)
-
-
-def test_singular_without_damping_raises():
-    model = make(LinearEps)
-    params = kfac_parameters(model)
-    K = fit_kfac(model, params, SCHEDULE, *draws(1, 1))  # rank-one A: singular
-    with pytest.raises(FloatingPointError, match="singular"):
-        K.inverse_apply(torch.ones(K.num_params, dtype=F64), 0.0)
-    assert torch.isfinite(K.inverse_apply(torch.ones(K.num_params, dtype=F64), 1e-3)).all()
-
-
-# ---------------------------------------------------------------------------------------------
-# EK-FAC
+# 5. EK-FAC
 # ---------------------------------------------------------------------------------------------
 
 
@@ -505,20 +298,6 @@ def test_determinism_and_mc_seed():
     assert all(torch.equal(p.G, q.G) for p, q in zip(e1.blocks, e2.blocks, strict=True))
 
 
-@pytest.mark.parametrize("ekfac", [False, True])
-def test_from_operator_reuses_computed_factors(ekfac):
-    """curvlinops adds to existing factors on a second ``compute_kronecker_factors``; an
-    operator whose factors already exist (here via its determinism check) is not refitted."""
-    model = make(ConvAttnEps)
-    params = kfac_parameters(model)
-    x0, t, eps = draws(2, 2, shape=(1, 4, 4))
-    kw = dict(fisher="mc", ekfac=ekfac)
-    op = build_operator(model, params, SCHEDULE, x0, t, eps, check_deterministic=True, **kw)
-    K = KFAC.from_operator(op, params)
-    ref = fit_kfac(model, params, SCHEDULE, x0, t, eps, backend="curvlinops", **kw)
-    assert_close(K.to_dense(), ref.to_dense(), rtol=1e-9)
-
-
 def test_dropout_is_off_and_mode_restored():
     model = make(ConvAttnEps)
     model.conv_out = nn.Sequential(nn.Dropout(0.5), model.conv_out)
@@ -531,7 +310,7 @@ def test_dropout_is_off_and_mode_restored():
 
 
 # ---------------------------------------------------------------------------------------------
-# 7. NaN, save / load, mismatches
+# 7. NaN and bad inputs
 # ---------------------------------------------------------------------------------------------
 
 
@@ -554,32 +333,6 @@ def test_nan_factor_raises_naming_layer(tmp_path):
     torch.save(state, tmp_path / "nan.pt")
     with pytest.raises(FloatingPointError, match="layer 'k'"):
         KFAC.load(tmp_path / "nan.pt")
-
-
-@pytest.mark.parametrize("ekfac", [False, True])
-def test_save_load_roundtrip(tmp_path, ekfac):
-    model = make(ConvAttnEps)
-    params = kfac_parameters(model)
-    x0, t, eps = draws(3, 2, shape=(1, 4, 4))
-    K = fit_kfac(model, params, SCHEDULE, x0, t, eps, ekfac=ekfac)
-    path = tmp_path / "sub" / "kfac.pt"
-    K.save(path)
-    assert [p.name for p in path.parent.iterdir()] == ["kfac.pt"]  # no temporary left
-    state = torch.load(path, weights_only=True)
-    assert state["meta"]["fisher"] == "mc" and state["meta"]["ekfac"] is ekfac
-    L = KFAC.load(path, params)
-    V = torch.randn(4, K.num_params, dtype=F64)
-    for lam in (1e-8, 1e-2):
-        assert torch.equal(L.inverse_apply(V, lam), K.inverse_apply(V, lam))
-    assert L.layers == K.layers == ["conv_in", "temb", "q", "k", "v", "conv_out"]
-    with pytest.raises(ValueError, match="parameter mismatch"):
-        KFAC.load(path, kfac_parameters(make(ConvAttnEps, c=3)))
-    with pytest.raises(ValueError, match="parameter mismatch"):
-        KFAC.load(path, params[:-1])
-    with pytest.raises(ValueError, match="flat parameter layout"):
-        L.inverse_apply(torch.zeros(K.num_params + 1, dtype=F64), 1e-3)
-    with pytest.raises(ValueError, match="not a"):
-        KFAC.from_state_dict({"format": "something else"})
 
 
 def test_unsupported_params_and_bad_inputs():
@@ -611,9 +364,8 @@ class _Call(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_tiny_digits_unet_smoke():
-    torch.manual_seed(0)
-    model = UNet(TINY_DIGITS)
+def test_tiny_digits_unet_smoke(digits_unet):
+    model = digits_unet
     params = kfac_parameters(model)
     g = torch.Generator().manual_seed(0)
     x0 = torch.rand(16, 1, 8, 8, generator=g) * 2 - 1
@@ -634,97 +386,3 @@ def test_tiny_digits_unet_smoke():
             X = K.inverse_apply(V, 1e-3 * K.mean_eigenvalue())
             assert X.shape == V.shape and X.dtype == torch.float32 and torch.isfinite(X).all()
     print("TINY_DIGITS fit times (N=16, S=2):", {k: f"{v:.2f}s" for k, v in times.items()})
-
-
-def test_inverse_apply_sweep_equals_separate_calls():
-    model = make(ConvAttnEps)
-    params = kfac_parameters(model)
-    K = fit_kfac(model, params, SCHEDULE, *draws(3, 2, shape=(1, 4, 4), seed=8))
-    V = torch.randn(3, K.num_params, dtype=F64, generator=torch.Generator().manual_seed(1))
-    sweep = K.inverse_apply_sweep(V, [1e-3, 1.0, 1e-3])
-    assert list(sweep) == [1e-3, 1.0]
-    for d, X in sweep.items():
-        assert_close(X, K.inverse_apply(V, d), rtol=1e-12)
-    dense = DenseCurvature(K.to_dense())
-    for d, X in dense.inverse_apply_sweep(V, [1e-3, 1.0]).items():
-        assert_close(X, K.inverse_apply(V, d), rtol=1e-8)
-
-
-# ---------------------------------------------------------------------------------------------
-# 9. preconditioning on the device
-# ---------------------------------------------------------------------------------------------
-
-
-def _no_host_reads(monkeypatch) -> None:
-    """Make every tensor -> Python scalar conversion (a device sync on a GPU) raise."""
-
-    def fail(*_):
-        raise AssertionError("a tensor was read on the host")
-
-    for name in ("__bool__", "__float__", "__int__", "item", "tolist"):
-        monkeypatch.setattr(torch.Tensor, name, fail)
-
-
-def _check_on(K: KFAC, device: torch.device) -> None:
-    for b in K.blocks:
-        for name, x in b.tensors().items():
-            if x is not None:
-                assert x.device.type == device.type and x.dtype == F64, (b.layer, name)
-
-
-@pytest.mark.parametrize("ekfac", [False, True])
-def test_inverse_apply_on_an_explicit_device(monkeypatch, tmp_path, ekfac):
-    """K-FAC moved to torch.device("cpu") keeps float64 factors there; inverse_apply and its
-    sweep convert only the right-hand side and read nothing back to the host once the
-    per-block eigenvalue minima are cached; Workspace.curvature returns it on ws.device."""
-    from diffusion_attribution.pipeline.workspace import Workspace
-
-    model = make(ConvAttnEps)
-    params = kfac_parameters(model)
-    K = fit_kfac(model, params, SCHEDULE, *draws(3, 2, shape=(1, 4, 4), seed=8), ekfac=ekfac)
-    cpu = torch.device("cpu")
-    Kd = K.to(cpu)
-    assert Kd.device == cpu
-    _check_on(Kd, cpu)
-    V = torch.randn(3, K.num_params, dtype=torch.float32)
-    ref = K.inverse_apply(V.double(), 1e-3)
-    Kd.inverse_apply(V, 1e-3)  # caches the eigenvalue minima
-    with monkeypatch.context() as m:
-        _no_host_reads(m)
-        X = Kd.inverse_apply(V, 1e-3)
-        sweep = Kd.inverse_apply_sweep(V, [1e-3, 1e-1])
-    assert X.dtype == torch.float32 and X.device == V.device
-    assert rel_fro(X.double(), ref) < 1e-6  # float32 output of a float64 solve
-    torch.testing.assert_close(sweep[1e-3], X, rtol=0, atol=0)
-    _check_on(Kd, cpu)
-    ws = Workspace(tmp_path, device="cpu")
-    K.save(ws.out(ws.CURVATURE.format(variant="mc_expand")))
-    L = ws.curvature("mc_expand")
-    assert L.device == cpu
-    _check_on(L, cpu)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible)")
-def test_inverse_apply_on_cuda_matches_cpu():
-    model = make(ConvAttnEps)
-    params = kfac_parameters(model)
-    K = fit_kfac(model, params, SCHEDULE, *draws(3, 2, shape=(1, 4, 4), seed=8))
-    gpu = torch.device("cuda")
-    Kg = K.to(gpu)
-    _check_on(Kg, gpu)
-    V = torch.randn(4, K.num_params, dtype=F64)
-    for lam in (1e-6, 1e-2):
-        Xg = Kg.inverse_apply(V.to(gpu).float(), lam)
-        assert Xg.device.type == "cuda" and Xg.dtype == torch.float32
-        torch.testing.assert_close(Xg.cpu(), K.inverse_apply(V.float(), lam), rtol=1e-5, atol=1e-6)
-        X64 = Kg.inverse_apply(V, lam)  # a CPU right-hand side comes back on the CPU
-        assert X64.device.type == "cpu"
-        assert rel_fro(X64, K.inverse_apply(V, lam)) < 1e-10
-    Vg = V.to(gpu)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")  # no device->host syncs once minima are cached
-    try:
-        Kg.inverse_apply_sweep(Vg, [1e-6, 1e-2])
-        Kg.inverse_apply(Vg.float(), 1e-2)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")

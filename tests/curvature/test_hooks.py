@@ -1,8 +1,8 @@
-"""K-FAC factors by hooks (``factors``): equal to curvlinops' where both are deterministic,
-to a brute-force computation with the same MC noise, and additive over shards of examples.
+"""The hooks backend (:mod:`diffusion_attribution.curvature.hooks`): K-FAC factors equal to
+curvlinops' where both are deterministic, to a brute-force computation with the same MC noise,
+and to curvlinops' in expectation for MC.
 
-All checks in float64 on ``TINY_4X4`` (convolutions, token attention with Linear q/k/v/out,
-a time-embedding MLP, GroupNorm), a few examples and draws.
+All checks in float64 on ``TINY_4X4`` (``net`` and ``data`` of ``tests/curvature/conftest.py``).
 """
 
 from __future__ import annotations
@@ -14,78 +14,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffusion_attribution.curvature.factors import (
-    CorrectionSums,
-    FactorSums,
-    apply_corrections,
-    combine,
-    correction_sums,
-    factor_sums,
-    mc_noise,
-    to_kfac,
-)
-from diffusion_attribution.curvature.kfac import KFAC, build_operator, fit_kfac, noisy_rows
+from diffusion_attribution.curvature.curvlinops_backend import build_operator
+from diffusion_attribution.curvature.fit import fit_kfac
+from diffusion_attribution.curvature.hooks import correction_sums, factor_sums, mc_noise
+from diffusion_attribution.curvature.partial_sums import apply_corrections
+from diffusion_attribution.curvature.rows import noisy_rows
 from diffusion_attribution.diffusion.ddpm import NoiseSchedule
 from diffusion_attribution.diffusion.measurements import DiffusionLoss
-from diffusion_attribution.diffusion.unet import UNet, kfac_parameters
-from tests.helpers import TINY_4X4
+from diffusion_attribution.diffusion.unet import kfac_parameters
+from tests.curvature.oracles import F64, SCHEDULE, T, assert_blocks_equal, rel_fro
 
-T = 10
-SCHEDULE = NoiseSchedule.linear(T, 1e-3, 0.2)
-F64 = torch.float64
-N, S = 5, 2
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def net() -> nn.Module:
-    torch.manual_seed(0)
-    return UNet(TINY_4X4).double().eval()
-
-
-@pytest.fixture(scope="module")
-def data():
-    g = torch.Generator().manual_seed(1)
-    x0 = torch.randn(N, 1, 4, 4, generator=g, dtype=F64)
-    t = torch.randint(1, T + 1, (N, S), generator=g)
-    eps = torch.randn(N, S, 1, 4, 4, generator=g, dtype=F64)
-    return x0, t, eps
-
-
-def rel(a: Tensor, b: Tensor) -> float:
-    return float(torch.linalg.norm(a - b) / torch.linalg.norm(b))
-
-
-def assert_blocks_equal(a: KFAC, b: KFAC, tol: float = 1e-10) -> None:
-    """Same layers and kinds; raw factors (where both keep them) and dense blocks agree to
-    ``tol`` relative to the largest block of their kind (TINY_4X4's attention keys have a
-    summed output gradient that is 0 up to round-off: softmax ignores a shift of all keys)."""
-    assert [(x.layer, x.kind) for x in a.blocks] == [(y.layer, y.kind) for y in b.blocks]
-    pairs = {
-        "A": [
-            (x.A, y.A)
-            for x, y in zip(a.blocks, b.blocks, strict=True)
-            if x.A is not None and y.A is not None
-        ],
-        "G": [
-            (x.G, y.G)
-            for x, y in zip(a.blocks, b.blocks, strict=True)
-            if x.G is not None and y.G is not None
-        ],
-        "dense": [(x.dense(), y.dense()) for x, y in zip(a.blocks, b.blocks, strict=True)],
-    }
-    assert len(pairs["G"]) == len(a.blocks) or a.meta.get("ekfac") or b.meta.get("ekfac")
-    for name, uv in pairs.items():
-        scale = max(float(torch.linalg.norm(v)) for _, v in uv)
-        errs = [float(torch.linalg.norm(u - v)) / scale for u, v in uv]
-        assert max(errs) < tol, (name, max(errs))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,8 +49,8 @@ def test_hooks_equal_curvlinops(net, data, fisher, kfac, separate):
     op = build_operator(net, params, SCHEDULE, *data, **kw)
     V = torch.randn(3, hooks.num_params, dtype=F64, generator=torch.Generator().manual_seed(0))
     expected = (op @ V.T).T
-    assert rel(hooks.matvec(V), expected) < 1e-10
-    assert rel(hooks.matvec(V), V @ hooks.to_dense()) < 1e-12
+    assert rel_fro(hooks.matvec(V), expected) < 1e-10
+    assert rel_fro(hooks.matvec(V), V @ hooks.to_dense()) < 1e-12
 
 
 @pytest.mark.parametrize("kfac", ["expand", "reduce"])
@@ -133,7 +72,7 @@ def test_ekfac_corrections_equal_curvlinops(net, data, kfac, separate):
     hooks = fit_kfac(net, params, SCHEDULE, *data, backend="hooks", ekfac=True, **kw)
     assert hooks.meta["ekfac"] and hooks.meta["backend"] == "hooks"
     if kfac == "expand":
-        assert rel(hooks.to_dense(), ref.to_dense()) < 1e-10
+        assert rel_fro(hooks.to_dense(), ref.to_dense()) < 1e-10
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,7 +149,7 @@ def test_mc_hooks_equal_brute_force_with_same_noise(net, data, kfac):
     for b in K.blocks:
         torch.testing.assert_close(b.G, G[b.layer], rtol=1e-10, atol=1e-12 * g_scale)
         if b.kind == "weight":
-            assert rel(b.A, A[b.layer]) < 1e-10, (b.layer, rel(b.A, A[b.layer]))
+            assert rel_fro(b.A, A[b.layer]) < 1e-10, (b.layer, rel_fro(b.A, A[b.layer]))
             checked += 1
     assert checked == len(A)
 
@@ -229,8 +168,8 @@ def test_mc_hooks_agree_with_curvlinops_in_expectation(net, data):
     for h, c, e in zip(hooks.blocks, curv.blocks, exact.blocks, strict=True):
         if h.kind == "bias":
             continue
-        assert rel(h.A, c.A) < 1e-12
-        errs.append((rel(h.G, e.G), rel(c.G, e.G), rel(h.G, c.G)))
+        assert rel_fro(h.A, c.A) < 1e-12
+        errs.append((rel_fro(h.G, e.G), rel_fro(c.G, e.G), rel_fro(h.G, c.G)))
     worst = torch.tensor(errs).max(0).values
     # 4 rows x 300 samples: relative MC error of a d x d second moment ~ sqrt(d / 1200) <= 0.1
     assert float(worst.max()) < 0.25, worst
@@ -250,92 +189,8 @@ def test_mc_noise_depends_only_on_seed_and_example():
 
 
 # ---------------------------------------------------------------------------------------------
-# shards
+# bad arguments
 # ---------------------------------------------------------------------------------------------
-
-SHARDS = [(0, 2), (2, 3), (3, 5)]
-
-
-def _shard_sums(net, params, data, tmp_path, **kw) -> FactorSums:
-    x0, t, eps = data
-    parts = []
-    for i, (a, b) in enumerate(SHARDS):
-        s = factor_sums(
-            net, params, SCHEDULE, x0[a:b], t[a:b], eps[a:b], example_offset=a, batch_size=3, **kw
-        )
-        path = tmp_path / f"sums{i}.pt"
-        s.save(path)
-        torch.load(path, weights_only=True)  # plain tensors and containers only
-        parts.append(FactorSums.load(path))
-    return combine(parts[::-1])  # order does not matter
-
-
-@pytest.mark.parametrize("kfac", ["expand", "reduce"])
-@pytest.mark.parametrize("fisher", ["mc", "empirical"])
-def test_shards_combine_to_the_whole_fit(net, data, tmp_path, fisher, kfac):
-    params = kfac_parameters(net)
-    kw = dict(fisher=fisher, kfac=kfac, mc_seed=4, mc_samples=2 if fisher == "mc" else 1)
-    combined = _shard_sums(net, params, data, tmp_path, **kw)
-    whole = factor_sums(net, params, SCHEDULE, *data, batch_size=8, **kw)
-    assert combined.num_rows == whole.num_rows == N * S
-    assert combined.examples == whole.examples == [(0, N)]
-    for sep in (True, False):
-        a = to_kfac(combined, separate_weight_and_bias=sep)
-        b = to_kfac(whole, separate_weight_and_bias=sep)
-        assert_blocks_equal(a, b, tol=1e-12)
-    ref = fit_kfac(net, params, SCHEDULE, *data, batch_size=5, **kw)  # another batching
-    assert_blocks_equal(to_kfac(combined), ref, tol=1e-12)
-
-
-@pytest.mark.parametrize("separate", [True, False], ids=["separate", "joint"])
-@pytest.mark.parametrize("fisher", ["mc", "empirical"])
-def test_ekfac_two_pass_shards(net, data, tmp_path, fisher, separate):
-    params = kfac_parameters(net)
-    x0, t, eps = data
-    kw = dict(fisher=fisher, mc_seed=9)
-    basis = to_kfac(
-        _shard_sums(net, params, data, tmp_path, **kw), separate_weight_and_bias=separate
-    )
-    parts = []
-    for i, (a, b) in enumerate(SHARDS):
-        c = correction_sums(
-            net, params, SCHEDULE, x0[a:b], t[a:b], eps[a:b], basis, example_offset=a, batch_size=3
-        )
-        c.save(tmp_path / f"corr{i}.pt")
-        parts.append(CorrectionSums.load(tmp_path / f"corr{i}.pt"))
-    sharded = apply_corrections(basis, combine(parts))
-    whole = fit_kfac(
-        net, params, SCHEDULE, *data, ekfac=True, separate_weight_and_bias=separate, **kw
-    )
-    assert sharded.meta["ekfac"]
-    assert_blocks_equal(sharded, whole, tol=1e-12)
-    # the EK-FAC eigenvalues are the diagonal of the per-row gradient second moment in the basis
-    # (not the Kronecker products g_i a_j): they differ from the basis' own
-    assert rel(sharded.eigenvalues(), basis.eigenvalues()) > 1e-3
-    with pytest.raises(ValueError, match="examples"):
-        apply_corrections(basis, combine(parts[:2]))
-    other = to_kfac(factor_sums(net, params, SCHEDULE, *data, fisher="empirical", kfac="reduce"))
-    with pytest.raises(ValueError, match="eigenbases"):
-        apply_corrections(other, combine(parts))
-
-
-def test_combine_refuses_overlaps_and_mixed_settings(net, data):
-    params = kfac_parameters(net)
-    x0, t, eps = data
-    a = factor_sums(net, params, SCHEDULE, x0[:3], t[:3], eps[:3])
-    b = factor_sums(net, params, SCHEDULE, x0[2:], t[2:], eps[2:], example_offset=2)
-    with pytest.raises(ValueError, match="overlap"):
-        a + b
-    c = factor_sums(net, params, SCHEDULE, x0[3:], t[3:], eps[3:], example_offset=3, kfac="reduce")
-    with pytest.raises(ValueError, match="different settings"):
-        a + c
-    d = factor_sums(net, params, SCHEDULE, x0[3:], t[3:], eps[3:], example_offset=3, mc_seed=1)
-    with pytest.raises(ValueError, match="different settings"):
-        a + d
-    with pytest.raises(ValueError, match="at least one"):
-        combine([])
-    with pytest.raises(ValueError, match="not a"):
-        FactorSums.from_state_dict({"format": "x"})
 
 
 def test_bad_arguments_name_what_is_wrong(net, data):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from diffusion_attribution.core.config import ModelConfig, TrainConfig
+from diffusion_attribution.core.sections import ModelConfig, TrainConfig
 from diffusion_attribution.diffusion.ddpm import NoiseSchedule
 from diffusion_attribution.diffusion.training import (
     build_model,
