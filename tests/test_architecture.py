@@ -6,6 +6,7 @@ another module. The layer contract itself is import-linter's (``lint-imports``, 
 from __future__ import annotations
 
 import ast
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -181,3 +182,33 @@ def test_import_contracts_hold() -> None:
         ["lint-imports", "--no-cache"], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+
+
+def test_all_lists_only_names_defined_in_the_module() -> None:
+    """No re-exports: a name in a module's ``__all__`` is defined there, not imported."""
+    found = []
+    for name, tree in TREES.items():
+        defined, exported = set(), []
+        for node in tree.body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                defined.add(node.name)
+            elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                for t in targets:
+                    if isinstance(t, ast.Name):
+                        defined.add(t.id)
+                        if t.id == "__all__" and isinstance(node.value, (ast.List, ast.Tuple)):
+                            exported = [e.value for e in node.value.elts]
+        found += [f"{name}: {e}" for e in exported if e not in defined]
+    assert found == []
+
+
+def test_the_module_map_in_docs_names_every_module() -> None:
+    """``docs/library.md`` has one row per module of the package, and no row for a module that
+    does not exist."""
+    text = (ROOT / "docs" / "library.md").read_text()
+    rows = set(re.findall(r"^\| `(diffusion_attribution[\w.]*)` \|", text, re.M))
+    assert rows == set(MODULES), {
+        "missing from docs/library.md": sorted(set(MODULES) - rows),
+        "no such module": sorted(rows - set(MODULES)),
+    }
