@@ -27,7 +27,6 @@ import torch
 
 from diffusion_attribution.attribution.scores import ScoreSet, select
 from diffusion_attribution.core.config import load_config
-from diffusion_attribution.diffusion.datasets import ImageDataset
 from diffusion_attribution.diffusion.measurements import DiffusionLoss
 from diffusion_attribution.evaluation.ground_truth import measure_models, stack
 from diffusion_attribution.evaluation.lds import (
@@ -38,10 +37,6 @@ from diffusion_attribution.evaluation.lds import (
 )
 from diffusion_attribution.pipeline.schedule import schedule_of
 from diffusion_attribution.pipeline.workspace import Workspace
-
-
-def load_dataset(ws: Workspace) -> ImageDataset:
-    return ImageDataset.load(ws.path(ws.TRAIN_SET))
 
 
 def load_output(ws: Workspace, rel: str) -> dict:

@@ -47,6 +47,7 @@ from diffusion_attribution.attribution.baselines import baseline_scores
 from diffusion_attribution.attribution.influence import attribute
 from diffusion_attribution.attribution.projection import Projector
 from diffusion_attribution.attribution.scores import ScoreKey
+from diffusion_attribution.attribution.similarity import pixel_similarity
 from diffusion_attribution.curvature.fit import fit_kfac
 from diffusion_attribution.curvature.kfac import KFAC
 from diffusion_attribution.diffusion.ddpm import NoiseSchedule
@@ -294,7 +295,8 @@ class Attributor:
 
     def _influence(self, queries, m, s, trajectories, progress) -> Attribution:
         K = self.curvature(ekfac=s.method == "ekfac")
-        damping = s.damping * K.mean_eigenvalue() if s.relative_damping else s.damping
+        scale = K.mean_eigenvalue()  # all P eigenvalues: computed once per score matrix
+        damping = s.damping * scale if s.relative_damping else s.damping
         fs = self.fit_settings
         name = ("ekfac_" if s.method == "ekfac" else "") + f"{fs.fisher}_{fs.kfac}"
         key = ScoreKey("kfac", m.name, curvature=name, damping=damping, compression=s.compression)
@@ -314,10 +316,13 @@ class Attributor:
             batch_size=s.batch_size,
             progress=progress,
         )
-        meta = {"mean_eigenvalue": K.mean_eigenvalue(), "timings": vars(timings)}
+        meta = {"mean_eigenvalue": scale, "timings": vars(timings)}
         return Attribution(scores[key], m.name, s, key, meta)
 
     def _baseline(self, queries, m, s, trajectories, progress) -> Attribution:
+        if s.method == "pixel":  # no model, so no gradients: baseline_scores' pixel kernel alone
+            matrix = pixel_similarity(queries, self.train_images)
+            return Attribution(matrix, "none", s, ScoreKey("pixel", "none"))
         measurements = {"loss": self.measurement("loss"), "square_norm": SquareNorm(self.schedule)}
         measurements[m.name] = m
         num_params = sum(p.numel() for p in self.params)
@@ -339,8 +344,6 @@ class Attributor:
             progress=progress,
         )
         target = "square_norm" if s.method == "d-trak" else m.name
-        if s.method == "pixel":
-            target = "none"
         (key,) = [
             k
             for k in found
