@@ -5,12 +5,14 @@ import torch
 
 from diffusion_attribution.core.sections import ModelConfig, TrainConfig
 from diffusion_attribution.diffusion.ddpm import NoiseSchedule
+from diffusion_attribution.diffusion.stacked import StackedUNet
 from diffusion_attribution.diffusion.training import (
     build_model,
     load_model,
     lr_lambda,
     save_model,
     train_ddpm,
+    train_stack,
 )
 
 SCHEDULE = NoiseSchedule.linear(100, 1e-3, 0.2)
@@ -44,34 +46,33 @@ def test_same_seed_same_model_other_seed_other_model():
     assert not torch.equal(flat(a.ema_model), flat(c.ema_model))
 
 
-def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
+def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
     full = run(
         TrainConfig(steps=8, batch_size=8, warmup_steps=2, checkpoint_every=4, ema_decay=0.9)
     )
     ckpt = tmp_path / "ckpt.pt"
-    # "Interrupt" after the checkpoint at step 4 by training a run whose schedule is the same
-    # but which stops early: emulate by saving at 4 and then raising inside the loop.
+    # "Interrupt" during step 6, after the checkpoint at step 4, by raising inside the
+    # (stacked) network's forward.
     cfg = TrainConfig(steps=8, batch_size=8, warmup_steps=2, checkpoint_every=4, ema_decay=0.9)
     calls = {"n": 0}
+    forward = StackedUNet.forward
 
     class Interrupt(Exception):
         pass
 
-    def model_fn():
-        net = build_model(MODEL, SHAPE)
-        orig = net.forward
+    def interrupting(self, x, t):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise Interrupt
+        return forward(self, x, t)
 
-        def forward(x, t):
-            calls["n"] += 1
-            if calls["n"] == 6:  # during step 6, after the step-4 checkpoint
-                raise Interrupt
-            return orig(x, t)
-
-        net.forward = forward
-        return net
-
+    monkeypatch.setattr(StackedUNet, "forward", interrupting)
     with pytest.raises(Interrupt):
-        train_ddpm(model_fn, images(), SCHEDULE, cfg, checkpoint_path=ckpt, progress=False)
+        train_ddpm(
+            lambda: build_model(MODEL, SHAPE), images(), SCHEDULE, cfg, checkpoint_path=ckpt,
+            progress=False,
+        )  # fmt: skip
+    monkeypatch.setattr(StackedUNet, "forward", forward)
     assert ckpt.exists() and torch.load(ckpt, weights_only=True)["step"] == 4
     resumed = train_ddpm(
         lambda: build_model(MODEL, SHAPE),
@@ -117,3 +118,40 @@ def test_model_round_trip_weights_only(tmp_path):
     loaded = load_model(tmp_path / "m.pt")
     x, t = torch.randn(2, *SHAPE), torch.tensor([3, 70])
     torch.testing.assert_close(loaded(x, t), net(x, t))
+
+
+def test_a_stack_trains_each_run_as_if_alone():
+    """float64: three runs of a stack (other subsets, other seeds) end with the weights, EMA
+    and losses each reaches trained alone, to rounding; and the same stack again gives the
+    same bits."""
+    cfgs = [TrainConfig(steps=5, batch_size=6, warmup_steps=2, seed=s) for s in (0, 0, 3)]
+    data = images(20).double()
+    sets = [data[:12], data[6:18], data[::2][:10]]
+    torch.set_default_dtype(torch.float64)
+    try:
+        fn = lambda: build_model(MODEL, SHAPE)  # noqa: E731
+        stack = train_stack(fn, sets, SCHEDULE, cfgs, progress=False)
+        again = train_stack(fn, sets, SCHEDULE, cfgs, progress=False)
+        alone = [
+            train_ddpm(fn, x, SCHEDULE, c, progress=False) for x, c in zip(sets, cfgs, strict=False)
+        ]
+    finally:
+        torch.set_default_dtype(torch.float32)
+    for s, a, b in zip(stack, alone, again, strict=False):
+        torch.testing.assert_close(flat(s.model), flat(a.model), rtol=0, atol=1e-12)
+        torch.testing.assert_close(flat(s.ema_model), flat(a.ema_model), rtol=0, atol=1e-12)
+        assert s.losses == pytest.approx(a.losses, rel=1e-12)
+        assert torch.equal(flat(s.ema_model), flat(b.ema_model)) and s.losses == b.losses
+    # the two runs with seed 0 start from one initialisation but see other data
+    assert not torch.equal(flat(stack[0].model), flat(stack[1].model))
+
+
+def test_a_stack_refuses_runs_that_cannot_share_a_step():
+    fn = lambda: build_model(MODEL, SHAPE)  # noqa: E731
+    cfg = TrainConfig(steps=3, batch_size=8, warmup_steps=1)
+    with pytest.raises(ValueError, match="every setting but seed"):
+        train_stack(fn, [images(), images()], SCHEDULE, [cfg, cfg.model_copy(update={"lr": 0.1})])
+    with pytest.raises(ValueError, match=r"batch sizes \[5, 8\]"):
+        train_stack(fn, [images(), images(5)], SCHEDULE, [cfg, cfg])
+    with pytest.raises(ValueError, match="2 image sets for 1 configs"):
+        train_stack(fn, [images(), images()], SCHEDULE, [cfg])

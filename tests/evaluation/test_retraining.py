@@ -125,7 +125,7 @@ def test_run_jobs_inline_and_errors(data_path: str, tmp_path: Path, capsys) -> N
     jobs = [make_job(data_path, tmp_path / f"i{k}.pt", tuple(range(k, 30, 3))) for k in range(2)]
     assert run_jobs(jobs, executor="inline", progress=False) == [j.output for j in jobs]
     assert run_jobs(jobs, executor="inline", progress=False) == [j.output for j in jobs]
-    assert "2 of 2 models exist" in capsys.readouterr().out
+    assert "2 of 2 stacks of models exist" in capsys.readouterr().out
     bad = make_job(data_path, tmp_path / "bad.pt", (0, 99))
     with pytest.raises(RuntimeError, match="'bad'"):
         run_jobs([bad], executor="inline", progress=False)
@@ -358,8 +358,8 @@ def test_job_names_follow_code_not_comments(data_path: str, tmp_path: Path) -> N
             "warm-up, then a cosine decay (edited).\n\n    More text.",
         ),
         "evaluation/retraining.py": (
-            "torch thread (several jobs run",
-            "torch thread (edited: several jobs run",
+            "torch thread (several stacks",
+            "torch thread (edited: several stacks",
         ),
         "diffusion/datasets.py": ("Return the examples at", "The examples at"),
     }
@@ -416,3 +416,50 @@ def test_job_exits_when_its_owner_is_killed(tmp_path: Path) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
         proc.stdout.close()
+
+
+def test_stacks_plan_run_and_name_their_models(data_path: str, tmp_path: Path) -> None:
+    """stack_jobs groups the jobs that can share a step (the data, configs but seed, batch
+    size), in order, into stacks of at most max_size; the stack size renames a model and
+    nothing else does; run_jobs trains each stack as one task, every model as run_job would
+    with the same stack size (bit for bit) and close to a model trained alone."""
+    out = tmp_path / "models"
+    masks = subset_masks(30, 3, 0.5, seed=0)
+    jobs = [
+        j
+        for row in retrain.subset_jobs(data_path, masks, (7, 8), MODEL, DIFFUSION, TRAIN, out)
+        for j in row
+    ]
+    longer = retrain.make_job(
+        "ref",
+        data_path,
+        range(30),
+        7,
+        MODEL,
+        DIFFUSION,
+        TRAIN.model_copy(update={"steps": 21}),
+        out,
+    )
+    planned = retrain.stack_jobs([*jobs, longer], 4)
+    assert [j.stack for j in planned] == [4, 4, 4, 4, 2, 2, 1]
+    assert [j.name for j in planned] == [j.name for j in [*jobs, longer]]
+    assert all(a.output != b.output for a, b in zip(planned, [*jobs, longer], strict=False))
+    assert retrain.stack_jobs(jobs, 1) == jobs  # stacks of one: the names of lone models
+    assert retrain.stack_jobs(planned, 4) == planned
+    assert [len(s.jobs) for s in retrain._stacks(planned)] == [4, 2, 1]
+    with pytest.raises(ValueError, match="planned for stacks of other sizes"):
+        run_jobs(planned[1:], executor="inline", progress=False)
+    with pytest.raises(ValueError, match="max_size must be >= 1"):
+        retrain.stack_jobs(jobs, 0)
+
+    small = retrain.stack_jobs(jobs[:3], 3)
+    assert run_jobs(small, executor="inline", progress=False) == [j.output for j in small]
+    assert not list(out.glob("*.ckpt"))
+    again = RetrainJob(**{**small[1].__dict__, "output": str(tmp_path / "again.pt")})
+    run_stack = retrain.run_stack
+    run_stack(retrain.RetrainStack((small[0], again, small[2])))  # the others exist: kept
+    assert same(weights(small[1].output), weights(again.output))
+    alone = jobs[1]
+    run_job(alone)
+    for name, w in weights(alone.output).items():
+        torch.testing.assert_close(weights(small[1].output)[name], w, rtol=0, atol=1e-4)

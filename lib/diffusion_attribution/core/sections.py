@@ -280,6 +280,13 @@ class RetrainConfig(Section):
     purpose. As a sensitivity check, the first
     ``independent_subsets`` subsets also get one model each with a seed of its own (no seed
     shared with any other model), against which the LDS is reported too.
+
+    ``stack_size``: how many models (subset models here, removal models in the counterfactual
+    stage) are trained together in one batched computation
+    (:func:`~diffusion_attribution.diffusion.training.train_stack`): each is trained exactly as
+    if alone, in far less time on a CPU; the size is part of each model's identity, because
+    the grouped convolutions round differently for different sizes. 1 trains every model
+    alone (the natural choice on a GPU, where one model already fills the device).
     """
 
     num_subsets: Annotated[int, Field(strict=True, ge=2)] = 32
@@ -289,6 +296,7 @@ class RetrainConfig(Section):
     steps: PositiveInt = 500
     epoch_matched: bool = True
     independent_subsets: NonNegInt = 8
+    stack_size: PositiveInt = 8
     seed: Seed = 5
 
     @property

@@ -14,23 +14,29 @@ and ends with the same weights as an uninterrupted one.
 
 from __future__ import annotations
 
+import copy
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import tqdm.auto
 from torch import Tensor, nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from diffusion_attribution.core import identity
 from diffusion_attribution.core.io import atomic_save, check_finite, load
 from diffusion_attribution.core.sections import ModelConfig, TrainConfig
-from diffusion_attribution.diffusion import ddpm, unet
+from diffusion_attribution.diffusion import ddpm, stacked, unet
 from diffusion_attribution.diffusion.ddpm import NoiseSchedule, q_sample, sample_timesteps
+from diffusion_attribution.diffusion.stacked import (
+    StackedUNet,
+    per_model_view,
+    stack_inputs,
+    unstack_outputs,
+)
 from diffusion_attribution.diffusion.unet import UNet, UNetConfig
 
 
@@ -57,7 +63,7 @@ class TrainResult:
 
 
 def train_ddpm(
-    model_fn: Callable[[], nn.Module],
+    model_fn: Callable[[], UNet],
     images: Tensor,
     schedule: NoiseSchedule,
     cfg: TrainConfig,
@@ -72,37 +78,85 @@ def train_ddpm(
     ``model_fn`` builds the network; it is called after seeding with ``cfg.seed`` so that the
     initialisation is part of the seeded state. With ``checkpoint_path``, the full training
     state is saved every ``cfg.checkpoint_every`` steps and at the end, and an existing
-    checkpoint is resumed from (a finished one returns at once).
+    checkpoint is resumed from (a finished one returns at once). One run of
+    :func:`train_stack`.
     """
-    if images.ndim != 4 or len(images) == 0:
-        raise ValueError(
-            f"images must be a non-empty (N, C, H, W) tensor, got {tuple(images.shape)}"
-        )
-    torch.manual_seed(cfg.seed)
-    model = model_fn().to(device)
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    (result,) = train_stack(
+        model_fn, [images], schedule, [cfg], checkpoint_path=checkpoint_path, device=device,
+        progress=progress, desc=desc,
+    )  # fmt: skip
+    return result
+
+
+def _check_stack(image_sets: Sequence[Tensor], cfgs: Sequence[TrainConfig]) -> int:
+    """The common batch size of a stack, after checking that its runs can share one step."""
+    if not image_sets or len(image_sets) != len(cfgs):
+        raise ValueError(f"train_stack: {len(image_sets)} image sets for {len(cfgs)} configs")
+    for i, images in enumerate(image_sets):
+        if images.ndim != 4 or len(images) == 0:
+            raise ValueError(
+                f"images must be a non-empty (N, C, H, W) tensor, got {tuple(images.shape)}"
+                + (f" (run {i} of the stack)" if len(image_sets) > 1 else "")
+            )
+    shared = {c.model_dump(exclude={"seed"}).__repr__() for c in cfgs}
+    if len(shared) != 1:
+        raise ValueError("train_stack: the runs of a stack must share every setting but seed")
+    sizes = {min(cfgs[0].batch_size, len(x)) for x in image_sets}
+    if len(sizes) != 1:
+        raise ValueError(f"train_stack: the runs would use batch sizes {sorted(sizes)}, need one")
+    return sizes.pop()
+
+
+def train_stack(
+    model_fn: Callable[[], UNet],
+    image_sets: Sequence[Tensor],
+    schedule: NoiseSchedule,
+    cfgs: Sequence[TrainConfig],
+    *,
+    checkpoint_path: str | Path | None = None,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+    desc: str = "training",
+) -> list[TrainResult]:
+    """M independent training runs in one batched computation: run ``i`` trains
+    ``model_fn()`` (seeded with ``cfgs[i].seed``) on ``image_sets[i]`` with ``cfgs[i]``.
+
+    The runs must share every setting but the seed, and the batch size. Each run has its own
+    initialisation, batch order, (t, eps) stream, per-model gradient clipping, AdamW state and
+    EMA, exactly as if it were trained alone; only the arithmetic is shared, through a
+    :class:`~diffusion_attribution.diffusion.stacked.StackedUNet` (one grouped convolution
+    for the M models instead of M small ones, one optimizer step for all parameters). Dropout
+    masks come from the one global generator seeded by the last run's seed (the default
+    profile has no dropout).
+    """
+    bs = _check_stack(image_sets, cfgs)
+    cfg, m = cfgs[0], len(cfgs)
+    nets = _initial_models(model_fn, cfgs)
+    model = StackedUNet.from_models(nets).to(device)
+    params = list(model.parameters())
+    ema = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup_steps, cfg.steps))
-    # Separate streams: batch order, (t, eps) draws, and dropout (the global torch RNG).
-    g_batch = torch.Generator().manual_seed(cfg.seed + 1)
-    g_noise = torch.Generator().manual_seed(cfg.seed + 2)
-    n = len(images)
-    bs = min(cfg.batch_size, n)
-    perm, pos = torch.randperm(n, generator=g_batch), 0
-    step, losses, seconds = 0, [], 0.0
+    # Separate streams per run: batch order and (t, eps) draws; dropout: the global torch RNG.
+    g_batch = [torch.Generator().manual_seed(c.seed + 1) for c in cfgs]
+    g_noise = [torch.Generator().manual_seed(c.seed + 2) for c in cfgs]
+    sizes = [len(x) for x in image_sets]
+    perms = [torch.randperm(n, generator=g) for n, g in zip(sizes, g_batch, strict=False)]
+    pos, step, losses, seconds = [0] * m, 0, [[] for _ in range(m)], 0.0
 
     ckpt = Path(checkpoint_path) if checkpoint_path is not None else None
     if ckpt is not None and ckpt.exists():
         state = torch.load(ckpt, map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
+        for e, saved in zip(ema, state["ema"], strict=False):
+            e.copy_(saved)
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["lr_schedule"])
-        g_batch.set_state(state["g_batch"])
-        g_noise.set_state(state["g_noise"])
+        for g, saved in zip(g_batch + g_noise, state["g_batch"] + state["g_noise"], strict=False):
+            g.set_state(saved)
         torch.set_rng_state(state["torch_rng"])
-        perm, pos, step = state["perm"], state["pos"], state["step"]
-        losses, seconds = list(state["losses"]), state["seconds"]
+        perms, pos, step = list(state["perm"]), list(state["pos"]), state["step"]
+        losses, seconds = [list(x) for x in state["losses"]], state["seconds"]
 
     def save() -> None:
         if ckpt is None:
@@ -110,13 +164,13 @@ def train_ddpm(
         atomic_save(
             {
                 "model": model.state_dict(),
-                "ema": ema.state_dict(),
+                "ema": ema,
                 "optimizer": opt.state_dict(),
                 "lr_schedule": sched.state_dict(),
-                "g_batch": g_batch.get_state(),
-                "g_noise": g_noise.get_state(),
+                "g_batch": [g.get_state() for g in g_batch],
+                "g_noise": [g.get_state() for g in g_noise],
                 "torch_rng": torch.get_rng_state(),
-                "perm": perm,
+                "perm": perms,
                 "pos": pos,
                 "step": step,
                 "losses": losses,
@@ -131,34 +185,122 @@ def train_ddpm(
     )
     start = time.perf_counter() - seconds
     while step < cfg.steps:
-        if pos + bs > n:  # new epoch: reshuffle
-            perm, pos = torch.randperm(n, generator=g_batch), 0
-        x0 = images[perm[pos : pos + bs]].to(device)
-        pos += bs
-        t = sample_timesteps(bs, schedule.num_timesteps, g_noise)
-        eps = torch.randn(x0.shape, generator=g_noise).to(device)
-        t = t.to(device)
-        xt = q_sample(schedule, x0, t, eps)
-        loss = (eps - model(xt, t)).pow(2).mean()
+        x0, t, eps = _draw_batch(image_sets, perms, pos, bs, schedule, g_batch, g_noise)
+        x0, t, eps = x0.to(device), t.to(device), eps.to(device)
+        # eq. 1 per run, then the M runs side by side (channels [i C, (i + 1) C) are run i's)
+        xt = stack_inputs([q_sample(schedule, x0[i], t[i], eps[i]) for i in range(m)])
+        out = unstack_outputs(model(xt, t), m)
+        loss = (eps - out).pow(2).flatten(1).mean(dim=1)  # eq. 3 per run, shape (M,)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        loss.sum().backward()  # run i's parameters get run i's gradient
+        _clip_per_model(params, m, cfg.grad_clip)
         opt.step()
         sched.step()
-        ema.update_parameters(model)
+        _update_ema(ema, params, cfg.ema_decay, first=step == 0)
         step += 1
-        losses.append(loss.item())
+        for run_losses, value in zip(losses, loss.tolist(), strict=False):
+            run_losses.append(value)
         bar.update(1)
         if step % 50 == 0:
-            bar.set_postfix(loss=f"{sum(losses[-50:]) / 50:.4f}")
+            recent = sum(sum(x[-50:]) for x in losses) / (50 * m)
+            bar.set_postfix(loss=f"{recent:.4f}")
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             seconds = time.perf_counter() - start
             save()
     bar.close()
     seconds = time.perf_counter() - start
-    model.eval()
-    ema.module.eval()
-    return TrainResult(model=model, ema_model=ema.module, losses=losses, seconds=seconds)
+    return _results(nets, model, ema, losses, seconds, device)
+
+
+def _results(
+    nets: Sequence[UNet],
+    model: StackedUNet,
+    ema: Sequence[Tensor],
+    losses: Sequence[list[float]],
+    seconds: float,
+    device: torch.device | str,
+) -> list[TrainResult]:
+    """Per run: ``nets[i]`` with its trained weights, a copy with its EMA weights, its losses."""
+    trained, averaged = model.unstack(), _unstack_ema(model, ema)
+    results = []
+    for net, weights, ema_weights, run_losses in zip(nets, trained, averaged, losses, strict=True):
+        ema_net = copy.deepcopy(net)
+        net.load_state_dict(weights)
+        ema_net.load_state_dict(ema_weights)
+        results.append(
+            TrainResult(
+                model=net.to(device).eval(),
+                ema_model=ema_net.to(device).eval(),
+                losses=run_losses,
+                seconds=seconds,
+            )
+        )
+    return results
+
+
+def _initial_models(model_fn: Callable[[], UNet], cfgs: Sequence[TrainConfig]) -> list[UNet]:
+    """``model_fn()`` after seeding with each run's seed: the initialisations."""
+    nets = []
+    for c in cfgs:
+        torch.manual_seed(c.seed)
+        nets.append(model_fn())
+    if not all(isinstance(net, UNet) for net in nets):
+        raise TypeError("train_stack: model_fn must build a diffusion_attribution UNet")
+    return nets
+
+
+def _draw_batch(
+    image_sets: Sequence[Tensor],
+    perms: list[Tensor],
+    pos: list[int],
+    bs: int,
+    schedule: NoiseSchedule,
+    g_batch: Sequence[torch.Generator],
+    g_noise: Sequence[torch.Generator],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Each run's next batch (reshuffled at a new epoch) and its (t, eps) draws, stacked
+    along a leading run axis: x0 and eps (M, B, C, H, W), t (M, B). Advances ``perms`` and
+    ``pos`` in place."""
+    x0s, ts, epss = [], [], []
+    for i, images in enumerate(image_sets):
+        if pos[i] + bs > len(images):  # new epoch: reshuffle
+            perms[i], pos[i] = torch.randperm(len(images), generator=g_batch[i]), 0
+        x0 = images[perms[i][pos[i] : pos[i] + bs]]
+        pos[i] += bs
+        ts.append(sample_timesteps(bs, schedule.num_timesteps, g_noise[i]))
+        epss.append(torch.randn(x0.shape, generator=g_noise[i]))
+        x0s.append(x0)
+    return torch.stack(x0s), torch.stack(ts), torch.stack(epss)
+
+
+def _clip_per_model(params: Sequence[Tensor], m: int, max_norm: float) -> None:
+    """``nn.utils.clip_grad_norm_`` for each run of a stack on its own gradient: run i's
+    gradient g_i is scaled by min(1, max_norm / (||g_i|| + 1e-6))."""
+    grads = [per_model_view(p.grad, m) for p in params]
+    sq = torch.stack([g.pow(2).flatten(1).sum(1) for g in grads]).sum(0)
+    coef = (max_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(coef.view(m, *([1] * (g.dim() - 1))))
+
+
+@torch.no_grad()
+def _update_ema(ema: Sequence[Tensor], params: Sequence[Tensor], decay: float, first: bool) -> None:
+    """EMA of the weights, as ``AveragedModel`` with ``get_ema_multi_avg_fn``: the first
+    update copies the weights, later ones do ``ema <- decay ema + (1 - decay) theta``."""
+    for e, p in zip(ema, params, strict=False):
+        if first:
+            e.copy_(p)
+        else:
+            e.lerp_(p, 1.0 - decay)
+
+
+def _unstack_ema(model: StackedUNet, ema: Sequence[Tensor]) -> list[dict[str, Tensor]]:
+    """Per-run state dicts of the EMA weights (the stacked model's buffers are its own)."""
+    averaged = copy.deepcopy(model)
+    with torch.no_grad():
+        for p, e in zip(averaged.parameters(), ema, strict=False):
+            p.copy_(e)
+    return averaged.unstack()
 
 
 def build_model(model_cfg: ModelConfig, image_shape: tuple[int, int, int]) -> nn.Module:
@@ -206,10 +348,10 @@ def fingerprint(*parts: object) -> str:
 
     :func:`~diffusion_attribution.core.identity.fingerprint` of the training recipe -- the
     :func:`~diffusion_attribution.core.identity.code_digest` of the modules that define the
-    training (this one, ``ddpm``, ``unet``), docstrings and comments not included -- and the
+    training (this one, ``ddpm``, ``stacked``, ``unet``), docstrings and comments not included -- and the
     given configs / tensors. So a checkpoint left by an interrupted run is never resumed after
     the code that produced it has changed, while an edited comment or docstring renames
     nothing (what an identity covers: :mod:`diffusion_attribution.core.identity`).
     """
-    recipe = identity.code_digest(sys.modules[__name__], ddpm, unet)
+    recipe = identity.code_digest(sys.modules[__name__], ddpm, stacked, unet)
     return identity.fingerprint(recipe, *parts)

@@ -60,7 +60,7 @@ from diffusion_attribution.diffusion.training import (
     build_model,
     fingerprint,
     save_model,
-    train_ddpm,
+    train_stack,
 )
 
 
@@ -78,6 +78,11 @@ class RetrainJob:
         model, diffusion, train: :class:`ModelConfig`, :class:`DiffusionConfig` and
             :class:`TrainConfig` as plain dicts (``cfg.model_dump(mode="json")``).
         output: path of the model file written by :func:`~diffusion_attribution.diffusion.training.save_model`.
+        stack: how many models are trained together with this one in one batched computation
+            (:func:`~diffusion_attribution.diffusion.training.train_stack`, planned by
+            :func:`stack_jobs`). It is part of the model's identity: a model's bits depend on
+            the stack size (the grouped convolutions' kernels do), not on its partners or its
+            place in the stack.
     """
 
     name: str
@@ -88,6 +93,24 @@ class RetrainJob:
     diffusion: dict
     train: dict
     output: str
+    stack: int = 1
+
+
+@dataclass(frozen=True)
+class RetrainStack:
+    """Jobs trained together (:func:`stack_jobs`); the task :func:`run_jobs` fans out. Its
+    ``output`` is the last job's, which :func:`run_stack` writes last."""
+
+    jobs: tuple[RetrainJob, ...]
+
+    @property
+    def name(self) -> str:
+        first, last = self.jobs[0].name, self.jobs[-1].name
+        return first if len(self.jobs) == 1 else f"{first}..{last}"
+
+    @property
+    def output(self) -> str:
+        return self.jobs[-1].output
 
 
 def _configs(job: RetrainJob) -> tuple[ModelConfig, DiffusionConfig, TrainConfig]:
@@ -105,17 +128,23 @@ def _remove_checkpoints(output: Path, keep: Path | None = None) -> None:
             ckpt.unlink(missing_ok=True)
 
 
-def checkpoint_path(job: RetrainJob) -> Path:
-    """Where :func:`run_job` checkpoints ``job`` while it trains (and resumes from)."""
-    data = ImageDataset.load(job.data_path).subset(list(job.keep))
-    return _checkpoint_path(Path(job.output), *_configs(job), data.images)
+def checkpoint_path(job: RetrainJob | RetrainStack) -> Path:
+    """Where :func:`run_stack` checkpoints a stack (or a lone job) while it trains (and
+    resumes from): beside its last model, named after every member's data and configs."""
+    stack = job if isinstance(job, RetrainStack) else RetrainStack((job,))
+    parts = []
+    for member in stack.jobs:
+        data = ImageDataset.load(member.data_path).subset(list(member.keep))
+        parts += [*_configs(member), data.images]
+    return _checkpoint_path(Path(stack.output), *parts)
 
 
 def _job_functions() -> tuple:
-    """The code that turns a job into a model besides the modules ``train``, ``ddpm`` and
-    ``unet`` (which :func:`~diffusion_attribution.diffusion.training.fingerprint` covers): how a job's
-    configs and seed are made, how it trains, and how its subset is cut (batch order)."""
-    return (_configs, run_job, ImageDataset.subset)
+    """The code that turns a job into a model besides the modules ``training``, ``ddpm``,
+    ``stacked`` and ``unet`` (which :func:`~diffusion_attribution.diffusion.training.fingerprint`
+    covers): how a job's configs and seed are made, how its stack trains, and how its subset
+    is cut (batch order)."""
+    return (_configs, run_stack, ImageDataset.subset)
 
 
 @functools.cache
@@ -135,6 +164,7 @@ def make_job(
     train: TrainConfig,
     out_dir: str | Path,
     data_digest: str | None = None,
+    stack: int = 1,
 ) -> RetrainJob:
     """A job whose output file name carries a fingerprint of everything that defines the model
     (the training set's content, configs, kept ids, seed, the training code and
@@ -149,7 +179,8 @@ def make_job(
     """
     keep = tuple(int(i) for i in keep)
     digest = data_digest or file_digest(data_path)
-    fp = fingerprint(digest, _job_code(), model, diffusion, train, keep, int(seed))
+    parts = (digest, _job_code(), model, diffusion, train, keep, int(seed))
+    fp = fingerprint(*parts, *(("stack", int(stack)) if stack != 1 else ()))
     return RetrainJob(
         name=name,
         data_path=str(data_path),
@@ -159,7 +190,79 @@ def make_job(
         diffusion=diffusion.model_dump(mode="json"),
         train=train.model_dump(mode="json"),
         output=str(Path(out_dir) / f"{name}-{fp}.pt"),
+        stack=int(stack),
     )
+
+
+def _stack_key(job: RetrainJob) -> str:
+    """Jobs with one key can share a stack: the same data file, model, diffusion and training
+    settings but the seed, and the same batch size."""
+    train = {k: v for k, v in job.train.items() if k != "seed"}
+    batch = min(int(job.train["batch_size"]), len(job.keep))
+    return repr((job.data_path, job.model, job.diffusion, sorted(train.items()), batch))
+
+
+def stack_jobs(jobs: Sequence[RetrainJob], max_size: int) -> list[RetrainJob]:
+    """``jobs``, in their order, re-made as members of stacks of at most ``max_size`` models.
+
+    Jobs that can share a stack (:func:`_stack_key`) are taken in order in chunks of
+    ``max_size`` (the last chunk of a group may be smaller); each job is re-made with
+    ``stack`` = its chunk's size, which renames its output (the stack size is part of a
+    model's identity, :class:`RetrainJob`). :func:`run_jobs` forms the same stacks again from
+    the returned list. ``max_size = 1`` trains every model alone.
+    """
+    if max_size < 1:
+        raise ValueError(f"stack_jobs: max_size must be >= 1, got {max_size}")
+    sizes: dict[int, int] = {}
+    for group in _groups(jobs, lambda members: max_size):
+        sizes.update({id(job): len(group) for job in group})
+    digests: dict[str, str] = {}
+    remade = []
+    for job in jobs:
+        digest = digests.setdefault(job.data_path, file_digest(job.data_path))
+        remade.append(
+            make_job(
+                job.name,
+                job.data_path,
+                job.keep,
+                job.seed,
+                ModelConfig(**job.model),
+                DiffusionConfig(**job.diffusion),
+                TrainConfig(**job.train),
+                Path(job.output).parent,
+                digest,
+                stack=sizes[id(job)],
+            )  # fmt: skip
+        )
+    return remade
+
+
+def _groups(jobs: Sequence[RetrainJob], size_of) -> list[list[RetrainJob]]:
+    """Jobs of one :func:`_stack_key`, in order, cut into consecutive chunks of
+    ``size_of(remaining members)`` jobs."""
+    by_key: dict[str, list[RetrainJob]] = {}
+    for job in jobs:
+        by_key.setdefault(_stack_key(job), []).append(job)
+    groups = []
+    for members in by_key.values():
+        while members:
+            n = size_of(members)
+            groups.append(members[:n])
+            members = members[n:]
+    return groups
+
+
+def _stacks(jobs: Sequence[RetrainJob]) -> list[RetrainStack]:
+    """The stacks :func:`stack_jobs` planned, formed again from its jobs."""
+    stacks = [RetrainStack(tuple(g)) for g in _groups(jobs, lambda members: members[0].stack)]
+    for stack in stacks:
+        if any(job.stack != len(stack.jobs) for job in stack.jobs):
+            names = ", ".join(job.name for job in stack.jobs)
+            raise ValueError(
+                f"run_jobs: jobs {names} were planned for stacks of other sizes; pass the "
+                "list stack_jobs returned, whole and in its order"
+            )
+    return stacks
 
 
 def subset_jobs(
@@ -247,44 +350,57 @@ def prune(
 
 
 def run_job(job: RetrainJob) -> str:
-    """Train ``job`` and save its EMA model to ``job.output``; returns ``job.output``.
+    """Train ``job`` (a stack of one) and save its EMA model to ``job.output``; returns
+    ``job.output``. :func:`run_stack`."""
+    return run_stack(RetrainStack((job,)))
 
-    Returns at once when ``job.output`` exists. Trains with one torch thread (several jobs run
-    at once), on ``DA_DEVICE`` (default ``cpu``), checkpointing so that an interrupted job
-    resumes where it stopped.
+
+def run_stack(stack: RetrainStack) -> str:
+    """Train the jobs of ``stack`` together and save each EMA model to its ``output``;
+    returns ``stack.output`` (the last job's, saved last).
+
+    Returns at once when every output exists. Trains with one torch thread (several stacks
+    run at once), on ``DA_DEVICE`` (default ``cpu``), checkpointing so that an interrupted
+    stack resumes where it stopped; outputs that exist are not written again.
     """
-    output = Path(job.output)
-    if output.exists():
-        _remove_checkpoints(output)  # one left by a kill between saving and cleaning up
-        return job.output
+    outputs = [Path(job.output) for job in stack.jobs]
+    if all(out.exists() for out in outputs):
+        _remove_checkpoints(outputs[-1])  # one left by a kill between saving and cleaning up
+        return stack.output
     exit_with_owner()
-    model_cfg, diff_cfg, train_cfg = _configs(job)
+    configs = [_configs(job) for job in stack.jobs]
+    model_cfg, diff_cfg = configs[0][0], configs[0][1]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        data = ImageDataset.load(job.data_path).subset(list(job.keep))
-        image_shape = tuple(data.images.shape[1:])
+        images = [
+            ImageDataset.load(job.data_path).subset(list(job.keep)).images for job in stack.jobs
+        ]
+        image_shape = tuple(images[0].shape[1:])
         schedule = NoiseSchedule.linear(
             diff_cfg.num_timesteps, diff_cfg.beta_start, diff_cfg.beta_end
         )
-        ckpt = _checkpoint_path(output, model_cfg, diff_cfg, train_cfg, data.images)
+        parts = [p for config, x in zip(configs, images, strict=False) for p in (*config, x)]
+        ckpt = _checkpoint_path(outputs[-1], *parts)
         # one left by a run with other settings or code is never resumed
-        _remove_checkpoints(output, keep=ckpt)
-        result = train_ddpm(
+        _remove_checkpoints(outputs[-1], keep=ckpt)
+        results = train_stack(
             lambda: build_model(model_cfg, image_shape),
-            data.images,
+            images,
             schedule,
-            train_cfg,
+            [config[2] for config in configs],
             checkpoint_path=ckpt,
             device=os.environ.get("DA_DEVICE", "cpu"),
             progress=False,
-            desc=job.name,
+            desc=stack.name,
         )
-        save_model(output, result.ema_model.cpu(), model_cfg, image_shape)
+        for out, result in zip(outputs, results, strict=False):
+            if not out.exists():
+                save_model(out, result.ema_model.cpu(), model_cfg, image_shape)
         ckpt.unlink(missing_ok=True)
     finally:
         torch.set_num_threads(threads)
-    return job.output
+    return stack.output
 
 
 def run_jobs(
@@ -297,7 +413,9 @@ def run_jobs(
 ) -> list[str]:
     """Run every job whose output does not exist yet; returns the outputs in job order.
 
-    :func:`~diffusion_attribution.core.jobs.run_tasks` of :func:`run_job` under the name
+    The jobs are trained in the stacks :func:`stack_jobs` planned (``stack`` 1: alone), one
+    task per stack: :func:`~diffusion_attribution.core.jobs.run_tasks` of :func:`run_stack`
+    under the name
     ``retrain``: executors, settings (environment variables, the ``DA_CLUSTER`` file),
     re-attaching to SLURM jobs after a crash and requeueing are described there. Checkpoints
     left beside finished models are removed first.
@@ -317,16 +435,18 @@ def run_jobs(
             message names each one and its submitit log; the other jobs finished.
     """
     jobs = list(jobs)
-    for j in jobs:
-        if Path(j.output).exists():
-            _remove_checkpoints(Path(j.output))
-    return run_tasks(
-        run_job,
-        jobs,
+    stacks = _stacks(jobs)
+    for stack in stacks:
+        if Path(stack.output).exists():
+            _remove_checkpoints(Path(stack.output))
+    run_tasks(
+        run_stack,
+        stacks,
         name="retrain",
         executor=executor,
         max_parallel=max_parallel,
         folder=folder,
         progress=progress,
-        unit="models",
+        unit="stacks of models",
     )
+    return [job.output for job in jobs]

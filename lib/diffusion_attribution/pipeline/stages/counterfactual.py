@@ -30,7 +30,13 @@ from diffusion_attribution.diffusion.measurements import DiffusionLoss
 from diffusion_attribution.evaluation import claims
 from diffusion_attribution.evaluation.ground_truth import measure_models
 from diffusion_attribution.evaluation.lds import random_removal_sets, top_removal_sets
-from diffusion_attribution.evaluation.retraining import RetrainJob, make_job, prune, run_jobs
+from diffusion_attribution.evaluation.retraining import (
+    RetrainJob,
+    make_job,
+    prune,
+    run_jobs,
+    stack_jobs,
+)
 from diffusion_attribution.pipeline.schedule import schedule_of
 from diffusion_attribution.pipeline.stages import StageResult
 from diffusion_attribution.pipeline.workspace import Workspace
@@ -163,6 +169,8 @@ def run(config: Config, ws: Workspace) -> StageResult:
     jobs, removed = removal_jobs(
         job, chosen, cfcfg.methods, cfcfg.fractions, cfcfg.seed, num_train=N, num_queries=Qc
     )
+    # trained in stacks of retrain.stack_size (part of each model's name); the same order
+    jobs = dict(zip(jobs, stack_jobs(list(jobs.values()), config.retrain.stack_size), strict=False))
     prune(out_dir, list(jobs.values()), stale_dir=ws.stale_dir("counterfactual"))
     existing = {j.output for j in jobs.values() if Path(j.output).exists()}
     print(

@@ -22,7 +22,13 @@ from diffusion_attribution.core.config import Config
 from diffusion_attribution.core.io import atomic_save
 from diffusion_attribution.diffusion.datasets import ImageDataset
 from diffusion_attribution.evaluation.lds import subset_masks
-from diffusion_attribution.evaluation.retraining import prune, reference_jobs, run_jobs, subset_jobs
+from diffusion_attribution.evaluation.retraining import (
+    prune,
+    reference_jobs,
+    run_jobs,
+    stack_jobs,
+    subset_jobs,
+)
 from diffusion_attribution.pipeline.stages import StageResult
 from diffusion_attribution.pipeline.workspace import Workspace
 
@@ -65,6 +71,11 @@ def run(config: Config, ws: Workspace) -> StageResult:
     refs = reference_jobs(
         data_path, n, rcfg.seeds, ref_steps, config.model, config.diffusion, tcfg, out_dir
     )
+    # trained in stacks of rcfg.stack_size (part of each model's name); the same order
+    planned = iter(stack_jobs([job for row in jobs + indep for job in row] + refs, rcfg.stack_size))
+    jobs = [[next(planned) for _ in row] for row in jobs]
+    indep = [[next(planned) for _ in row] for row in indep]
+    refs = [next(planned) for _ in refs]
     flat = [job for row in jobs + indep for job in row] + refs
     stale = prune(out_dir, flat, stale_dir=ws.stale_dir("retrain"))
     existing = sum(Path(j.output).exists() for j in flat)
