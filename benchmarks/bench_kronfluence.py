@@ -18,6 +18,9 @@ draws: seed 3, query draws: seed 4, one generator per example as everywhere in t
   gradients are per model-input row; several model calls per batch would silently keep one).
   The factors are fitted on the 360 x 8 curvature rows, one row per datum.
 
+Per gradient row (one (t, eps) draw of one example): fit seconds / (N x curvature draws) and
+scoring seconds / ((N + Q) x draws), and their ratio, for the project and for kronfluence.
+
 Damping: kronfluence's default heuristic, per module ``0.1 x`` the mean eigenvalue of that
 module's block, reproduced on the project's side here (:class:`ModuleDamped`, a wrapper used
 only by this benchmark). Printed: seconds for fit, scores and total of each method, the ratio
@@ -389,6 +392,15 @@ def main() -> None:
             "  project (hooks) scores split: query gradients {query_gradients:.2f} s, train "
             "gradients {train_gradients:.2f} s, precondition {precondition:.2f} s, scoring "
             "{scoring:.2f} s".format(**h)
+        )
+    fit_rows, score_rows = n * args.curvature_draws, (n + q) * args.draws
+    for m in [m for m in ("hooks", "kfac") if m in runs]:
+        res = runs[m]
+        fit_ms, score_ms = 1e3 * res["fit"] / fit_rows, 1e3 * res["scores"] / score_rows
+        print(
+            f"{labels[m]}: fit {fit_ms:.3f} ms per gradient row ({fit_rows} rows), scoring "
+            f"{score_ms:.3f} ms per row ({score_rows} rows): fit / scoring {fit_ms / score_ms:.2f}"
+            + (" (target <= 1.5)" if m == "hooks" else "")
         )
     if "hooks" in runs and "kfac" in runs:
         h, k = runs["hooks"], runs["kfac"]

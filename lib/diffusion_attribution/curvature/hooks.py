@@ -65,6 +65,12 @@ from diffusion_attribution.curvature.partial_sums import (
     FactorSums,
     basis_fingerprint,
 )
+from diffusion_attribution.curvature.patch_covariance import (
+    fast_path_applies,
+    gram,
+    patch_covariance,
+    patch_sums,
+)
 from diffusion_attribution.curvature.rows import check_draws, fitting_mode, noisy_rows
 from diffusion_attribution.diffusion.ddpm import NoiseSchedule
 
@@ -173,6 +179,16 @@ def _model_dtype_device(params: Sequence[Tensor]) -> tuple[torch.dtype, torch.de
 # --------------------------------------------------------------------------------------------
 
 
+def _input_covariance(module: nn.Module, x: Tensor, expand: bool) -> tuple[Tensor, Tensor]:
+    """``(cols @ cols.T, cols.sum(1))`` of the layer's input columns; for a stride-1 conv
+    under expand without forming the patches
+    (:mod:`~diffusion_attribution.curvature.patch_covariance`, about 3x fewer flops)."""
+    if expand and isinstance(module, nn.Conv2d) and fast_path_applies(module, x):
+        return patch_covariance(module, x), patch_sums(module, x)
+    cols = input_columns(module, x, expand)
+    return gram(cols), cols.sum(1)
+
+
 def _accumulate(total: dict[str, Tensor | None], key: str, x: Tensor) -> None:
     x = x.to(torch.float64, copy=True)  # a copy: q, k and v add the same covariance
     total[key] = x if total.get(key) is None else total[key].add_(x)
@@ -253,8 +269,7 @@ def factor_sums(
                     getattr(m, "dilation", None),
                 )
                 if key not in shared:  # q, k, v read the same tokens: one covariance
-                    cols = input_columns(m, x, expand)
-                    shared[key] = (cols @ cols.T, cols.sum(1))
+                    shared[key] = _input_covariance(m, x, expand)
                 aaT, asum = shared[key]
                 _accumulate(A, ly.name, aaT)
                 _accumulate(a, ly.name, asum)
