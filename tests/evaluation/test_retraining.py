@@ -443,7 +443,8 @@ def test_stacks_plan_run_and_name_their_models(data_path: str, tmp_path: Path) -
     planned = retrain.stack_jobs([*jobs, longer], 4)
     assert [j.stack for j in planned] == [4, 4, 4, 4, 2, 2, 1]
     assert [j.name for j in planned] == [j.name for j in [*jobs, longer]]
-    assert all(a.output != b.output for a, b in zip(planned, [*jobs, longer], strict=False))
+    assert all(a.output != b.output for a, b in zip(planned[:6], jobs, strict=True))
+    assert planned[6] == longer  # a stack of one: the name of a model trained alone
     assert retrain.stack_jobs(jobs, 1) == jobs  # stacks of one: the names of lone models
     assert retrain.stack_jobs(planned, 4) == planned
     assert [len(s.jobs) for s in retrain._stacks(planned)] == [4, 2, 1]

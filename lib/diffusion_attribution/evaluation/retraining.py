@@ -435,7 +435,8 @@ def run_jobs(
             message names each one and its submitit log; the other jobs finished.
     """
     jobs = list(jobs)
-    stacks = _stacks(jobs)
+    # the longest stacks first, so that no worker is left alone with one at the end
+    stacks = sorted(_stacks(jobs), key=lambda s: -len(s.jobs) * int(s.jobs[0].train["steps"]))
     for stack in stacks:
         if Path(stack.output).exists():
             _remove_checkpoints(Path(stack.output))
