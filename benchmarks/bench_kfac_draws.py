@@ -427,7 +427,8 @@ def build_smoke_workspace(root: Path, threads: int) -> None:
     from diffusion_attribution.curvature.fit import fit_kfac
     from diffusion_attribution.diffusion.datasets import load_digits
     from diffusion_attribution.diffusion.ddpm import sample
-    from diffusion_attribution.diffusion.measurements import DiffusionLoss, quantize
+    from diffusion_attribution.diffusion.likelihood import quantize
+    from diffusion_attribution.diffusion.measurements import DiffusionLoss
     from diffusion_attribution.diffusion.training import build_model, save_model, train_ddpm
     from diffusion_attribution.diffusion.unet import kfac_parameters
     from diffusion_attribution.evaluation.ground_truth import measure

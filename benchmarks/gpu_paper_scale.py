@@ -21,7 +21,8 @@ Every number goes to ``OUT/gpu_paper_scale.json`` as soon as it is measured, so 
 keeps what it finished. Each section has a time guard (``--budget`` seconds in all, shared out
 by fixed weights; a section that would run past its share is extrapolated from a shorter
 run and says so, or is skipped with the reason). ``--tiny`` runs every section with small
-counts and a small U-Net (for the CPU test, ~1 minute).
+counts and a small U-Net (for the CPU test, ~1 minute); ``--probe`` the paper's U-Net with
+counts a CPU measures in about 10 minutes (the rates of ``benchmarks/paper_scale_cost.py``).
 
     python benchmarks/gpu_paper_scale.py --out $OUT                  # one H200/H100: ~8 min
     python benchmarks/gpu_paper_scale.py --tiny --device cpu --out /tmp/x
@@ -140,6 +141,30 @@ TINY = Scale(
     proj_batch=4,
     queries=2,
     dampings=(1e-8, 1e-3),
+    score_train=8,
+    kron_examples=4,
+    kron_queries=2,
+)
+
+#: The paper's model with counts a CPU measures in minutes (``--probe``): the per-unit rates
+#: ``benchmarks/paper_scale_cost.py`` turns into hours per stage.
+PROBE = Scale(
+    model=HO_CIFAR10,
+    train_batch=16,
+    train_steps=3,
+    sample_batch=16,
+    sample_steps=2,
+    grad_batch=2,
+    grad_draws=4,
+    draw_chunk=4,
+    grad_batches=3,
+    kfac_examples=(2, 18),
+    kfac_draws=2,
+    kfac_batch=16,
+    proj_dim=32768,
+    proj_batch=2,
+    queries=2,
+    dampings=(1e-8, 1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0),
     score_train=8,
     kron_examples=4,
     kron_queries=2,
@@ -377,6 +402,7 @@ def bench_kfac_fit(ctx, budget: float) -> dict:
             kfac="expand",
             batch_size=s.kfac_batch,
             mc_seed=2,
+            precision="float32",  # curvature.precision of the paper-scale profiles
         )
         sync(dev)
         seconds = time.perf_counter() - t0
@@ -390,7 +416,7 @@ def bench_kfac_fit(ctx, budget: float) -> dict:
         )
         ctx["kfac"] = K
     done = [f for f in fits if "seconds" in f]
-    out = {"draws": s.kfac_draws, "batch_size": s.kfac_batch, "fits": fits}
+    out = {"draws": s.kfac_draws, "batch_size": s.kfac_batch, "precision": "float32", "fits": fits}
     if len(done) == 2:
         (a, b) = done
         per_row = (b["seconds"] - a["seconds"]) / (b["rows"] - a["rows"])
@@ -487,7 +513,7 @@ def bench_scoring(ctx, budget: float) -> dict:
         "train_gradients_scored": s.score_train,
         "score_matmul_seconds": round(t_score, 3),
         "score_seconds_per_query_train_pair_per_matrix": t_score / (s.queries * s.score_train * nd),
-        "note": "factors held in float64 on the device; queries converted to float64 there",
+        "note": "factors held in float32 on the device (curvature.precision of the profiles)",
         "peak_memory_gib": peak_memory_gib(dev),
     }
 
@@ -622,6 +648,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--tiny", action="store_true", help="small counts and U-Net (CPU test)")
     ap.add_argument(
+        "--probe", action="store_true", help="the paper's U-Net with CPU-sized counts (rates)"
+    )
+    ap.add_argument(
         "--budget", type=float, default=None, help="seconds in all (default 450; tiny 120)"
     )
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -634,7 +663,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.threads:
         torch.set_num_threads(args.threads)
-    scale = TINY if args.tiny else PAPER
+    scale = TINY if args.tiny else PROBE if args.probe else PAPER
     budget = args.budget or (120.0 if args.tiny else 450.0)
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
@@ -651,6 +680,7 @@ def main(argv: list[str] | None = None) -> int:
     header = {
         "script": "benchmarks/gpu_paper_scale.py",
         "tiny": args.tiny,
+        "probe": args.probe,
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device)
         if device.type == "cuda"

@@ -69,13 +69,16 @@ class FitSettings:
     ``fisher``: ``"mc"`` (GGN^model, one MC target per row) or ``"empirical"`` (GGN^loss);
     ``kfac``: ``"expand"`` or ``"reduce"`` (the weight-sharing treatment of convolutions and
     attention); ``draws``: (t, eps) draws per training example; ``seed``: of those draws (and
-    of the MC targets); ``batch_size``: rows per forward pass (speed and memory only)."""
+    of the MC targets); ``batch_size``: rows per forward pass (speed and memory only);
+    ``precision``: of the eigendecompositions and the stored eigenbases (``"float32"`` halves
+    the curvature's memory; ``tests/curvature/test_precision.py`` measures what it moves)."""
 
     fisher: Literal["mc", "empirical"] = "mc"
     kfac: Literal["expand", "reduce"] = "expand"
     draws: int = 8
     seed: int = 2
     batch_size: int = 512
+    precision: Literal["float64", "float32"] = "float64"
 
 
 @dataclass(frozen=True)
@@ -237,6 +240,7 @@ class Attributor:
                 ekfac=ekfac,
                 batch_size=fs.batch_size,
                 mc_seed=fs.seed,
+                precision=fs.precision,
             )
         return self._curvatures[ekfac]
 

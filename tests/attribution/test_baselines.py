@@ -8,7 +8,11 @@ from diffusion_attribution.attribution.baselines import baseline_scores
 from diffusion_attribution.attribution.influence import train_gradient_scale
 from diffusion_attribution.attribution.projection import Projector, featurize
 from diffusion_attribution.attribution.scores import ScoreKey, ScoreSet
-from diffusion_attribution.attribution.similarity import gradient_dot
+from diffusion_attribution.attribution.similarity import (
+    bottleneck_features,
+    gradient_cosine,
+    gradient_dot,
+)
 from diffusion_attribution.attribution.trak import mean_eigenvalue, trak_scores
 from diffusion_attribution.diffusion.ddpm import NoiseSchedule
 from diffusion_attribution.diffusion.measurements import (
@@ -186,9 +190,9 @@ def test_baseline_scores_cover_every_method_in_the_score_format(tmp_path):
     expected |= {
         ScoreKey(method, m) for method in ("grad_dot", "grad_cos") for m in ("loss", "elbo")
     }
-    expected.add(ScoreKey("pixel", "none"))
+    expected |= {ScoreKey("pixel", "none"), ScoreKey("feature_cos", "none")}
     assert set(scores) == expected
-    for key in [k for k in scores if k.method in ("grad_dot", "grad_cos", "pixel")]:
+    for key in [k for k in scores if k.method in ("grad_dot", "grad_cos", "pixel", "feature_cos")]:
         assert (key.curvature, key.damping, key.compression, key.precision) == (
             "none",
             0.0,
@@ -201,3 +205,41 @@ def test_baseline_scores_cover_every_method_in_the_score_format(tmp_path):
     back = ScoreSet.load(tmp_path / "scores.pt")
     assert list(back) == list(scores) and back.meta == scores.meta
     assert all(torch.equal(back[k], scores[k]) for k in scores)
+
+
+def test_journey_trak_and_feature_cosine_in_the_baselines(tiny):
+    """Journey-TRAK is TRAK of the journey measurement (its own query trajectories), scored
+    against TRAK's training features; the feature cosine is that of the U-Net's bottleneck."""
+    model, params, schedule, x = tiny
+    queries = x[:3] * 0.9
+    T = schedule.num_timesteps
+    x0_hat = torch.rand(T + 1, *queries.shape, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    measurements = {n: make_measurement(n, schedule) for n in ("loss", "square_norm", "journey")}
+    proj = Projector(sum(t.numel() for t in params), 32, seed=0)
+    kw = dict(train_draws=2, query_draws=3, seed=7, precisions=("float32",))
+    scores = baseline_scores(
+        model, params, x, queries, measurements, proj, [1.0],
+        query_measurements=["loss", "journey"], query_trajectories={"journey": x0_hat}, **kw,
+    )  # fmt: skip
+    (key,) = scores.find(method="trak", measurement="journey")
+    m = measurements["journey"]
+    qf = featurize(model, params, m, queries, m.draw(queries, torch.arange(3), 3, 8, x0_hat), proj)
+    tf = featurize(
+        model, params, measurements["loss"], x, measurements["loss"].draw(x, torch.arange(7), 2, 7),
+        proj, scale=train_gradient_scale(16),
+    )  # fmt: skip
+    assert rel_err(scores[key], trak_scores(qf, tf, key.damping)) < 1e-4
+    # the journey scores are not the loss scores: another query function
+    (loss_key,) = scores.find(method="trak", measurement="loss")
+    assert rel_err(scores[key], scores[loss_key]) > 1e-2
+    feats = bottleneck_features(model, torch.cat([queries, x]))
+    assert feats.shape[0] == 10
+    assert (
+        rel_err(scores[ScoreKey("feature_cos", "none")], gradient_cosine(feats[:3], feats[3:]))
+        < 1e-6
+    )
+    without = baseline_scores(
+        model, params, x, queries, measurements, proj, [1.0], query_measurements=["loss"],
+        feature_module=None, **kw,
+    )  # fmt: skip
+    assert not without.find(method="feature_cos")

@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from diffusion_attribution.attribution.similarity import (
+    bottleneck_features,
+    feature_cosine,
     gradient_cosine,
     gradient_dot,
     pixel_similarity,
@@ -35,3 +37,23 @@ def test_gradient_dot_and_cosine():
     )
     r = 1 / math.sqrt(2)
     torch.testing.assert_close(gradient_cosine(q, t), torch.tensor([[1.0, 0.0, r], [r, -r, 1.0]]))
+
+
+def test_bottleneck_features_are_the_mid_block_output(tiny):
+    model, _, _, x = tiny
+    seen = []
+    handle = model.mid2.register_forward_hook(lambda _m, _i, out: seen.append(out.detach()))
+    with torch.no_grad():
+        model(x, torch.ones(len(x), dtype=torch.int64))
+    handle.remove()
+    feats = bottleneck_features(model.train(), x, batch_size=3)  # batches and mode do not matter
+    assert model.training  # restored
+    model.eval()
+    torch.testing.assert_close(feats, seen[0].flatten(1))
+    assert feats.dtype == torch.float32 and feats.shape[0] == len(x)
+    # the nearest neighbour of an image is itself
+    cos = feature_cosine(feats, feats)
+    assert torch.equal(cos.argmax(1), torch.arange(len(x)))
+    torch.testing.assert_close(cos.diagonal(), torch.ones(len(x)))
+    with pytest.raises(ValueError, match="no submodule 'mid_block'"):
+        bottleneck_features(model, x, module="mid_block")

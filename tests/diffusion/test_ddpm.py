@@ -10,6 +10,7 @@ from diffusion_attribution.diffusion.ddpm import (
     diffusion_loss,
     draw_noise,
     p_mean,
+    predicted_x0,
     q_posterior,
     q_sample,
     sample,
@@ -175,3 +176,26 @@ def test_sampling_trajectory_and_determinism():
         torch.testing.assert_close(r1.means[t_int], mean)
         assert r1.variances[t_int].item() == pytest.approx(sched.betas[t_int].item())
     torch.testing.assert_close(r1.trajectory[0], r1.means[1])  # no noise at the last step
+
+
+def test_predicted_x0_inverts_the_recorded_means():
+    """x0_hat^t from (x_t, mu_t) equals the model's own prediction (x_t - sqrt(1 - abar_t)
+    eps_theta(x_t, t)) / sqrt(abar_t), clipped to [-1, 1]; entry 0 is the sample."""
+    sched = NoiseSchedule.linear(50, 1e-3, 0.2)
+    model = LinearEps(d=4).float()
+    res = sample(model, sched, 6, (1, 2, 2), seed=3, record_trajectory=True)
+    got = predicted_x0(sched, res.trajectory, res.means)
+    assert got.shape == res.trajectory.shape and got.dtype == res.trajectory.dtype
+    torch.testing.assert_close(got[0], res.x0)
+    for t_int in (50, 20, 1):
+        t = torch.full((6,), t_int)
+        x = res.trajectory[t_int].double()
+        with torch.no_grad():
+            eps = model.double()(x, t)
+        model.float()
+        ab = sched.alpha_bars[t_int]
+        want = ((x - (1 - ab).sqrt() * eps) / ab.sqrt()).clamp(-1, 1)
+        torch.testing.assert_close(got[t_int].double(), want, rtol=1e-4, atol=1e-4)
+    assert got[1:].abs().max() <= 1.0  # the predictions are clipped, the sample is not
+    with pytest.raises(ValueError, match="T \\+ 1"):
+        predicted_x0(sched, res.trajectory[1:], res.means[1:])

@@ -9,7 +9,8 @@ from diffusion_attribution.diffusion.gradients import (
     gradient_matrix,
     per_example_gradients,
 )
-from diffusion_attribution.diffusion.measurements import make_measurement, quantize
+from diffusion_attribution.diffusion.likelihood import quantize
+from diffusion_attribution.diffusion.measurements import make_measurement
 from diffusion_attribution.diffusion.unet import UNet, UNetConfig, kfac_parameters
 from tests.helpers import TINY_4X4
 

@@ -10,20 +10,21 @@ from torch.distributions import Normal, kl_divergence
 from diffusion_attribution.diffusion.ddpm import (
     NoiseSchedule,
     p_mean,
+    predicted_x0,
     q_posterior,
     q_sample,
     sample,
 )
+from diffusion_attribution.diffusion.likelihood import discretized_gaussian_log_likelihood, quantize
 from diffusion_attribution.diffusion.measurements import (
     ELBO,
     DiffusionLoss,
+    JourneyLoss,
     SquareNorm,
     TimestepLoss,
     TrajectoryLogProb,
-    discretized_gaussian_log_likelihood,
     example_generator,
     make_measurement,
-    quantize,
 )
 
 T = 20
@@ -313,3 +314,32 @@ def test_make_measurement(schedule):
         make_measurement("elbo", schedule, variance="learned")
     with pytest.raises(ValueError, match="one index per example"):
         DiffusionLoss(schedule).draw(data(n=2), torch.arange(3), 4, seed=0)
+
+
+def test_journey_loss_is_the_loss_at_the_trajectory_predictions(schedule, trajectory):
+    """JourneyLoss: at each drawn step t, ||eps - eps_theta(q_sample(x0_hat^t, t, eps), t)||^2,
+    averaged over the draws; the draws index the predicted-x_0 trajectory and depend only on
+    (seed, index)."""
+    model, res = trajectory
+    x0_hat = predicted_x0(schedule, res.trajectory, res.means)
+    meas = JourneyLoss(schedule)
+    draws = meas.draw(res.x0, torch.arange(3), 5, seed=4, trajectories=x0_hat)
+    assert set(draws) == {"t", "x0_hat", "eps"} and draws["t"].min() >= 1
+    for i, s in [(0, 0), (2, 4)]:
+        torch.testing.assert_close(draws["x0_hat"][i, s], x0_hat[draws["t"][i, s], i])
+    want = torch.zeros(3, dtype=torch.float64)
+    with torch.no_grad():
+        for i in range(3):
+            for s in range(5):
+                t = draws["t"][i, s : s + 1]
+                eps = draws["eps"][i, s : s + 1]
+                xt = q_sample(schedule, draws["x0_hat"][i, s : s + 1], t, eps)
+                want[i] += float((eps - model(xt, t)).pow(2).sum()) / 5
+        got = meas(model, res.x0, draws)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    part = meas.draw(res.x0[2:], torch.tensor([2]), 5, seed=4, trajectories=x0_hat[:, 2:])
+    for key in draws:
+        torch.testing.assert_close(part[key], draws[key][2:], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="predicted-x_0 trajectories"):
+        meas.draw(res.x0, torch.arange(3), 5, seed=4)
+    assert isinstance(make_measurement("journey", schedule), JourneyLoss)

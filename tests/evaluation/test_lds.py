@@ -124,6 +124,7 @@ def test_proxy_sign():
     assert proxy_sign("l_t=10", "l_t=500") == 1  # Fig. 11
     assert proxy_sign("square_norm", "loss") == 1  # D-TRAK
     assert proxy_sign("none", "loss") == 1  # pixel similarity
+    assert proxy_sign("journey", "loss") == 1 and proxy_sign("journey", "elbo") == -1
     # a lower loss is a higher likelihood: "(m. loss)" enters with a minus sign
     assert proxy_sign("loss", "elbo") == -1
     assert proxy_sign("square_norm", "trajectory") == -1

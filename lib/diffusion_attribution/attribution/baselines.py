@@ -21,6 +21,8 @@ from torch import Tensor, nn
 from diffusion_attribution.attribution.projection import Projector, featurize
 from diffusion_attribution.attribution.scores import ScoreKey, ScoreSet
 from diffusion_attribution.attribution.similarity import (
+    bottleneck_features,
+    feature_cosine,
     gradient_cosine,
     gradient_dot,
     pixel_similarity,
@@ -53,7 +55,8 @@ def baseline_scores(
     query_draws: int,
     seed: int,
     precisions: Sequence[Precision] = ("float32", "float16"),
-    query_trajectories: Tensor | None = None,
+    query_trajectories: Tensor | Mapping[str, Tensor] | None = None,
+    feature_module: str | None = "mid2",
     batch_size: int = 16,
     project_rows: int | None = None,
     progress: bool = False,
@@ -69,8 +72,9 @@ def baseline_scores(
     method -- gradients of ``TRAIN_MEASUREMENTS[method]`` (the loss for TRAK, the square norm
     for D-TRAK) scaled to lbar = l / D, ``train_draws`` draws each with seed ``seed`` -- and
     query features once per measurement (unscaled, ``query_draws`` draws with seed ``seed + 1``,
-    ``query_trajectories`` for a trajectory measurement), then scored for every damping and
-    precision:
+    ``query_trajectories`` for a measurement that needs them: one tensor for all, or a mapping
+    from measurement name to its tensor, e.g. ``{"trajectory": x_t trajectories, "journey":
+    predicted-x_0 trajectories}``), then scored for every damping and precision:
 
     - ``ScoreKey("trak", m, curvature="projected_empirical", damping=d, compression="none",
       precision=p)`` for m in ``query_measurements`` and p in ``precisions``,
@@ -78,7 +82,12 @@ def baseline_scores(
       precision=p)`` (D-TRAK's query gradients are of the square norm too),
     - ``ScoreKey("grad_dot" | "grad_cos", m)`` on the projected query features of m and the
       projected loss features (the identity in place of the Hessian; curvature ``"none"``,
-      damping 0, float32), and ``ScoreKey("pixel", "none")``.
+      damping 0, float32), ``ScoreKey("pixel", "none")`` and, unless ``feature_module`` is
+      None, ``ScoreKey("feature_cos", "none")``: the cosine of the model's features at that
+      submodule (:func:`~diffusion_attribution.attribution.similarity.bottleneck_features`).
+    - Journey-TRAK is TRAK with the query measurement ``"journey"``
+      (:class:`~diffusion_attribution.diffusion.measurements.JourneyLoss`): ``ScoreKey("trak",
+      "journey", ...)`` when ``query_measurements`` holds it.
 
     Dampings d are ``relative_dampings`` times the mean eigenvalue trace(F)/k of each method's
     projected empirical Fisher F = Phi^T Phi / N
@@ -132,27 +141,40 @@ def baseline_scores(
     query = {}
     for name in dict.fromkeys([*query_measurements, TRAIN_MEASUREMENTS["d-trak"]]):
         m = measurements[name]
-        d = m.draw(queries, q_ids, query_draws, seed + 1, trajectories=query_trajectories)
-        query[name] = featurize(
-            model,
-            params,
-            m,
-            queries,
-            d,
-            projector,
-            batch_size=batch_size,
-            project_rows=project_rows,
-            timings=timings,
+        trajectories = (
+            query_trajectories.get(name)
+            if isinstance(query_trajectories, Mapping)
+            else query_trajectories
         )
+        d = m.draw(queries, q_ids, query_draws, seed + 1, trajectories=trajectories)
+        kw = dict(batch_size=batch_size, project_rows=project_rows, timings=timings)
+        query[name] = featurize(model, params, m, queries, d, projector, **kw)
     start = time.perf_counter()
     eigenvalues = {method: mean_eigenvalue(f) for method, f in train.items()}
     scores = _trak_matrices(
         query, train, eigenvalues, relative_dampings, query_measurements, precisions, n
     )
     scores |= _similarity_matrices(query, train["trak"], queries, train_images, query_measurements)
+    if feature_module is not None:
+        scores |= _feature_matrix(model, queries, train_images, feature_module)
     synchronize(device)
     timings["scoring"] = time.perf_counter() - start
     return ScoreSet(scores, {"mean_eigenvalue": eigenvalues, "seconds": timings})
+
+
+def _feature_matrix(
+    model: nn.Module, queries: Tensor, train_images: Tensor, module: str
+) -> dict[ScoreKey, Tensor]:
+    """The cosine of the model's features at ``module`` of the queries and the training images."""
+    device = next(model.parameters()).device
+    features = bottleneck_features(
+        model, torch.cat([queries, train_images]).to(device), module=module
+    )
+    return {
+        ScoreKey("feature_cos", "none"): feature_cosine(
+            features[: len(queries)], features[len(queries) :]
+        )
+    }
 
 
 def _check_train_features(train: Mapping[str, Tensor], n: int, dim: int) -> None:

@@ -9,11 +9,12 @@ convention stated once in :mod:`diffusion_attribution.attribution.influence`
 ============== =========================================================================
 field          meaning (the same for every method)
 ============== =========================================================================
-``method``     ``"kfac"``, ``"trak"``, ``"d-trak"``, ``"grad_dot"``, ``"grad_cos"`` or
-               ``"pixel"``
+``method``     ``"kfac"``, ``"trak"``, ``"d-trak"``, ``"grad_dot"``, ``"grad_cos"``,
+               ``"pixel"`` or ``"feature_cos"``
 ``measurement`` the query measurement whose gradient the scores use (``"loss"``,
-               ``"elbo"``, ``"trajectory"``, ``"square_norm"``, ``"l_t=<t>"``), or
-               ``"none"`` for a model-free method (pixel similarity)
+               ``"elbo"``, ``"trajectory"``, ``"square_norm"``, ``"journey"`` (TRAK with it
+               is Journey-TRAK), ``"l_t=<t>"``), or ``"none"`` for a method without a
+               query gradient (pixel and feature similarity)
 ``curvature``  the curvature the query gradients are preconditioned with: a K-FAC variant
                (``"mc_expand"``, ...) for K-FAC influence, ``"projected_empirical"`` for
                TRAK / D-TRAK (the projected GGN^loss), ``"none"`` for no curvature
@@ -45,7 +46,7 @@ from torch import Tensor
 
 from diffusion_attribution.core.io import CorruptFileError, atomic_save, check_finite, load
 
-METHODS = ("kfac", "trak", "d-trak", "grad_dot", "grad_cos", "pixel")
+METHODS = ("kfac", "trak", "d-trak", "grad_dot", "grad_cos", "pixel", "feature_cos")
 CONVENTION = "score[q, j] ~ m(theta_{-j}, x_q) - m(theta, x_q)"
 _FORMAT = "diffusion_attribution.ScoreSet/1"
 

@@ -1,6 +1,9 @@
 """Similarity baselines: context for the attribution methods, not influence estimates.
 
-:func:`pixel_similarity`, :func:`gradient_dot` and :func:`gradient_cosine` are *not* influence
+:func:`pixel_similarity`, :func:`feature_cosine` (on the U-Net's own bottleneck features,
+:func:`bottleneck_features`: nearest-neighbour attribution in a learned feature space, in the
+spirit of model-free NDA baselines, with no downloaded encoder), :func:`gradient_dot` and
+:func:`gradient_cosine` are *not* influence
 estimates: they do not predict m(theta_{-j}, x_q) - m(theta, x_q) and have no units of m. They
 are context ("does a method beat looking alike?"). They share the (Q, N) float32 format and
 the direction of the score convention of :mod:`diffusion_attribution.attribution.influence` (larger = x_j
@@ -12,9 +15,15 @@ identity in place of the Hessian.
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["gradient_cosine", "gradient_dot", "pixel_similarity"]
+__all__ = [
+    "bottleneck_features",
+    "feature_cosine",
+    "gradient_cosine",
+    "gradient_dot",
+    "pixel_similarity",
+]
 
 
 def _flat(x: Tensor) -> Tensor:
@@ -55,3 +64,40 @@ def gradient_cosine(query: Tensor, train: Tensor, eps: float = 1e-30) -> Tensor:
     q = q / q.norm(dim=1, keepdim=True).clamp(min=eps)
     t = t / t.norm(dim=1, keepdim=True).clamp(min=eps)
     return (q @ t.T).float()
+
+
+@torch.no_grad()
+def bottleneck_features(
+    model: nn.Module,
+    images: Tensor,
+    *,
+    module: str = "mid2",
+    timestep: int = 1,
+    batch_size: int = 256,
+) -> Tensor:
+    """(N, F) float32: the output of ``model``'s submodule ``module`` (the U-Net's bottleneck,
+    ``mid2`` of :class:`~diffusion_attribution.diffusion.unet.UNet`), flattened, for the clean
+    images (N, C, H, W) at ``timestep`` (1: the least noisy step the model was trained on).
+    The model runs in eval mode (restored afterwards)."""
+    target = dict(model.named_modules()).get(module)
+    if target is None:
+        raise ValueError(f"the model has no submodule {module!r}")
+    captured: list[Tensor] = []
+    handle = target.register_forward_hook(lambda _m, _i, out: captured.append(out.detach()))
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        for i in range(0, len(images), batch_size):
+            x = images[i : i + batch_size].to(device)
+            model(x, torch.full((len(x),), timestep, dtype=torch.int64, device=device))
+    finally:
+        handle.remove()
+        model.train(was_training)
+    return torch.cat([c.flatten(1) for c in captured]).float()
+
+
+def feature_cosine(query_features: Tensor, train_features: Tensor) -> Tensor:
+    """cos(f_q, f_j) (Q, N) float32 of two sets of feature vectors (:func:`bottleneck_features`).
+    Context only (module docstring)."""
+    return gradient_cosine(query_features, train_features)

@@ -81,13 +81,14 @@ class Config(Section):
         names = {"loss", "elbo", "trajectory", "square_norm"} | {
             f"l_t={t}" for t in self.influence.timesteps
         }
-        for key, given in (
-            ("influence.ablation_measurements", self.influence.ablation_measurements),
-            ("trak.query_measurements", self.trak.query_measurements),
+        for key, given, allowed in (
+            ("influence.ablation_measurements", self.influence.ablation_measurements, names),
+            # TRAK of the journey measurement is Journey-TRAK (the baselines stage only)
+            ("trak.query_measurements", self.trak.query_measurements, names | {"journey"}),
         ):
-            unknown = sorted(set(given) - names)
+            unknown = sorted(set(given) - allowed)
             if unknown:
-                raise ValueError(f"{key}: unknown {unknown}; choose from {sorted(names)}")
+                raise ValueError(f"{key}: unknown {unknown}; choose from {sorted(allowed)}")
         return self
 
     @model_validator(mode="after")

@@ -206,6 +206,10 @@ class CurvatureConfig(Section):
     num_draws: PositiveInt = 8
     batch_size: PositiveInt = 512
     seed: Seed = 2
+    #: dtype of the eigendecompositions and of the saved eigenbases: float32 halves the
+    #: curvature's memory and its eigh time (the paper-scale profiles); what it moves in the
+    #: scores is measured in tests/curvature/test_precision.py
+    precision: Literal["float64", "float32"] = "float64"
 
 
 class InfluenceConfig(Section):
@@ -262,7 +266,7 @@ class TrakConfig(Section):
     )
     query_measurements: Annotated[
         tuple[str, ...], AfterValidator(_nonempty), AfterValidator(_distinct)
-    ] = ("loss", "elbo", "trajectory")
+    ] = ("loss", "elbo", "trajectory", "journey")
     seed: Seed = 4
 
 
@@ -333,7 +337,7 @@ class MeasureConfig(Section):
     seed: Seed = 6
 
 
-CounterfactualMethod = Literal["kfac", "trak", "d-trak", "random"]
+CounterfactualMethod = Literal["kfac", "trak", "d-trak", "journey-trak", "feature_cos", "random"]
 
 
 class CounterfactualConfig(Section):
@@ -346,7 +350,10 @@ class CounterfactualConfig(Section):
     in the sample's loss is taken relative to the full model itself, so with the same seed
     (common random numbers) it isolates the removed data. ``random`` removes one set of random
     examples per fraction, drawn from ``seed``, for all samples (the control). TRAK and D-TRAK
-    use their best damping on the loss LDS benchmark, as in the paper.
+    use their best damping on the loss LDS benchmark, as in the paper. Beyond the paper:
+    ``journey-trak`` (TRAK of :class:`~diffusion_attribution.diffusion.measurements.JourneyLoss`,
+    its best damping too) and ``feature_cos`` (the U-Net feature nearest neighbours), in the
+    default profile.
     """
 
     fractions: Annotated[
@@ -358,5 +365,5 @@ class CounterfactualConfig(Section):
     num_queries: PositiveInt = 5
     methods: Annotated[
         tuple[CounterfactualMethod, ...], AfterValidator(_nonempty), AfterValidator(_distinct)
-    ] = ("kfac", "trak", "d-trak", "random")
+    ] = ("kfac", "trak", "d-trak", "journey-trak", "feature_cos", "random")
     seed: Seed = 0

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from diffusion_attribution.curvature.kfac import KFAC, FisherKind, KFACKind
 from diffusion_attribution.curvature.kronecker import (
     LayerFactors,
+    Precision,
     check_factor_finite,
     kronecker_blocks,
 )
@@ -259,10 +260,11 @@ def kfac_from_operator(
     op: KFACLinearOperator,
     params: Sequence[Tensor],
     meta: dict[str, Any] | None = None,
+    precision: Precision = "float64",
 ) -> KFAC:
     """The :class:`~diffusion_attribution.curvature.kfac.KFAC` of a curvlinops 3.0.1
-    ``(E)KFACLinearOperator`` built on ``params``: its factors (:func:`read_factors`) as float64
-    Kronecker blocks (:func:`~diffusion_attribution.curvature.kronecker.kronecker_blocks`).
+    ``(E)KFACLinearOperator`` built on ``params``: its factors (:func:`read_factors`) as
+    Kronecker blocks in ``precision`` (:func:`~diffusion_attribution.curvature.kronecker.kronecker_blocks`).
 
     Computes the factors if the operator has not yet (curvlinops adds to existing factors
     when ``compute_kronecker_factors`` runs twice, so it is called only when they are
@@ -277,6 +279,7 @@ def kfac_from_operator(
         shapes,
         ekfac=factors.ekfac,
         separate_weight_and_bias=factors.separate_weight_and_bias,
+        precision=precision,
     )
     meta = dict(meta or {})
     meta.setdefault("ekfac", factors.ekfac)

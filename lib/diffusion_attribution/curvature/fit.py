@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from diffusion_attribution.curvature.curvlinops_backend import build_operator, kfac_from_operator
 from diffusion_attribution.curvature.hooks import correction_sums, factor_sums
 from diffusion_attribution.curvature.kfac import KFAC, FisherKind, KFACKind
+from diffusion_attribution.curvature.kronecker import Precision
 from diffusion_attribution.curvature.partial_sums import apply_corrections, to_kfac
 from diffusion_attribution.curvature.rows import fitting_mode
 from diffusion_attribution.diffusion.ddpm import NoiseSchedule
@@ -46,6 +47,7 @@ def fit_kfac(
     separate_weight_and_bias: bool = True,
     progress: bool = False,
     backend: Backend = "hooks",
+    precision: Precision = "float64",
 ) -> KFAC:
     """Fit K-FAC (or EK-FAC) of the GGN of the diffusion loss over ``N * S`` noisy rows.
 
@@ -65,7 +67,9 @@ def fit_kfac(
     targets come from one generator seeded with ``mc_seed`` and running across its batches (the
     draws depend on ``batch_size``), so its MC factors agree with the hooks' in expectation only;
     the empirical and type-2 factors agree to float round-off. ``meta["backend"]`` records
-    which one ran.
+    which one ran. ``precision``: the dtype of the eigendecompositions and of every tensor the
+    result keeps (:mod:`~diffusion_attribution.curvature.kronecker`); the factors are summed in
+    float64 either way.
     """
     if backend not in ("hooks", "curvlinops"):
         raise ValueError(f"backend must be 'hooks' or 'curvlinops', got {backend!r}")
@@ -84,11 +88,14 @@ def fit_kfac(
         "mc_seed": mc_seed,
         "mc_samples": mc_samples,
         "batch_size": batch_size,
+        "precision": precision,
     }
     if backend == "hooks":
         kw = dict(batch_size=batch_size, mc_seed=mc_seed, mc_samples=mc_samples)
         sums = factor_sums(model, params, schedule, x0, t, eps, fisher=fisher, kfac=kfac, **kw)
-        result = to_kfac(sums, separate_weight_and_bias=separate_weight_and_bias, meta=meta)
+        result = to_kfac(
+            sums, separate_weight_and_bias=separate_weight_and_bias, meta=meta, precision=precision
+        )
         if ekfac:
             corr = correction_sums(model, params, schedule, x0, t, eps, result, fisher=fisher, **kw)
             result = apply_corrections(result, corr)
@@ -110,6 +117,6 @@ def fit_kfac(
                 separate_weight_and_bias=separate_weight_and_bias,
                 progress=progress,
             )
-            result = kfac_from_operator(op, params, meta=meta)
+            result = kfac_from_operator(op, params, meta=meta, precision=precision)
     result.meta["fit_seconds"] = time.perf_counter() - t0
     return result

@@ -80,10 +80,13 @@ With ``ekfac=True`` the Kronecker eigenvalues ``g_i a_j`` are replaced by curvli
 correction (George et al. 2018) ``E_ij = sum_r ((Q_G^T grad_W(r) Q_A)_ij)^2`` (same scaling),
 computed from per-row gradients.
 
-All factors are held in float64. Their eigendecompositions are computed once; eigenvalues of
-``A`` and ``G`` below zero (float32 round-off) are clamped to 0 and the operator is *defined*
-by the clamped eigendecomposition everywhere (``matvec``, ``to_dense``, ``inverse_apply``), so
-``inverse_apply`` is the exact inverse of ``matvec`` plus damping.
+All factors are held in float64 by default (``precision="float32"`` keeps them, their
+eigendecompositions and the arithmetic of ``matvec`` / ``inverse_apply`` in float32:
+:mod:`~diffusion_attribution.curvature.kronecker`). Their eigendecompositions are computed
+once; eigenvalues of ``A`` and ``G`` below zero (round-off) are clamped to 0 and the operator
+is *defined* by the clamped eigendecomposition everywhere (``matvec``, ``to_dense``,
+``inverse_apply``), so ``inverse_apply`` is the inverse of ``matvec`` plus damping to the
+round-off of the blocks' dtype.
 """
 
 from __future__ import annotations
@@ -202,7 +205,8 @@ class DenseCurvature(CurvatureOperator):
 
 
 class KFAC(CurvatureOperator):
-    """Block-diagonal Kronecker-factored curvature in the flat parameter layout (float64).
+    """Block-diagonal Kronecker-factored curvature in the flat parameter layout (float64, or
+    float32 where fitted with ``precision="float32"``: :attr:`dtype`).
 
     Holds per layer the factors ``A`` (input covariance) and ``G`` (output-gradient
     covariance) with their eigendecompositions ``A = Q_A diag(a) Q_A^T``,
@@ -238,8 +242,13 @@ class KFAC(CurvatureOperator):
     def device(self) -> torch.device:
         return self.blocks[0].QG.device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The blocks' dtype, in which :meth:`matvec` and :meth:`inverse_apply` compute."""
+        return self.blocks[0].QG.dtype
+
     def to(self, device: torch.device | str) -> KFAC:
-        """A copy with every tensor on ``device`` (still float64): where :meth:`inverse_apply`
+        """A copy with every tensor on ``device`` (same dtype): where :meth:`inverse_apply`
         and :meth:`inverse_apply_sweep` compute."""
         blocks = []
         for b in self.blocks:
@@ -253,20 +262,20 @@ class KFAC(CurvatureOperator):
         if damping < 0 or not math.isfinite(damping):
             raise ValueError(f"damping must be finite and >= 0, got {damping}")
         M, vec = self._as_matrix(V)
-        M64 = M.to(self.device, torch.float64)
-        out = torch.empty_like(M64)
+        Mk = M.to(self.device, self.dtype)
+        out = torch.empty_like(Mk)
         for b in self.blocks:
-            b.scatter(out, b.apply(b.gather(M64), damping, inverse))
+            b.scatter(out, b.apply(b.gather(Mk), damping, inverse))
         return (out.squeeze(0) if vec else out).to(V.device, V.dtype)
 
     def matvec(self, V: Tensor, damping: float = 0.0) -> Tensor:
-        """``(K + damping I) V`` for V (P,) or (Q, P); computed in float64, returned in V's dtype."""
+        """``(K + damping I) V`` for V (P,) or (Q, P); computed in :attr:`dtype`, returned in V's dtype."""
         return self._apply(V, damping, inverse=False)
 
     def inverse_apply(self, V: Tensor, damping: float) -> Tensor:
         """``(K + damping I)^{-1} V`` for V (P,) or (Q, P), exact via the cached eigenbases.
 
-        Computed in float64 on the factors' device (:meth:`to`): only V is converted there
+        Computed in :attr:`dtype` on the factors' device (:meth:`to`): only V is converted there
         and the result back to V's dtype and device; no device-to-host reads (the singularity
         check uses eigenvalue minima cached once per block). Raises ``FloatingPointError`` if
         ``K + damping I`` is singular (``damping = 0`` with a zero eigenvalue).
@@ -281,10 +290,10 @@ class KFAC(CurvatureOperator):
             if d < 0 or not math.isfinite(d):
                 raise ValueError(f"damping must be finite and >= 0, got {d}")
         M, vec = self._as_matrix(V)
-        M64 = M.to(self.device, torch.float64)
-        outs = [torch.empty_like(M64) for _ in dampings]
+        Mk = M.to(self.device, self.dtype)
+        outs = [torch.empty_like(Mk) for _ in dampings]
         for b in self.blocks:
-            for out, res in zip(outs, b.inverse_sweep(b.gather(M64), dampings), strict=True):
+            for out, res in zip(outs, b.inverse_sweep(b.gather(Mk), dampings), strict=True):
                 b.scatter(out, res)
         return {
             d: (o.squeeze(0) if vec else o).to(V.device, V.dtype)
@@ -292,8 +301,8 @@ class KFAC(CurvatureOperator):
         }
 
     def to_dense(self) -> Tensor:
-        """The (P, P) float64 matrix, assembled block by block from ``kron(Q_G, Q_A)`` (tests)."""
-        K = torch.zeros(self.num_params, self.num_params, dtype=torch.float64, device=self.device)
+        """The (P, P) matrix in :attr:`dtype`, assembled block by block from ``kron(Q_G, Q_A)`` (tests)."""
+        K = torch.zeros(self.num_params, self.num_params, dtype=self.dtype, device=self.device)
         for b in self.blocks:
             idx = b.flat_index().flatten().to(self.device)
             K[idx[:, None], idx[None, :]] = b.dense()
@@ -328,19 +337,7 @@ class KFAC(CurvatureOperator):
 
     def state_dict(self) -> dict[str, Any]:
         """Plain tensors (CPU), strings, numbers, lists and dicts: ``weights_only``-loadable."""
-        blocks = []
-        for b in self.blocks:
-            d: dict[str, Any] = {
-                "layer": b.layer,
-                "kind": b.kind,
-                "param_indices": list(b.param_indices),
-                "offsets": list(b.offsets),
-                "cols": list(b.cols),
-                "out": b.out,
-            }
-            for k, v in b.tensors().items():
-                d[k] = None if v is None else v.detach().cpu()
-            blocks.append(d)
+        blocks = [b.state() for b in self.blocks]
         return {
             "format": _FORMAT,
             "version": _VERSION,
@@ -357,18 +354,7 @@ class KFAC(CurvatureOperator):
                 f"not a {_FORMAT} v{_VERSION} state dict "
                 f"(format={state.get('format')!r}, version={state.get('version')!r})"
             )
-        blocks = [
-            KroneckerBlock(
-                layer=d["layer"],
-                kind=d["kind"],
-                param_indices=tuple(d["param_indices"]),
-                offsets=tuple(d["offsets"]),
-                cols=tuple(d["cols"]),
-                out=int(d["out"]),
-                **{k: d[k] for k in ("QG", "QA", "eig_g", "eig_a", "eig", "G", "A")},
-            )
-            for d in state["blocks"]
-        ]
+        blocks = [KroneckerBlock.from_state(d) for d in state["blocks"]]
         result = cls(blocks, state["param_shapes"], state.get("meta"))
         if params is not None:
             result.check_params(params)

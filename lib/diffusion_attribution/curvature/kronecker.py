@@ -11,9 +11,16 @@ eigenvalues ``g_i a_j`` (EK-FAC: corrected eigenvalues ``E_ij``), so
 This module knows nothing of curvlinops: :class:`LayerFactors` is what a fitter hands over
 (:mod:`~diffusion_attribution.curvature.partial_sums` and
 :mod:`~diffusion_attribution.curvature.curvlinops_backend` fill it) and
-:func:`kronecker_blocks` turns it into float64 :class:`KroneckerBlock` s with cached
+:func:`kronecker_blocks` turns it into :class:`KroneckerBlock` s with cached
 eigendecompositions. The normalisation of the factors is derived in
 :mod:`diffusion_attribution.curvature.kfac`'s module docstring.
+
+**Precision.** Blocks are float64 by default. With ``precision="float32"`` the symmetrised
+factor is eigendecomposed in float32 and every tensor of the block is kept in float32 (half
+the memory, about 2x faster ``eigh`` on a CPU); eigenvectors are then orthonormal to ~1e-6, so
+``Q (diag(e) + lambda)^{-1} Q^T`` is the inverse of ``Q (diag(e) + lambda) Q^T`` to that
+relative accuracy rather than to float64 round-off. How far influence scores move is measured
+in ``tests/curvature/test_precision.py`` and ``benchmarks/bench_eigh_precision.py``.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -28,12 +36,27 @@ from torch import Tensor
 from diffusion_attribution.core.io import check_finite
 
 __all__ = [
+    "PRECISIONS",
     "KroneckerBlock",
     "LayerFactors",
+    "Precision",
     "check_blocks",
     "check_factor_finite",
     "kronecker_blocks",
+    "precision_dtype",
 ]
+
+Precision = Literal["float64", "float32"]
+"""The dtype of a block's eigendecomposition and of every tensor it keeps."""
+
+PRECISIONS: dict[str, torch.dtype] = {"float64": torch.float64, "float32": torch.float32}
+
+
+def precision_dtype(precision: str) -> torch.dtype:
+    """The torch dtype of ``precision``; ``ValueError`` naming the choices otherwise."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    return PRECISIONS[precision]
 
 
 @dataclass
@@ -65,7 +88,7 @@ class KroneckerBlock:
     viewed as (out, cols): ``kind="weight"`` (the weight, ``k = d_in``), ``"bias"`` (``k = 1``,
     ``A = [[1]]``) or ``"joint"`` (``[W | b]``, ``k = d_in + 1``). ``param_indices[i]`` is
     the position in ``params`` of the i-th part and ``offsets[i]`` its flat offset.
-    ``G``/``A`` are the raw factors (float64, ``None`` where curvlinops does not keep them, as
+    ``G``/``A`` are the raw factors (in the block's dtype, ``None`` where curvlinops does not keep them, as
     for EK-FAC after its eigenvalue correction). ``QG``/``QA`` are orthonormal eigenvectors,
     ``eig_g``/``eig_a`` the clamped eigenvalues (K-FAC) and ``eig`` the (out, k) corrected
     eigenvalues (EK-FAC, replacing ``outer(eig_g, eig_a)``).
@@ -139,7 +162,7 @@ class KroneckerBlock:
 
     def apply(self, M: Tensor, damping: float, inverse: bool) -> Tensor:
         """``(K + damping I)^{+-1}`` on (Q, out, k) matrices via the eigendecomposition, on the
-        device of the factors (``M`` must be there, in float64)."""
+        device of the factors (``M`` must be there, in the block's dtype)."""
         if inverse:
             self._check_damping(damping)
         lam = self.eigenvalues() + damping
@@ -170,6 +193,32 @@ class KroneckerBlock:
                 setattr(self, name, value * c)
         self._min_eig = None
 
+    def state(self) -> dict:
+        """Plain values and CPU tensors (``weights_only``-loadable); :meth:`from_state` inverts it."""
+        d: dict = {
+            "layer": self.layer,
+            "kind": self.kind,
+            "param_indices": list(self.param_indices),
+            "offsets": list(self.offsets),
+            "cols": list(self.cols),
+            "out": self.out,
+        }
+        for k, v in self.tensors().items():
+            d[k] = None if v is None else v.detach().cpu()
+        return d
+
+    @classmethod
+    def from_state(cls, d: dict) -> KroneckerBlock:
+        return cls(
+            layer=d["layer"],
+            kind=d["kind"],
+            param_indices=tuple(d["param_indices"]),
+            offsets=tuple(d["offsets"]),
+            cols=tuple(d["cols"]),
+            out=int(d["out"]),
+            **{k: d[k] for k in ("QG", "QA", "eig_g", "eig_a", "eig", "G", "A")},
+        )
+
     def tensors(self) -> dict[str, Tensor | None]:
         return {
             "QG": self.QG,
@@ -189,10 +238,15 @@ def check_factor_finite(layer: str, what: str, x: Tensor | None) -> None:
         check_finite(x, f"non-finite values (NaN/Inf) in {what} of layer {layer!r}")
 
 
-def _psd_eigh(M: Tensor) -> tuple[Tensor, Tensor]:
-    """Eigendecomposition of the symmetric part of M in float64, eigenvalues clamped at 0."""
-    M = M.to(torch.float64)
-    evals, evecs = torch.linalg.eigh((M + M.T) / 2)
+def _psd_eigh(M: Tensor, dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
+    """Eigendecomposition in ``dtype`` of the symmetric part of M (formed in the wider of M's
+    dtype and ``dtype``), eigenvalues clamped at 0."""
+    M = M.to(torch.promote_types(M.dtype, dtype))
+    sym = (M + M.T) / 2
+    evals, evecs = torch.linalg.eigh(sym.to(dtype))
+    if sym.dtype != dtype:
+        Q = evecs.to(sym.dtype)
+        evals = ((sym @ Q) * Q).sum(0).to(dtype)
     return evals.clamp_min(0.0), evecs
 
 
@@ -215,6 +269,9 @@ def check_blocks(blocks: Sequence[KroneckerBlock], param_shapes: Sequence[Sequen
     sizes = [math.prod(s) for s in param_shapes]
     offsets = [sum(sizes[:i]) for i in range(len(sizes))]
     covered = [0] * len(sizes)
+    dtypes = {b.QG.dtype for b in blocks}
+    if len(dtypes) > 1:
+        raise ValueError(f"every block must have one dtype, got {sorted(map(str, dtypes))}")
     for b in blocks:
         if b.QG.shape != (b.out, b.out) or b.QA.shape != (b.k, b.k):
             raise ValueError(f"layer {b.layer!r}: eigenvector shapes do not match the block")
@@ -237,8 +294,10 @@ def kronecker_blocks(
     *,
     ekfac: bool,
     separate_weight_and_bias: bool,
+    precision: Precision = "float64",
 ) -> list[KroneckerBlock]:
-    """Float64 blocks, in the order of ``layers``, for parameters of ``param_shapes``.
+    """Blocks in ``precision`` (module docstring), in the order of ``layers``, for parameters
+    of ``param_shapes``.
 
     K-FAC: ``G`` and ``A`` are eigendecomposed here (:func:`_psd_eigh`, eigenvalues clamped
     at 0). EK-FAC: the given eigenvectors are re-orthonormalised (:func:`_orthonormalise`) and
@@ -249,14 +308,12 @@ def kronecker_blocks(
     """
     sizes = [math.prod(s) for s in param_shapes]
     offsets = [sum(sizes[:i]) for i in range(len(sizes))]
-    f64 = torch.float64
+    dtype = precision_dtype(precision)
     blocks = []
     for layer in layers:
         name, pos = layer.name, layer.positions
         out = int(param_shapes[next(iter(pos.values()))][0])
-        G = None if layer.G is None else layer.G.to(f64)
-        A = None if layer.A is None else layer.A.to(f64)
-        for what, x in (("G (gradient covariance)", G), ("A (input covariance)", A)):
+        for what, x in (("G (gradient covariance)", layer.G), ("A (input covariance)", layer.A)):
             check_factor_finite(name, what, x)
         if ekfac:
             check_factor_finite(name, "corrected eigenvalues", layer.corrected)
@@ -264,21 +321,23 @@ def kronecker_blocks(
             QG_e, QA_e, corrected = layer.QG, layer.QA, layer.corrected
             for what, x in (("eigenvectors of G", QG_e), ("eigenvectors of A", QA_e)):
                 check_factor_finite(name, what, x)
-            QG = _orthonormalise(QG_e)
-            QA = None if QA_e is None else _orthonormalise(QA_e)
+            QG = _orthonormalise(QG_e).to(dtype)
+            QA = None if QA_e is None else _orthonormalise(QA_e).to(dtype)
         else:
-            if G is None:
+            if layer.G is None:
                 raise ValueError(f"layer {name!r}: curvlinops kept no gradient covariance")
-            eig_g, QG = _psd_eigh(G)
-            eig_a, QA = (None, None) if A is None else _psd_eigh(A)
-        one = torch.ones(1, 1, dtype=f64, device=QG.device)
+            eig_g, QG = _psd_eigh(layer.G, dtype)
+            eig_a, QA = (None, None) if layer.A is None else _psd_eigh(layer.A, dtype)
+        G = None if layer.G is None else layer.G.to(dtype)
+        A = None if layer.A is None else layer.A.to(dtype)
+        one = torch.ones(1, 1, dtype=dtype, device=QG.device)
 
         if not separate_weight_and_bias and "weight" in pos and "bias" in pos:
             w, b = pos["weight"], pos["bias"]
             parts = [(w, sizes[w] // out), (b, 1)]
             blk = dict(kind="joint", A=A, QA=QA)
             if ekfac:
-                blk["eig"] = corrected.to(f64).reshape(out, -1)
+                blk["eig"] = corrected.to(dtype).reshape(out, -1)
             else:
                 blk["eig_a"] = eig_a
             specs = [(parts, blk)]
@@ -296,7 +355,7 @@ def kronecker_blocks(
                         blk["eig_a"] = one[0]
                     parts = [(i, 1)]
                 if ekfac:
-                    blk["eig"] = corrected[i].to(f64).reshape(out, -1)
+                    blk["eig"] = corrected[i].to(dtype).reshape(out, -1)
                 specs.append((parts, blk))
         for parts, blk in specs:
             blocks.append(

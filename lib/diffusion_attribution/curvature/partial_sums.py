@@ -30,6 +30,7 @@ import hashlib
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,6 +41,7 @@ from diffusion_attribution.curvature.kfac import KFAC
 from diffusion_attribution.curvature.kronecker import (
     KroneckerBlock,
     LayerFactors,
+    Precision,
     check_factor_finite,
     kronecker_blocks,
 )
@@ -253,20 +255,36 @@ def to_kfac(
     *,
     separate_weight_and_bias: bool = True,
     meta: dict[str, Any] | None = None,
+    precision: Precision = "float64",
+    folder: str | os.PathLike | None = None,
+    release: bool = False,
 ) -> KFAC:
-    """Normalise combined factor sums (:func:`_normalised`) and eigendecompose them: the
-    :class:`~diffusion_attribution.curvature.kfac.KFAC` of the rows summed. Raises
-    ``FloatingPointError`` naming the layer if a factor is not finite."""
-    layers = []
-    for name, pos in zip(sums.layers, sums.param_positions, strict=True):
-        joint = not separate_weight_and_bias and "weight" in pos and "bias" in pos
-        A, G = _normalised(sums, name, joint)
-        check_factor_finite(name, "input covariance A", A)
-        check_factor_finite(name, "gradient covariance G", G)
-        layers.append(LayerFactors(name, dict(pos), A=A, G=G))
-    blocks = kronecker_blocks(
-        layers, sums.param_shapes, ekfac=False, separate_weight_and_bias=separate_weight_and_bias
-    )
+    """Normalise combined factor sums (:func:`_normalised`) and eigendecompose them in
+    ``precision``, one layer at a time: the :class:`~diffusion_attribution.curvature.kfac.KFAC`
+    of the rows summed. Raises ``FloatingPointError`` naming the layer if a factor is not
+    finite.
+
+    ``folder``: each layer's decomposed blocks are written there as soon as they exist
+    (``layer_<index>_<key>.pt``, ``key`` a digest of the sums' settings, rows, examples, bias
+    mode and precision) and read back instead of decomposed again, so an interrupted
+    decomposition resumes where it stopped. ``release``: each layer's sums are dropped from
+    ``sums`` once it is decomposed, so the sums and the blocks together never hold much more
+    than the sums alone (``sums`` cannot be used afterwards)."""
+    key = hashlib.sha256(
+        repr(
+            (sums._settings(), sums.num_rows, sums.examples, separate_weight_and_bias, precision)
+        ).encode()
+    ).hexdigest()[:16]
+    blocks: list[KroneckerBlock] = []
+    for i, (name, pos) in enumerate(zip(sums.layers, sums.param_positions, strict=True)):
+        path = None if folder is None else Path(folder) / f"layer_{i:04d}_{key}.pt"
+        if path is not None and path.exists():
+            states = torch.load(path, map_location=sums.G[name].device, weights_only=True)
+            blocks += [KroneckerBlock.from_state(d) for d in states]
+        else:
+            blocks += _layer_blocks(sums, name, pos, separate_weight_and_bias, precision, path)
+        if release:
+            sums.A[name] = sums.a[name] = sums.G[name] = None  # type: ignore[assignment]
     info = {
         "backend": "hooks",
         "fisher": sums.fisher,
@@ -283,6 +301,33 @@ def to_kfac(
     }
     info.update(meta or {})
     return KFAC(blocks, sums.param_shapes, info)
+
+
+def _layer_blocks(
+    sums: FactorSums,
+    name: str,
+    pos: dict[str, int],
+    separate_weight_and_bias: bool,
+    precision: Precision,
+    path: Path | None,
+) -> list[KroneckerBlock]:
+    """Layer ``name``'s blocks (:func:`to_kfac`), saved to ``path`` where one is given."""
+    joint = not separate_weight_and_bias and "weight" in pos and "bias" in pos
+    A, G = _normalised(sums, name, joint)
+    check_factor_finite(name, "input covariance A", A)
+    check_factor_finite(name, "gradient covariance G", G)
+    layer = LayerFactors(name, dict(pos), A=A, G=G)
+    blocks = kronecker_blocks(
+        [layer],
+        sums.param_shapes,
+        ekfac=False,
+        separate_weight_and_bias=separate_weight_and_bias,
+        precision=precision,
+    )
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_save([b.state() for b in blocks], path)
+    return blocks
 
 
 def basis_fingerprint(basis: KFAC) -> str:
@@ -395,7 +440,7 @@ def apply_corrections(basis: KFAC, corrections: CorrectionSums) -> KFAC:
                 b.out,
                 QG=b.QG,
                 QA=b.QA,
-                eig=(e * scale).to(b.QG.device),
+                eig=(e * scale).to(b.QG.device, b.QG.dtype),
                 G=b.G,
                 A=b.A,
             )

@@ -194,6 +194,34 @@ def p_mean(schedule: NoiseSchedule, xt: Tensor, t: Tensor, eps_pred: Tensor) -> 
     return (xt - _at(coef, t, xt) * eps_pred) / _at(s.alphas.sqrt(), t, xt)
 
 
+def predicted_x0(schedule: NoiseSchedule, trajectory: Tensor, means: Tensor) -> Tensor:
+    """The model's prediction of x_0 at every step of a recorded sampling trajectory, clipped
+    to the data range [-1, 1] (as diffusers' DDPM scheduler does by default).
+
+    ``trajectory`` and ``means`` are :class:`SampleResult`'s (T + 1, n, C, H, W) tensors. The
+    noise prediction at step t is recovered from the recorded mean of p_theta(x_{t-1} | x_t)
+    by inverting :func:`p_mean`, eps_hat = (x_t - sqrt(alpha_t) mu_t) sqrt(1 - alpha_bar_t) / beta_t,
+    and x0_hat^t = (x_t - sqrt(1 - alpha_bar_t) eps_hat) / sqrt(alpha_bar_t) (eq. 1 solved for
+    x_0), in float64; entry 0 is the sample itself. No model evaluation is needed.
+    """
+    if trajectory.shape != means.shape or trajectory.shape[0] != schedule.num_timesteps + 1:
+        raise ValueError(
+            f"trajectory and means must both be (T + 1, n, ...) with T = {schedule.num_timesteps}, "
+            f"got {tuple(trajectory.shape)} and {tuple(means.shape)}"
+        )
+    s = schedule
+    x, mu = trajectory.double(), means.double()
+    view = (-1,) + (1,) * (x.ndim - 1)
+    t = torch.arange(1, s.num_timesteps + 1)
+    scale = ((1 - s.alpha_bars[t]).sqrt() / s.betas[t]).view(view)
+    eps_hat = (x[1:] - s.alphas[t].sqrt().view(view) * mu[1:]) * scale
+    x0_hat = (x[1:] - (1 - s.alpha_bars[t]).sqrt().view(view) * eps_hat) / s.alpha_bars[
+        t
+    ].sqrt().view(view)
+    out = torch.cat([x[:1], x0_hat.clamp(-1.0, 1.0)])
+    return out.to(trajectory.dtype)
+
+
 @dataclass
 class SampleResult:
     """Output of :func:`sample`.

@@ -45,18 +45,18 @@ import torch
 from torch import Tensor
 
 from diffusion_attribution.diffusion.ddpm import EpsModel, NoiseSchedule, Variance, p_mean, q_sample
+from diffusion_attribution.diffusion.likelihood import discretized_gaussian_log_likelihood
 
 __all__ = [
     "DiffusionLoss",
     "ELBO",
+    "JourneyLoss",
     "Measurement",
     "SquareNorm",
     "TimestepLoss",
     "TrajectoryLogProb",
-    "discretized_gaussian_log_likelihood",
     "example_generator",
     "make_measurement",
-    "quantize",
     "MEASUREMENT_NAMES",
 ]
 
@@ -109,58 +109,6 @@ def reverse_variances(schedule: NoiseSchedule, kind: Variance) -> Tensor:
             )
         var[1] = var[2]
     return var
-
-
-def quantize(x: Tensor, levels: int) -> Tensor:
-    """Round ``x`` to the nearest of ``levels`` equally spaced values in [-1, 1] (clipped).
-
-    Use it on generated samples before the ELBO: its decoder term is a probability mass on
-    this grid (e.g. 256 levels for 8-bit images, 17 for sklearn's digits 0..16).
-    """
-    k = levels - 1
-    return torch.round((x.clamp(-1, 1) + 1) * (k / 2)) / (k / 2) - 1
-
-
-def _log_ndtr(x: Tensor) -> Tensor:
-    """log Phi(x), stable in both tails, from erfcx/erfc (unlike ``torch.special.log_ndtr``,
-    these have ``torch.func.vmap`` batching rules). Each branch sees a clamped argument so the
-    unused one stays finite and passes no NaN gradient through ``torch.where``."""
-    neg, pos = x.clamp(max=0), x.clamp(min=0)
-    left = torch.log(0.5 * torch.special.erfcx(-neg / math.sqrt(2))) - 0.5 * neg.pow(2)
-    right = torch.log1p(-0.5 * torch.special.erfc(pos / math.sqrt(2)))
-    return torch.where(x < 0, left, right)
-
-
-def _log1mexp(x: Tensor) -> Tensor:
-    """log(1 - exp(x)) for x < 0, accurate at both ends (Maechler, 2012)."""
-    return torch.where(
-        x > -math.log(2.0),
-        torch.log(-torch.expm1(x.clamp(max=-1e-300 if x.dtype == torch.float64 else -1e-38))),
-        torch.log1p(-torch.exp(x)),
-    )
-
-
-def discretized_gaussian_log_likelihood(
-    x0: Tensor, mean: Tensor, std: Tensor | float, levels: int
-) -> Tensor:
-    """log p(x0 | x1) of Ho et al. (2020, eq. 13), per pixel (same shape as ``x0``).
-
-    Each pixel of ``x0`` is one of ``levels`` values in [-1, 1] (spacing 2 delta with
-    delta = 1 / (levels - 1)); its probability is the N(mean, std^2) mass of its bin
-    [x0 - delta, x0 + delta], with the outer edges of the extreme bins at -inf / +inf. The
-    log of a difference of normal CDFs is computed stably (by symmetry the bin is first
-    moved left of 0, then log Phi(b) + log(1 - Phi(a)/Phi(b))), so gradients stay finite.
-    """
-    delta = 1.0 / (levels - 1)
-    a = (x0 - delta - mean) / std  # standardised lower edge
-    b = (x0 + delta - mean) / std  # standardised upper edge
-    flip = a + b > 0  # Phi(b) - Phi(a) = Phi(-a) - Phi(-b): use the side left of 0
-    lo, hi = torch.where(flip, -b, a), torch.where(flip, -a, b)
-    log_hi = _log_ndtr(hi)
-    interior = log_hi + _log1mexp(_log_ndtr(lo) - log_hi)
-    lowest = _log_ndtr(b)  # bin (-inf, x0 + delta]
-    highest = _log_ndtr(-a)  # bin [x0 - delta, +inf)
-    return torch.where(x0 < -1 + delta, lowest, torch.where(x0 > 1 - delta, highest, interior))
 
 
 class Measurement(ABC):
@@ -283,7 +231,7 @@ class ELBO(Measurement):
     * L_0 = -E_{x_1} log p_theta(x_0 | x_1), the discretised Gaussian decoder of Ho et al.
       eq. 13 over ``levels`` values in [-1, 1] with mean mu_theta(x_1, 1) and variance
       sigma_1^2 (:func:`discretized_gaussian_log_likelihood`). ``x0`` should lie on that grid
-      (see :func:`quantize`).
+      (see :func:`~diffusion_attribution.diffusion.likelihood.quantize`).
 
     Writing g_t(eps) for the integrand of L_{t-1} (t >= 2) or of L_0 (t = 1), the
     estimator from S draws (t_s, eps_s), t_s ~ U{1..T}, is
@@ -437,7 +385,63 @@ class TrajectoryLogProb(Measurement):
         return log_prior + steps.sum(1)
 
 
-MEASUREMENT_NAMES = ("loss", "elbo", "trajectory", "square_norm", "l_t=<t>")
+class JourneyLoss(Measurement):
+    """Journey-TRAK's query function (Georgiev et al., 2023): the denoising loss along the
+    sample's own sampling trajectory.
+
+    At step t of the recorded trajectory, x0_hat^t is the model's prediction of x_0 from x_t
+    (:func:`~diffusion_attribution.diffusion.ddpm.predicted_x0`, clipped to [-1, 1]); it is
+    noised afresh, x'_t = sqrt(alpha_bar_t) x0_hat^t + sqrt(1 - alpha_bar_t) eps, and
+    l_t = ||eps - eps_theta(x'_t, t)||^2 (eq. 2 at the trajectory's own prediction; x0_hat^t
+    is data, no gradient flows through it). Journey-TRAK scores each step separately; as the
+    D-TRAK authors do when they compare with it, the steps are averaged here: S draws
+    t ~ U{1..T}, each with its own eps, and the value is their mean, so one score attributes
+    the whole trajectory.
+
+    :meth:`draw` needs ``trajectories``: the (T + 1, B, C, H, W) predicted-x_0 trajectories
+    (``predicted_x0`` of the recorded trajectory and means), and returns ``t``, ``x0_hat`` and
+    ``eps``, all (B, S, ...).
+    """
+
+    name = "journey"
+
+    def draw(
+        self,
+        x0: Tensor,
+        indices: Tensor,
+        num_draws: int,
+        seed: int,
+        trajectories: Tensor | None = None,
+    ) -> dict[str, Tensor]:
+        indices = self._check(x0, indices, num_draws)
+        T = self.num_timesteps
+        if trajectories is None or trajectories.shape != (T + 1, *x0.shape):
+            got = None if trajectories is None else tuple(trajectories.shape)
+            raise ValueError(
+                f"JourneyLoss.draw needs the predicted-x_0 trajectories, shape {(T + 1, *x0.shape)}; got {got}"
+            )
+        ts, epss = [], []
+        for index in indices.tolist():
+            g = example_generator(seed, index)
+            ts.append(torch.randint(1, T + 1, (num_draws,), generator=g))
+            epss.append(torch.randn((num_draws, *x0.shape[1:]), generator=g, dtype=x0.dtype))
+        t = torch.stack(ts)
+        rows = torch.arange(x0.shape[0])[:, None]
+        x0_hat = trajectories.transpose(0, 1)[rows, t].to(x0.dtype)
+        return {"t": t, "x0_hat": x0_hat.to(x0.device), "eps": torch.stack(epss).to(x0.device)}
+
+    def __call__(self, eps_model: EpsModel, x0: Tensor, draws: dict[str, Tensor]) -> Tensor:
+        t, eps, x0_hat = draws["t"], draws["eps"], draws["x0_hat"]
+        if x0_hat.shape != eps.shape or eps.shape[:2] != t.shape:
+            raise ValueError(f"x0_hat and eps must be (B, S, ...) like t {tuple(t.shape)}")
+        rows = t.numel()
+        t_rows, eps_rows = t.reshape(rows), eps.reshape(rows, *eps.shape[2:])
+        xt = q_sample(self.schedule, x0_hat.reshape(eps_rows.shape), t_rows, eps_rows)
+        err = _sum_pixels((eps_rows - eps_model(xt, t_rows)).pow(2))
+        return err.reshape(t.shape).mean(1)
+
+
+MEASUREMENT_NAMES = ("loss", "elbo", "trajectory", "square_norm", "journey", "l_t=<t>")
 
 
 def make_measurement(name: str, schedule: NoiseSchedule, **kwargs) -> Measurement:
@@ -445,10 +449,12 @@ def make_measurement(name: str, schedule: NoiseSchedule, **kwargs) -> Measuremen
 
     ``"loss"`` (:class:`DiffusionLoss`), ``"elbo"`` (:class:`ELBO`: ``variance``, ``levels``),
     ``"trajectory"`` (:class:`TrajectoryLogProb`: ``variance``), ``"square_norm"``
-    (:class:`SquareNorm`), ``"l_t=<t>"`` for an integer t in 1..T (:class:`TimestepLoss`).
+    (:class:`SquareNorm`), ``"journey"`` (:class:`JourneyLoss`), ``"l_t=<t>"`` for an integer
+    t in 1..T (:class:`TimestepLoss`).
     """
     simple = {"loss": DiffusionLoss, "elbo": ELBO, "trajectory": TrajectoryLogProb}
     simple["square_norm"] = SquareNorm
+    simple["journey"] = JourneyLoss
     key = name.strip()
     if key in simple:
         return simple[key](schedule, **kwargs)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffusion_attribution.diffusion.unet import UNet, UNetConfig, timestep_embedding
+from diffusion_attribution.diffusion.unet import ResBlock, UNet, UNetConfig, timestep_embedding
 
 
 class StackedConv2d(nn.Module):
@@ -163,7 +163,7 @@ class StackedUNet(nn.Module):
 
     def _mirror(self, layer: nn.Module) -> nn.Module:
         m, cfg = self.num_models, self.config
-        if hasattr(layer, "conv1"):  # a ResBlock
+        if isinstance(layer, ResBlock):
             c_in, c_out = layer.conv1.in_channels, layer.conv1.out_channels
             attn = layer.attn is not None
             return StackedResBlock(m, c_in, c_out, layer.temb_proj.in_features, cfg, attn)
@@ -203,9 +203,11 @@ class StackedUNet(nn.Module):
                 tensor.copy_(torch.stack([d[name] for d in dicts]).view(tensor.shape))
         return stacked
 
-    def unstack(self) -> list[dict[str, Tensor]]:
-        """The M per-model ``UNet`` state dicts (copies)."""
-        views = {k: per_model_view(v, self.num_models) for k, v in self.state_dict().items()}
+    def unstack(self, state: dict[str, Tensor] | None = None) -> list[dict[str, Tensor]]:
+        """The M per-model ``UNet`` state dicts (copies) of this stack's ``state_dict()``, or of
+        ``state``, a state dict of this stack (e.g. with averaged weights)."""
+        state = self.state_dict() if state is None else state
+        views = {k: per_model_view(v, self.num_models) for k, v in state.items()}
         return [
             {k: v[i].reshape(self._shapes[k]).contiguous().clone() for k, v in views.items()}
             for i in range(self.num_models)

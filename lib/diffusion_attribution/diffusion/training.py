@@ -98,7 +98,7 @@ def _check_stack(image_sets: Sequence[Tensor], cfgs: Sequence[TrainConfig]) -> i
                 f"images must be a non-empty (N, C, H, W) tensor, got {tuple(images.shape)}"
                 + (f" (run {i} of the stack)" if len(image_sets) > 1 else "")
             )
-    shared = {c.model_dump(exclude={"seed"}).__repr__() for c in cfgs}
+    shared = {repr(c.model_dump(exclude={"seed"})) for c in cfgs}
     if len(shared) != 1:
         raise ValueError("train_stack: the runs of a stack must share every setting but seed")
     sizes = {min(cfgs[0].batch_size, len(x)) for x in image_sets}
@@ -296,11 +296,8 @@ def _update_ema(ema: Sequence[Tensor], params: Sequence[Tensor], decay: float, f
 
 def _unstack_ema(model: StackedUNet, ema: Sequence[Tensor]) -> list[dict[str, Tensor]]:
     """Per-run state dicts of the EMA weights (the stacked model's buffers are its own)."""
-    averaged = copy.deepcopy(model)
-    with torch.no_grad():
-        for p, e in zip(averaged.parameters(), ema, strict=False):
-            p.copy_(e)
-    return averaged.unstack()
+    names = [name for name, _ in model.named_parameters()]
+    return model.unstack({**model.state_dict(), **dict(zip(names, ema, strict=True))})
 
 
 def build_model(model_cfg: ModelConfig, image_shape: tuple[int, int, int]) -> nn.Module:

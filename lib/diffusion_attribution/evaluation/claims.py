@@ -174,6 +174,31 @@ def kfac_vs_dtrak(kfac: LDSResult, dtrak: LDSResult, difference: LDSResult) -> d
     )
 
 
+def kfac_vs_method(
+    key: str, label: str, kfac: LDSResult, other: LDSResult, difference: LDSResult
+) -> dict[str, str]:
+    """Beyond the paper (issue of the field's methods): K-FAC influence at its configured
+    damping against another method (``label``) on the loss LDS (``evaluate`` stage).
+
+    ``difference`` is the paired per-query difference K-FAC - the other. Rule: the same three
+    outcomes by 2 paired standard errors as :func:`kfac_vs_dtrak` -- *ahead* ("holds"), *behind*
+    ("does not hold"), *tied* ("inconclusive").
+    """
+    v = verdict(difference.mean, difference.stderr)
+    outcome = {"holds": "ahead", "does not hold": "behind"}.get(v, "tied")
+    return claim(
+        key,
+        f"Beyond the paper: K-FAC influence against {label}; reported as ahead / tied / behind",
+        "Fig. 2a",
+        f"loss LDS {kfac.mean:.3f} vs {other.mean:.3f}; paired difference {fmt(difference)}: {outcome}",
+        {
+            "ahead": "holds (ahead: more than 2 standard errors above 0)",
+            "behind": "does not hold (behind: more than 2 standard errors below 0)",
+            "tied": "inconclusive (tied: within 2 standard errors of 0)",
+        }[outcome],
+    )
+
+
 def elbo_mloss(
     kfac_elbo: LDSResult, kfac_mloss: LDSResult, difference: LDSResult
 ) -> dict[str, str]:

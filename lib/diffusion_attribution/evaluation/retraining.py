@@ -128,15 +128,23 @@ def _remove_checkpoints(output: Path, keep: Path | None = None) -> None:
             ckpt.unlink(missing_ok=True)
 
 
+def _images(job: RetrainJob) -> torch.Tensor:
+    return ImageDataset.load(job.data_path).subset(list(job.keep)).images
+
+
+def _stack_checkpoint(
+    stack: RetrainStack, configs: Sequence[tuple], images: Sequence[torch.Tensor]
+) -> Path:
+    parts = [p for config, x in zip(configs, images, strict=True) for p in (*config, x)]
+    return _checkpoint_path(Path(stack.output), *parts)
+
+
 def checkpoint_path(job: RetrainJob | RetrainStack) -> Path:
     """Where :func:`run_stack` checkpoints a stack (or a lone job) while it trains (and
     resumes from): beside its last model, named after every member's data and configs."""
     stack = job if isinstance(job, RetrainStack) else RetrainStack((job,))
-    parts = []
-    for member in stack.jobs:
-        data = ImageDataset.load(member.data_path).subset(list(member.keep))
-        parts += [*_configs(member), data.images]
-    return _checkpoint_path(Path(stack.output), *parts)
+    members = stack.jobs
+    return _stack_checkpoint(stack, [_configs(m) for m in members], [_images(m) for m in members])
 
 
 def _job_functions() -> tuple:
@@ -373,15 +381,12 @@ def run_stack(stack: RetrainStack) -> str:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        images = [
-            ImageDataset.load(job.data_path).subset(list(job.keep)).images for job in stack.jobs
-        ]
+        images = [_images(job) for job in stack.jobs]
         image_shape = tuple(images[0].shape[1:])
         schedule = NoiseSchedule.linear(
             diff_cfg.num_timesteps, diff_cfg.beta_start, diff_cfg.beta_end
         )
-        parts = [p for config, x in zip(configs, images, strict=False) for p in (*config, x)]
-        ckpt = _checkpoint_path(outputs[-1], *parts)
+        ckpt = _stack_checkpoint(stack, configs, images)
         # one left by a run with other settings or code is never resumed
         _remove_checkpoints(outputs[-1], keep=ckpt)
         results = train_stack(

@@ -70,8 +70,10 @@ class Methods:
             (CORRECT, "EK-FAC influence", self.pick(target, measurement=target, **ekfac)),
             (CORRECT, "TRAK*", self.pick(target, measurement=target, **trak)),
         ]
+        journey = self.pick(target, method="trak", measurement="journey", precision="float32")
         if target == "loss":
             groups.append((CORRECT, "D-TRAK*", self.pick(target, **dtrak)))
+            groups.append((CORRECT, "Journey-TRAK*", journey))
         else:
             groups += [
                 (
@@ -81,6 +83,7 @@ class Methods:
                 ),
                 (SUBSTITUTED, "TRAK* (m. loss)", self.pick(target, measurement="loss", **trak)),
                 (SUBSTITUTED, "D-TRAK*", self.pick(target, **dtrak)),
+                (SUBSTITUTED, "Journey-TRAK*", journey),
             ]
         groups += [
             (
@@ -94,6 +97,11 @@ class Methods:
                 self.pick(target, method="grad_cos", measurement=target),
             ),
             (SIMILARITY, "pixel similarity", self.pick(target, method="pixel", measurement="none")),
+            (
+                SIMILARITY,
+                "U-Net feature cosine",
+                self.pick(target, method="feature_cos", measurement="none"),
+            ),
         ]
         return [(g, label, r) for g, label, r in groups if r is not None]
 
@@ -182,6 +190,29 @@ def headline(meth: Methods) -> Headline:
     )  # fmt: skip
 
 
+#: Beyond the paper: the field's other methods, each compared with K-FAC influence on the loss
+#: LDS (claim id -> label, :class:`ScoreKey` fields; Journey-TRAK at its best damping, *).
+FIELD_METHODS = {
+    "kfac_vs_journey_trak": (
+        "Journey-TRAK*",
+        dict(method="trak", measurement="journey", precision="float32"),
+    ),
+    "kfac_vs_feature_nn": ("U-Net feature cosine", dict(method="feature_cos", measurement="none")),
+}
+
+
+def field_comparisons(meth: Methods) -> dict[str, tuple[str, pd.Series, LDSResult]]:
+    """For each of :data:`FIELD_METHODS` the run scored: (label, its loss-LDS row, the paired
+    difference K-FAC influence - it)."""
+    kfac_l = meth.pick("loss", measurement="loss", **meth.kfac)
+    out = {}
+    for key, (label, query) in FIELD_METHODS.items():
+        row = meth.pick("loss", **query)
+        if row is not None:
+            out[key] = (label, row, meth.diff(kfac_l, row))
+    return out
+
+
 @dataclass(frozen=True)
 class DampingSweeps:
     """Figs. 7, 8 on the loss: K-FAC influence's, TRAK's and D-TRAK's (float32) rows over
@@ -221,20 +252,23 @@ def damping_sweeps(meth: Methods, head: Headline) -> DampingSweeps:
 def figure_sweeps(meth: Methods) -> dict:
     """The curves of Figs. 7, 8 and 18: ``"kfac"`` {target: rows} for the loss and the ELBO,
     ``"trak"`` {(method, measurement, target, precision): rows} for TRAK on the loss and the
-    ELBO and D-TRAK on the loss, in float32 and float16."""
+    ELBO, D-TRAK on the loss and Journey-TRAK (TRAK of ``"journey"``) on the loss where the run
+    scored it, in float32 and float16."""
+    trak = {
+        (method, meas, target, prec): meth.sweep(
+            target, method=method, measurement=meas, precision=prec
+        )
+        for method, meas, target in (
+            ("trak", "loss", "loss"),
+            ("trak", "elbo", "elbo"),
+            ("d-trak", "square_norm", "loss"),
+            ("trak", "journey", "loss"),
+        )
+        for prec in ("float32", "float16")
+    }
     return {
         "kfac": {t: meth.kfac_sweep(t, t) for t in ("loss", "elbo")},
-        "trak": {
-            (method, meas, target, prec): meth.sweep(
-                target, method=method, measurement=meas, precision=prec
-            )
-            for method, meas, target in (
-                ("trak", "loss", "loss"),
-                ("trak", "elbo", "elbo"),
-                ("d-trak", "square_norm", "loss"),
-            )
-            for prec in ("float32", "float16")
-        },
+        "trak": {k: rows for k, rows in trak.items() if len(rows)},
     }
 
 

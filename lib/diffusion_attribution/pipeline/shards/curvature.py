@@ -132,9 +132,11 @@ def sharded_curvatures(
     ``num_train`` training examples (default: one shard) through
     :func:`~diffusion_attribution.core.jobs.run_tasks`, resumable per shard in
     ``.cache/curvature/<fingerprint>/``. Variants sharing (Fisher, expand / reduce) share their
-    factor sums. The sums are combined and eigendecomposed on the workspace's device, one
-    variant at a time (at paper scale one K-FAC of the Ho U-Net holds GBs): save each before
-    asking for the next. ``meta["fit_seconds"]`` is the variant's tasks' summed time."""
+    factor sums. The sums are combined and eigendecomposed on the workspace's device in
+    ``curvature.precision``, one variant at a time and within it one layer at a time, each
+    layer's blocks written to ``eigh_<fisher>_<kfac>/`` in the cache folder as they are done (a
+    rerun resumes there) and its sums freed (at paper scale one K-FAC of the Ho U-Net holds
+    GBs): save each variant before asking for the next. ``meta["fit_seconds"]`` is the variant's tasks' summed time."""
     folder = cache_folder(ws, "curvature", curvature_fingerprint(ws, diffusion, curvature))
     shards = training_shards(num_train)
     sections = (diffusion.model_dump(mode="json"), curvature.model_dump(mode="json"))
@@ -168,7 +170,14 @@ def sharded_curvatures(
     def fitted(pair) -> KFAC:
         mine = [t for t in fit_tasks if (t.fisher, t.kfac) == pair]
         sums = combine(FactorSums.load(t.output, device=device) for t in mine)
-        K = to_kfac(sums, meta={"batch_size": curvature.batch_size})
+        # layer by layer, each layer's sums freed once its blocks are saved to the shard folder
+        K = to_kfac(
+            sums,
+            meta={"batch_size": curvature.batch_size, "precision": curvature.precision},
+            precision=curvature.precision,
+            folder=folder / f"eigh_{pair[0]}_{pair[1]}",
+            release=True,
+        )
         K.meta["fit_seconds"] = task_seconds(mine)
         return K
 

@@ -1,8 +1,10 @@
 """Stage ``baselines``: TRAK, D-TRAK and similarity baselines (Sec. 4, App. G.3.1).
 
-TRAK for the loss, ELBO and trajectory and D-TRAK, over a damping grid relative to the mean
-eigenvalue of the projected empirical Fisher, in float32 and float16; the gradient dot product
-and cosine and a model-free pixel similarity beside them. Same (t, eps) draws, score format
+TRAK for the loss, ELBO and trajectory, D-TRAK and Journey-TRAK (TRAK of the denoising loss
+along the sample's own trajectory, :class:`~diffusion_attribution.diffusion.measurements.JourneyLoss`),
+over a damping grid relative to the mean eigenvalue of the projected empirical Fisher, in
+float32 and float16; the gradient dot product and cosine, the cosine of the U-Net's bottleneck
+features and a model-free pixel similarity beside them. Same (t, eps) draws, score format
 and convention as the ``influence`` stage. Their LDS is the ``evaluate`` stage's.
 """
 
@@ -20,6 +22,8 @@ from diffusion_attribution.attribution.projection import Projector
 from diffusion_attribution.attribution.scores import ScoreKey, ScoreSet
 from diffusion_attribution.core.config import Config
 from diffusion_attribution.diffusion.datasets import ImageDataset, pixel_levels
+from diffusion_attribution.diffusion.ddpm import predicted_x0
+from diffusion_attribution.diffusion.measurements import JourneyLoss
 from diffusion_attribution.diffusion.training import load_checked_model
 from diffusion_attribution.diffusion.unet import kfac_parameters
 from diffusion_attribution.pipeline.attributed import measurements_of
@@ -39,6 +43,7 @@ SIMILARITY_LABELS = {
     "grad_dot": "gradient dot product",
     "grad_cos": "gradient cosine",
     "pixel": "pixel similarity",
+    "feature_cos": "U-Net feature cosine",
 }
 
 
@@ -49,6 +54,42 @@ def mean_spearman(a: torch.Tensor, b: torch.Tensor) -> float:
             [spearmanr(x, y).statistic for x, y in zip(a.numpy(), b.numpy(), strict=True)]
         ).mean()
     )
+
+
+def agreement_tables(scores: ScoreSet, ref: torch.Tensor) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Each float32 baseline's mean Spearman with K-FAC influence ``ref`` on the loss (method,
+    relative damping; Journey-TRAK apart from TRAK), and each float16 matrix's with its float32
+    twin."""
+    rows = []
+    for key, s in scores.items():
+        if key.precision == "float32" and key.measurement in (
+            "loss",
+            "square_norm",
+            "journey",
+            "none",
+        ):
+            rows.append(
+                {
+                    "method": "journey-trak" if key.measurement == "journey" else key.method,
+                    "relative_damping": scores.relative_damping(key),
+                    "spearman_vs_kfac": mean_spearman(s, ref),
+                }
+            )
+    table = pd.DataFrame(rows)
+    prec_rows = []
+    for key, s in scores.items():
+        if key.precision == "float16":
+            s32 = scores[replace(key, precision="float32")]
+            prec_rows.append(
+                {
+                    "method": key.method,
+                    "measurement": key.measurement,
+                    "relative_damping": scores.relative_damping(key),
+                    "spearman_fp16_fp32": mean_spearman(s, s32),
+                }
+            )
+    prec = pd.DataFrame(prec_rows)
+    return table, prec
 
 
 def run(config: Config, ws: Workspace) -> StageResult:
@@ -65,6 +106,7 @@ def run(config: Config, ws: Workspace) -> StageResult:
         pixel_levels(ds.name),
         icfg.timesteps,
     )
+    measurements["journey"] = JourneyLoss(schedule_of(config.diffusion))  # Journey-TRAK's
     projector = Projector(
         sum(p.numel() for p in params), tcfg.projection_dim, seed=tcfg.seed, kind=tcfg.projection
     )
@@ -88,7 +130,12 @@ def run(config: Config, ws: Workspace) -> StageResult:
         train_draws=icfg.train_draws,
         query_draws=icfg.query_draws,
         seed=icfg.seed,
-        query_trajectories=samples["trajectory"],
+        query_trajectories={
+            "trajectory": samples["trajectory"],
+            "journey": predicted_x0(
+                schedule_of(config.diffusion), samples["trajectory"], samples["means"]
+            ),
+        },
         batch_size=icfg.batch_size,
         progress=True,
         # the long part, resumable per shard of the training set
@@ -105,35 +152,17 @@ def run(config: Config, ws: Workspace) -> StageResult:
 
     kfac = ScoreSet.load(ws.path(ws.INFLUENCE_SCORES))
     ref = kfac[ScoreKey("kfac", "loss", "mc_expand", icfg.damping, icfg.compression)]
-    rows = []
-    for key, s in scores.items():
-        if key.precision == "float32" and key.measurement in ("loss", "square_norm", "none"):
-            rows.append(
-                {
-                    "method": key.method,
-                    "relative_damping": scores.relative_damping(key),
-                    "spearman_vs_kfac": mean_spearman(s, ref),
-                }
-            )
-    table = pd.DataFrame(rows)
-    prec_rows = []
-    for key, s in scores.items():
-        if key.precision == "float16":
-            s32 = scores[replace(key, precision="float32")]
-            prec_rows.append(
-                {
-                    "method": key.method,
-                    "measurement": key.measurement,
-                    "relative_damping": scores.relative_damping(key),
-                    "spearman_fp16_fp32": mean_spearman(s, s32),
-                }
-            )
-    prec = pd.DataFrame(prec_rows)
+    table, prec = agreement_tables(scores, ref)
 
     best = table[table.method == "trak"].sort_values("spearman_vs_kfac").iloc[-1]
     dbest = table[table.method == "d-trak"].sort_values("spearman_vs_kfac").iloc[-1]
     worst16 = prec.sort_values("spearman_fp16_fp32", na_position="last").iloc[0]
-    sim = {m: float(table[table.method == m].spearman_vs_kfac.iloc[0]) for m in SIMILARITY_LABELS}
+    sim = {
+        m: float(table[table.method == m].spearman_vs_kfac.iloc[0])
+        for m in SIMILARITY_LABELS
+        if (table.method == m).any()
+    }
+    journey = table[table.method == "journey-trak"].sort_values("spearman_vs_kfac")
     metrics = {
         "projection_dim": tcfg.projection_dim,
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
@@ -142,6 +171,11 @@ def run(config: Config, ws: Workspace) -> StageResult:
             "trak_best": round(best.spearman_vs_kfac, 4),
             "trak_best_relative_damping": best.relative_damping,
             "dtrak_best": round(dbest.spearman_vs_kfac, 4),
+            **(
+                {"journey_trak_best": round(float(journey.spearman_vs_kfac.iloc[-1]), 4)}
+                if len(journey)
+                else {}
+            ),
             **{k: round(v, 4) for k, v in sim.items()},
         },
         "fp16_vs_fp32_min_spearman": round(float(prec.spearman_fp16_fp32.min()), 4),
@@ -151,7 +185,14 @@ def run(config: Config, ws: Workspace) -> StageResult:
         f"**This run.** Projection dimension {tcfg.projection_dim}. Agreement with K-FAC influence on the loss (mean "
         f"Spearman over samples): TRAK at most {best.spearman_vs_kfac:.3f} (relative damping {best.relative_damping:g}), "
         f"D-TRAK at most {dbest.spearman_vs_kfac:.3f}, gradient dot product {sim['grad_dot']:.3f}, cosine "
-        f"{sim['grad_cos']:.3f}, pixel similarity {sim['pixel']:.3f}. In traker's float16 pipeline (X^T X accumulated, "
+        f"{sim['grad_cos']:.3f}, pixel similarity {sim['pixel']:.3f}"
+        + (f", U-Net feature cosine {sim['feature_cos']:.3f}" if "feature_cos" in sim else "")
+        + (
+            f", Journey-TRAK at most {journey.spearman_vs_kfac.iloc[-1]:.3f}"
+            if len(journey)
+            else ""
+        )
+        + ". In traker's float16 pipeline (X^T X accumulated, "
         f"damped and applied in float16, inverted in float32) the scores agree with float32 least at relative damping "
         f"{worst16.relative_damping:g} for {worst16.method.upper()} ({worst16.measurement}): Spearman "
         f"{worst16.spearman_fp16_fp32:.3f}"
@@ -174,10 +215,16 @@ def fig_agreement(result: StageResult) -> plt.Figure:
     """Spearman of each baseline's scores with K-FAC influence (loss), against damping."""
     table = result.data["agreement"]
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    for method, marker in (("trak", "o"), ("d-trak", "s")):
+    for method, marker in (("trak", "o"), ("d-trak", "s"), ("journey-trak", "^")):
         t = table[table.method == method].sort_values("relative_damping")
-        ax.plot(t.relative_damping, t.spearman_vs_kfac, marker=marker, label=method.upper())
-    for method, style in (("grad_dot", "--"), ("grad_cos", ":"), ("pixel", "-.")):
+        if len(t):
+            ax.plot(t.relative_damping, t.spearman_vs_kfac, marker=marker, label=method.upper())
+    for method, style in (
+        ("grad_dot", "--"),
+        ("grad_cos", ":"),
+        ("pixel", "-."),
+        ("feature_cos", (0, (1, 3))),
+    ):
         value = table[table.method == method].spearman_vs_kfac
         if len(value):
             ax.axhline(

@@ -59,13 +59,16 @@ LABELS = {
     "kfac": "K-FAC influence",
     "trak": "TRAK*",
     "d-trak": "D-TRAK*",
+    "journey-trak": "Journey-TRAK*",
+    "feature_cos": "U-Net feature cosine",
     "random": "random (control)",
 }
 
 
 def chosen_keys(table: pd.DataFrame, kfac_damping: float, compression: str) -> dict[str, dict]:
-    """The score matrix each method removes by: K-FAC influence as configured, TRAK / D-TRAK
-    at their best damping on the loss LDS (App. G.3.1). Values are :class:`ScoreKey` fields."""
+    """The score matrix each method removes by: K-FAC influence as configured, TRAK / D-TRAK /
+    Journey-TRAK at their best damping on the loss LDS (App. G.3.1), the feature cosine as it is.
+    Values are :class:`ScoreKey` fields."""
     out = {
         "kfac": dict(
             method="kfac",
@@ -75,9 +78,17 @@ def chosen_keys(table: pd.DataFrame, kfac_damping: float, compression: str) -> d
             compression=compression,
         )
     }
-    for method, measurement in (("trak", "loss"), ("d-trak", "square_norm")):
+    for name, method, measurement in (
+        ("trak", "trak", "loss"),
+        ("d-trak", "d-trak", "square_norm"),
+        ("journey-trak", "trak", "journey"),
+    ):
         query = dict(method=method, measurement=measurement, precision="float32")
-        out[method] = {**query, "damping": float(select(table, "loss", **query).damping)}
+        row = select(table, "loss", **query)
+        if row is not None:  # Journey-TRAK only where the profile scores it
+            out[name] = {**query, "damping": float(row.damping)}
+    if select(table, "loss", method="feature_cos") is not None:
+        out["feature_cos"] = dict(method="feature_cos", measurement="none")
     return out
 
 
@@ -125,7 +136,7 @@ def changes(removed: dict, values: dict, ref: torch.Tensor) -> pd.DataFrame:
     model's ``ref``, absolute and relative."""
     rows = []
     for name, (job_name, _) in removed.items():
-        method, frac, q = name.split("_")
+        method, frac, q = name.rsplit("_", 2)  # a method name may hold "_"
         q = int(q.removeprefix("sample"))
         change = float(values[job_name]["loss"][q] - ref[q])
         rows.append(

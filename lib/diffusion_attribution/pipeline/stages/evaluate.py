@@ -41,6 +41,7 @@ from diffusion_attribution.pipeline.comparisons import (
     Methods,
     best_by_precision,
     damping_sweeps,
+    field_comparisons,
     figure_sweeps,
     headline,
     lds_bars,
@@ -171,6 +172,10 @@ def decide_claims(
     if exp_red:
         found.append(claims.expand_beats_reduce(exp_red))
     found.append(claims.damping_insensitivity(sweep.kfac_range, sweep.trak_drop, sweep.dtrak_drop))
+    for key, (label, row, diff) in field_comparisons(meth).items():
+        found.append(
+            claims.kfac_vs_method(key, label, meth.result(head.kfac_l), meth.result(row), diff)
+        )
     return found
 
 
@@ -419,10 +424,11 @@ def _trak_damping_figure(curves: dict, title: str):
 
 
 def fig_damping_trak(result: StageResult):
-    """Fig. 8: TRAK's and D-TRAK's LDS against relative damping (float32, as the paper)."""
+    """Fig. 8: TRAK's, D-TRAK's (and Journey-TRAK's) LDS against relative damping (float32, as
+    the paper)."""
     curves = {
-        f"{method.upper()} ({target})": (t, "-")
-        for (method, _, target, prec), t in result.data["sweeps"]["trak"].items()
+        f"{'JOURNEY-TRAK' if meas == 'journey' else method.upper()} ({target})": (t, "-")
+        for (method, meas, target, prec), t in result.data["sweeps"]["trak"].items()
         if prec == "float32"
     }
     return _trak_damping_figure(curves, "TRAK and D-TRAK: LDS against damping (Fig. 8)")
@@ -433,8 +439,8 @@ def fig_trak_precision(result: StageResult):
     over the damping sweep."""
     curves = {
         f"{method.upper()}, {prec}": (t, "-" if prec == "float32" else ":")
-        for (method, _, target, prec), t in result.data["sweeps"]["trak"].items()
-        if target == "loss"
+        for (method, meas, target, prec), t in result.data["sweeps"]["trak"].items()
+        if target == "loss" and meas != "journey"  # the paper's Fig. 18: TRAK and D-TRAK
     }
     return _trak_damping_figure(
         curves,

@@ -18,7 +18,7 @@ from diffusion_attribution.core.config import Config
 from diffusion_attribution.core.io import atomic_save
 from diffusion_attribution.diffusion.datasets import ImageDataset, pixel_levels
 from diffusion_attribution.diffusion.ddpm import sample as ancestral_sample
-from diffusion_attribution.diffusion.measurements import quantize
+from diffusion_attribution.diffusion.likelihood import quantize
 from diffusion_attribution.diffusion.training import load_checked_model
 from diffusion_attribution.pipeline.figures import show_images
 from diffusion_attribution.pipeline.schedule import schedule_of
