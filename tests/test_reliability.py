@@ -187,7 +187,7 @@ CASES = [
         "method",
         setting("counterfactual.methods", ["kfac", "lasso"]),
         "methods.1",
-        "'d-trak' or 'random'",
+        "'feature_cos' or 'random'",
     ),
     # empty or repeated lists
     Case(

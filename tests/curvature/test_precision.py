@@ -103,6 +103,10 @@ def test_decomposition_streams_to_a_folder_and_resumes(net, data, tmp_path):
     assert identical(streamed, whole)
     files = sorted(folder.glob("layer_*.pt"))
     assert len(files) == len(sums.layers)
+    # decomposed afresh or read back from the layer files: the same bytes when saved
+    to_kfac(sums).save(tmp_path / "fresh.pt")
+    to_kfac(sums, folder=folder).save(tmp_path / "read.pt")
+    assert (tmp_path / "fresh.pt").read_bytes() == (tmp_path / "read.pt").read_bytes()
     # an interrupted run: half the layers done; the rest is decomposed, the done ones are read
     for f in files[len(files) // 2 :]:
         f.unlink()

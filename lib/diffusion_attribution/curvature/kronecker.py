@@ -26,6 +26,7 @@ in ``tests/curvature/test_precision.py`` and ``benchmarks/bench_eigh_precision.p
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -194,10 +195,12 @@ class KroneckerBlock:
         self._min_eig = None
 
     def state(self) -> dict:
-        """Plain values and CPU tensors (``weights_only``-loadable); :meth:`from_state` inverts it."""
+        """Plain values and CPU tensors (``weights_only``-loadable); :meth:`from_state` inverts it.
+        The strings are interned, so that a K-FAC saved from freshly decomposed blocks and one
+        saved from blocks read back from their layer files pickle to the same bytes."""
         d: dict = {
-            "layer": self.layer,
-            "kind": self.kind,
+            "layer": sys.intern(self.layer),
+            "kind": sys.intern(self.kind),
             "param_indices": list(self.param_indices),
             "offsets": list(self.offsets),
             "cols": list(self.cols),
