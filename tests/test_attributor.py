@@ -76,7 +76,7 @@ def test_every_method_is_reachable(tiny, method: str) -> None:
     assert isinstance(result, Attribution)
     assert result.matrix.shape == (2, len(train)) and torch.isfinite(result.matrix).all()
     assert result.settings.method == method
-    want = {"d-trak": "square_norm", "pixel": "none"}.get(method, "loss")
+    want = {"d-trak": "square_norm", "das": "output_mean", "pixel": "none"}.get(method, "loss")
     assert result.measurement == want
 
 

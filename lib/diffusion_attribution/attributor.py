@@ -44,6 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from diffusion_attribution.attribution.baselines import baseline_scores
+from diffusion_attribution.attribution.das import OUTPUT_MEAN, OutputMean
 from diffusion_attribution.attribution.influence import attribute
 from diffusion_attribution.attribution.projection import Projector
 from diffusion_attribution.attribution.scores import ScoreKey
@@ -58,8 +59,10 @@ from diffusion_attribution.diffusion.measurements import (
 )
 from diffusion_attribution.diffusion.unet import kfac_parameters
 
-Method = Literal["kfac", "ekfac", "trak", "d-trak", "grad_dot", "grad_cos", "pixel"]
-METHODS: tuple[str, ...] = ("kfac", "ekfac", "trak", "d-trak", "grad_dot", "grad_cos", "pixel")
+Method = Literal["kfac", "ekfac", "trak", "d-trak", "das", "grad_dot", "grad_cos", "pixel"]
+METHODS: tuple[str, ...] = (
+    "kfac", "ekfac", "trak", "d-trak", "das", "grad_dot", "grad_cos", "pixel",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -87,7 +90,9 @@ class ScoreSettings:
 
     ``method``: ``"kfac"`` (K-FAC influence, eq. 6), ``"ekfac"`` (the same with EK-FAC's
     corrected eigenvalues), ``"trak"`` / ``"d-trak"`` (projected empirical Fisher; D-TRAK
-    attributes the square norm whatever the measurement), ``"grad_dot"`` / ``"grad_cos"``
+    attributes the square norm whatever the measurement), ``"das"`` (DAS, Lin et al. 2025:
+    gradients of the summed predicted noise times the training examples' RMS residuals,
+    :mod:`~diffusion_attribution.attribution.das`), ``"grad_dot"`` / ``"grad_cos"``
     (projected gradient similarity), ``"pixel"`` (pixel-space kernel, no model).
     ``damping``: relative to the curvature's mean eigenvalue unless ``relative_damping`` is
     False (module docstring). ``train_draws`` / ``query_draws``: (t, eps) draws per gradient;
@@ -285,10 +290,10 @@ class Attributor:
                 f"queries must be (Q, {', '.join(map(str, self.train_images.shape[1:]))}), "
                 f"got {tuple(queries.shape)}"
             )
-        if s.method in ("trak", "d-trak") and not s.relative_damping:
+        if s.method in ("trak", "d-trak", "das") and not s.relative_damping:
             raise ValueError(
-                "ScoreSettings.relative_damping: TRAK / D-TRAK dampings are relative to the "
-                "projected empirical Fisher's mean eigenvalue; absolute ones are not supported"
+                "ScoreSettings.relative_damping: TRAK / D-TRAK / DAS dampings are relative to "
+                "the projected curvature's mean eigenvalue; absolute ones are not supported"
             )
         if measurement == "trajectory" and trajectories is None:
             raise ValueError("measurement 'trajectory' needs the queries' trajectories")
@@ -328,6 +333,7 @@ class Attributor:
             matrix = pixel_similarity(queries, self.train_images)
             return Attribution(matrix, "none", s, ScoreKey("pixel", "none"))
         measurements = {"loss": self.measurement("loss"), "square_norm": SquareNorm(self.schedule)}
+        measurements[OUTPUT_MEAN] = OutputMean(self.schedule)
         measurements[m.name] = m
         num_params = sum(p.numel() for p in self.params)
         found = baseline_scores(
@@ -343,11 +349,12 @@ class Attributor:
             query_draws=s.query_draws,
             seed=s.seed,
             precisions=("float32",),
+            das=s.method == "das",
             query_trajectories=trajectories,
             batch_size=s.batch_size,
             progress=progress,
         )
-        target = "square_norm" if s.method == "d-trak" else m.name
+        target = {"d-trak": "square_norm", "das": OUTPUT_MEAN}.get(s.method, m.name)
         (key,) = [
             k
             for k in found

@@ -1,4 +1,4 @@
-"""Every baseline score matrix of one model: TRAK, D-TRAK and the similarity baselines (Sec. 4).
+"""Every baseline score matrix of one model: TRAK, D-TRAK, DAS and the similarity baselines (Sec. 4).
 
 :func:`baseline_scores` is the ``baselines`` stage's one library call. It computes the projected
 training features of each method once
@@ -18,6 +18,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from diffusion_attribution.attribution import das as das_module
+from diffusion_attribution.attribution.das import OUTPUT_MEAN, das_scores_sweep, residual_weights
 from diffusion_attribution.attribution.projection import Projector, featurize
 from diffusion_attribution.attribution.scores import ScoreKey, ScoreSet
 from diffusion_attribution.attribution.similarity import (
@@ -38,7 +40,17 @@ from diffusion_attribution.attribution.trak import (
 from diffusion_attribution.core.devices import synchronize
 from diffusion_attribution.diffusion.measurements import Measurement
 
-__all__ = ["baseline_scores"]
+__all__ = ["FEATURE_MEASUREMENTS", "baseline_scores", "feature_methods"]
+
+#: The measurement whose gradients form each projected-feature method's training features:
+#: TRAK's and D-TRAK's (:data:`~diffusion_attribution.attribution.trak.TRAIN_MEASUREMENTS`) and
+#: DAS's output function (:class:`~diffusion_attribution.attribution.das.OutputMean`).
+FEATURE_MEASUREMENTS = {**TRAIN_MEASUREMENTS, "das": OUTPUT_MEAN}
+
+
+def feature_methods(das: bool) -> tuple[str, ...]:
+    """The methods whose training features :func:`baseline_scores` needs (with DAS or not)."""
+    return tuple(m for m in FEATURE_MEASUREMENTS if das or m != "das")
 
 
 def baseline_scores(
@@ -55,6 +67,7 @@ def baseline_scores(
     query_draws: int,
     seed: int,
     precisions: Sequence[Precision] = ("float32", "float16"),
+    das: bool = False,
     query_trajectories: Tensor | Mapping[str, Tensor] | None = None,
     feature_module: str | None = "mid2",
     batch_size: int = 16,
@@ -62,35 +75,33 @@ def baseline_scores(
     progress: bool = False,
     train: Mapping[str, Tensor] | None = None,
 ) -> ScoreSet:
-    """TRAK, D-TRAK and similarity scores (Q, N) of one model, keyed by
-    :class:`~diffusion_attribution.attribution.scores.ScoreKey`.
+    """TRAK, D-TRAK, DAS and similarity scores (Q, N) of one model, keyed by :class:`ScoreKey`.
 
     ``measurements`` maps names to measurements (as in
     :func:`~diffusion_attribution.attribution.influence.attribute`); it must hold ``"loss"``,
-    ``"square_norm"`` and every name in ``query_measurements``. Training features
-    (:func:`~diffusion_attribution.attribution.trak.train_features`) are computed once per
-    method -- gradients of ``TRAIN_MEASUREMENTS[method]`` (the loss for TRAK, the square norm
-    for D-TRAK) scaled to lbar = l / D, ``train_draws`` draws each with seed ``seed`` -- and
-    query features once per measurement (unscaled, ``query_draws`` draws with seed ``seed + 1``,
-    ``query_trajectories`` for a measurement that needs them: one tensor for all, or a mapping
-    from measurement name to its tensor, e.g. ``{"trajectory": x_t trajectories, "journey":
-    predicted-x_0 trajectories}``), then scored for every damping and precision:
+    ``"square_norm"`` (``"output_mean"`` with ``das``) and every name in
+    ``query_measurements``. Training features (:func:`~.trak.train_features`) are computed once
+    per method -- gradients of ``FEATURE_MEASUREMENTS[method]`` scaled by 1 / D, ``train_draws``
+    draws each with seed ``seed`` -- and query features once per measurement (unscaled,
+    ``query_draws`` draws with seed ``seed + 1``, ``query_trajectories`` for a measurement that
+    needs them: one tensor for all, or a mapping from measurement name to its tensor, e.g.
+    ``{"trajectory": x_t trajectories, "journey": predicted-x_0 trajectories}``), then scored
+    for every damping and precision:
 
-    - ``ScoreKey("trak", m, curvature="projected_empirical", damping=d, compression="none",
-      precision=p)`` for m in ``query_measurements`` and p in ``precisions``,
-    - ``ScoreKey("d-trak", "square_norm", curvature="projected_empirical", damping=d,
-      precision=p)`` (D-TRAK's query gradients are of the square norm too),
+    - ``ScoreKey("trak", m, curvature="projected_empirical", damping=d, precision=p)`` for m in
+      ``query_measurements`` and p in ``precisions`` (with ``"journey"``: Journey-TRAK),
+    - ``ScoreKey("d-trak", "square_norm", ...)`` likewise (its queries: the square norm too),
+    - with ``das``, ``ScoreKey("das", "output_mean", curvature="projected_output_ggn",
+      damping=d)`` in float32: DAS (:mod:`~diffusion_attribution.attribution.das`), output
+      gradients on both sides times each training example's RMS residual at its draws,
     - ``ScoreKey("grad_dot" | "grad_cos", m)`` on the projected query features of m and the
       projected loss features (the identity in place of the Hessian; curvature ``"none"``,
       damping 0, float32), ``ScoreKey("pixel", "none")`` and, unless ``feature_module`` is
       None, ``ScoreKey("feature_cos", "none")``: the cosine of the model's features at that
       submodule (:func:`~diffusion_attribution.attribution.similarity.bottleneck_features`).
-    - Journey-TRAK is TRAK with the query measurement ``"journey"``
-      (:class:`~diffusion_attribution.diffusion.measurements.JourneyLoss`): ``ScoreKey("trak",
-      "journey", ...)`` when ``query_measurements`` holds it.
 
     Dampings d are ``relative_dampings`` times the mean eigenvalue trace(F)/k of each method's
-    projected empirical Fisher F = Phi^T Phi / N
+    projected curvature F = Phi^T Phi / N
     (:func:`~diffusion_attribution.attribution.trak.mean_eigenvalue`; the absolute value,
     normalised by N as in App. G.3.1, is the key's ``damping``). ``batch_size`` and
     ``project_rows`` are passed to :func:`~diffusion_attribution.attribution.projection.featurize`
@@ -107,10 +118,11 @@ def baseline_scores(
     :func:`~diffusion_attribution.attribution.trak.train_features` gives for these arguments.
 
     Returns a :class:`~diffusion_attribution.attribution.scores.ScoreSet` with
-    ``meta = {"mean_eigenvalue": {"trak": ..., "d-trak": ...}, "seconds": {"gradients": ...,
+    ``meta = {"mean_eigenvalue": {"trak": ..., "d-trak": ..., "das": ...}, "seconds": {"gradients": ...,
     "projection": ..., "scoring": ...}}``.
     """
-    needed = dict.fromkeys([*TRAIN_MEASUREMENTS.values(), *query_measurements])
+    methods = feature_methods(das)
+    needed = dict.fromkeys([*(FEATURE_MEASUREMENTS[m] for m in methods), *query_measurements])
     missing = [name for name in needed if name not in measurements]
     if missing:
         raise ValueError(f"no measurement named {missing}; have {sorted(measurements)}")
@@ -118,48 +130,82 @@ def baseline_scores(
     n = len(train_images)
     device = params[0].device
     if train is None:
+        kw = dict(batch_size=batch_size, project_rows=project_rows, timings=timings)
         train = {
             method: train_features(
-                model,
-                params,
-                measurements[name],
-                train_images,
-                projector,
-                train_draws=train_draws,
-                seed=seed,
-                batch_size=batch_size,
-                project_rows=project_rows,
-                timings=timings,
-                progress=progress,
+                model, params, measurements[FEATURE_MEASUREMENTS[method]], train_images,
+                projector, train_draws=train_draws, seed=seed, progress=progress, **kw,
             )
-            for method, name in TRAIN_MEASUREMENTS.items()
-        }
+            for method in methods
+        }  # fmt: skip
     else:
-        _check_train_features(train, n, projector.dim)
+        _check_train_features(train, n, projector.dim, methods)
     train = {m: f.to(device) for m, f in train.items()}
-    q_ids = torch.arange(len(queries))
-    query = {}
-    for name in dict.fromkeys([*query_measurements, TRAIN_MEASUREMENTS["d-trak"]]):
-        m = measurements[name]
-        trajectories = (
-            query_trajectories.get(name)
-            if isinstance(query_trajectories, Mapping)
-            else query_trajectories
+    own = [FEATURE_MEASUREMENTS[m] for m in methods if m != "trak"]  # D-TRAK's, DAS's
+    query = {
+        name: _query_features(
+            model, params, name, measurements[name], queries, projector, query_draws, seed + 1,
+            query_trajectories, dict(batch_size=batch_size, project_rows=project_rows,
+                                     timings=timings),
         )
-        d = m.draw(queries, q_ids, query_draws, seed + 1, trajectories=trajectories)
-        kw = dict(batch_size=batch_size, project_rows=project_rows, timings=timings)
-        query[name] = featurize(model, params, m, queries, d, projector, **kw)
+        for name in dict.fromkeys([*query_measurements, *own])
+    }  # fmt: skip
     start = time.perf_counter()
     eigenvalues = {method: mean_eigenvalue(f) for method, f in train.items()}
     scores = _trak_matrices(
         query, train, eigenvalues, relative_dampings, query_measurements, precisions, n
     )
+    if das:
+        residuals = residual_weights(
+            model, measurements["loss"], train_images, draws=train_draws, seed=seed,
+            batch_size=batch_size,
+        )  # fmt: skip
+        scores |= _das_matrices(
+            query[OUTPUT_MEAN], train["das"], residuals, eigenvalues["das"], relative_dampings
+        )
     scores |= _similarity_matrices(query, train["trak"], queries, train_images, query_measurements)
     if feature_module is not None:
         scores |= _feature_matrix(model, queries, train_images, feature_module)
     synchronize(device)
     timings["scoring"] = time.perf_counter() - start
     return ScoreSet(scores, {"mean_eigenvalue": eigenvalues, "seconds": timings})
+
+
+def _das_matrices(
+    query: Tensor,
+    train: Tensor,
+    residuals: Tensor,
+    eigenvalue: float,
+    relative_dampings: Sequence[float],
+) -> dict[ScoreKey, Tensor]:
+    """DAS's matrices at each damping ``relative_dampings`` times its mean eigenvalue."""
+    dampings = [r * eigenvalue for r in relative_dampings]
+    found = das_scores_sweep(query, train, residuals, dampings, len(train))
+    return {
+        ScoreKey("das", OUTPUT_MEAN, curvature=das_module.CURVATURE, damping=d): s
+        for d, s in found.items()
+    }
+
+
+def _query_features(
+    model: nn.Module,
+    params: Sequence[Tensor],
+    name: str,
+    measurement: Measurement,
+    queries: Tensor,
+    projector: Projector,
+    draws: int,
+    seed: int,
+    trajectories: Tensor | Mapping[str, Tensor] | None,
+    kw: dict,
+) -> Tensor:
+    """Projected query gradients (Q, k) of the measurement called ``name`` (unscaled), with its
+    trajectories when ``trajectories`` maps ``name`` to them (or is one tensor for all)."""
+    if isinstance(trajectories, Mapping):
+        trajectories = trajectories.get(name)
+    ids = torch.arange(len(queries))
+    d = measurement.draw(queries, ids, draws, seed, trajectories=trajectories)
+    return featurize(model, params, measurement, queries, d, projector, **kw)
 
 
 def _feature_matrix(
@@ -177,14 +223,14 @@ def _feature_matrix(
     }
 
 
-def _check_train_features(train: Mapping[str, Tensor], n: int, dim: int) -> None:
+def _check_train_features(
+    train: Mapping[str, Tensor], n: int, dim: int, methods: Sequence[str]
+) -> None:
     """Given training features must be every method's, (N, k) each."""
-    if sorted(train) != sorted(TRAIN_MEASUREMENTS) or any(
-        f.shape != (n, dim) for f in train.values()
-    ):
+    if sorted(train) != sorted(methods) or any(f.shape != (n, dim) for f in train.values()):
         shapes = {m: tuple(f.shape) for m, f in train.items()}
         raise ValueError(
-            f"train features must be {sorted(TRAIN_MEASUREMENTS)} of shape {(n, dim)}, got {shapes}"
+            f"train features must be {sorted(methods)} of shape {(n, dim)}, got {shapes}"
         )
 
 

@@ -9,15 +9,16 @@ convention stated once in :mod:`diffusion_attribution.attribution.influence`
 ============== =========================================================================
 field          meaning (the same for every method)
 ============== =========================================================================
-``method``     ``"kfac"``, ``"trak"``, ``"d-trak"``, ``"grad_dot"``, ``"grad_cos"``,
-               ``"pixel"`` or ``"feature_cos"``
+``method``     ``"kfac"``, ``"trak"``, ``"d-trak"``, ``"das"``, ``"grad_dot"``,
+               ``"grad_cos"``, ``"pixel"`` or ``"feature_cos"``
 ``measurement`` the query measurement whose gradient the scores use (``"loss"``,
-               ``"elbo"``, ``"trajectory"``, ``"square_norm"``, ``"journey"`` (TRAK with it
-               is Journey-TRAK), ``"l_t=<t>"``), or ``"none"`` for a method without a
+               ``"elbo"``, ``"trajectory"``, ``"square_norm"``, ``"output_mean"`` (DAS's),
+               ``"journey"`` (TRAK with it is Journey-TRAK), ``"l_t=<t>"``), or ``"none"`` for a method without a
                query gradient (pixel and feature similarity)
 ``curvature``  the curvature the query gradients are preconditioned with: a K-FAC variant
                (``"mc_expand"``, ...) for K-FAC influence, ``"projected_empirical"`` for
-               TRAK / D-TRAK (the projected GGN^loss), ``"none"`` for no curvature
+               TRAK / D-TRAK (the projected GGN^loss), ``"projected_output_ggn"`` for DAS,
+               ``"none"`` for no curvature
 ``damping``    the absolute damping added to that curvature (0.0 without one)
 ``compression`` how the preconditioned query gradients are stored: ``"none"``,
                ``"int8"``, ``"int4"`` or ``"svd<r>"`` (App. C)
@@ -46,7 +47,7 @@ from torch import Tensor
 
 from diffusion_attribution.core.io import CorruptFileError, atomic_save, check_finite, load
 
-METHODS = ("kfac", "trak", "d-trak", "grad_dot", "grad_cos", "pixel", "feature_cos")
+METHODS = ("kfac", "trak", "d-trak", "das", "grad_dot", "grad_cos", "pixel", "feature_cos")
 CONVENTION = "score[q, j] ~ m(theta_{-j}, x_q) - m(theta, x_q)"
 _FORMAT = "diffusion_attribution.ScoreSet/1"
 

@@ -337,7 +337,9 @@ class MeasureConfig(Section):
     seed: Seed = 6
 
 
-CounterfactualMethod = Literal["kfac", "trak", "d-trak", "journey-trak", "feature_cos", "random"]
+CounterfactualMethod = Literal[
+    "kfac", "trak", "d-trak", "das", "journey-trak", "feature_cos", "random"
+]
 
 
 class CounterfactualConfig(Section):
@@ -351,6 +353,7 @@ class CounterfactualConfig(Section):
     (common random numbers) it isolates the removed data. ``random`` removes one set of random
     examples per fraction, drawn from ``seed``, for all samples (the control). TRAK and D-TRAK
     use their best damping on the loss LDS benchmark, as in the paper. Beyond the paper:
+    ``das`` (:mod:`~diffusion_attribution.attribution.das`, its best damping),
     ``journey-trak`` (TRAK of :class:`~diffusion_attribution.diffusion.measurements.JourneyLoss`,
     its best damping too) and ``feature_cos`` (the U-Net feature nearest neighbours), in the
     default profile.
@@ -365,5 +368,5 @@ class CounterfactualConfig(Section):
     num_queries: PositiveInt = 5
     methods: Annotated[
         tuple[CounterfactualMethod, ...], AfterValidator(_nonempty), AfterValidator(_distinct)
-    ] = ("kfac", "trak", "d-trak", "journey-trak", "feature_cos", "random")
+    ] = ("kfac", "trak", "d-trak", "das", "journey-trak", "feature_cos", "random")
     seed: Seed = 0

@@ -212,7 +212,7 @@ def random_removal_sets(num_train: int, fraction: float, num_queries: int, seed:
     )
 
 
-LOSS_LIKE = ("loss", "square_norm", "journey", "none")
+LOSS_LIKE = ("loss", "square_norm", "output_mean", "journey", "none")
 LIKELIHOODS = ("elbo", "trajectory")
 
 
@@ -221,7 +221,8 @@ def proxy_sign(score_measurement: str, target: str) -> int | None:
     of ``target``; ``None`` for pairs not evaluated.
 
     Same measurement: +1. l_t' for l_t (Fig. 11): +1. Loss-like scores ("loss", D-TRAK's
-    "square_norm", Journey-TRAK's "journey", the similarity baselines' "none") for the loss: +1; for a likelihood (ELBO,
+    "square_norm", DAS's "output_mean", Journey-TRAK's "journey", the similarity baselines'
+    "none") for the loss: +1; for a likelihood (ELBO,
     trajectory log-probability), whose per-timestep terms are *minus* weighted l_t, -1
     (Fig. 2b "(m. loss)").
     """

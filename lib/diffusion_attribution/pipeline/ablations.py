@@ -94,7 +94,8 @@ def heldout_rows(
 ) -> dict[str, dict]:
     """The held-out damping, chosen on one fold of subsets and evaluated on the other, against
     the best of the sweep on the same folds, for K-FAC influence (which has nothing to choose:
-    its one damping), TRAK, D-TRAK and Journey-TRAK on the loss and K-FAC influence and TRAK on the ELBO;
+    its one damping), TRAK, D-TRAK, DAS and Journey-TRAK on the loss and K-FAC influence and TRAK on
+    the ELBO;
     the chosen dampings relative to the mean eigenvalue where the scores have one."""
     main, damping, compression = meth.main, meth.damping, meth.compression
     eig = scores.meta.get("mean_eigenvalue", {})
@@ -107,6 +108,7 @@ def heldout_rows(
         ),
         ("loss", "TRAK", dict(method="trak", measurement="loss", precision="float32")),
         ("loss", "D-TRAK", dict(method="d-trak", measurement="square_norm", precision="float32")),
+        ("loss", "DAS", dict(method="das", measurement="output_mean", precision="float32")),
         ("loss", "Journey-TRAK", dict(method="trak", measurement="journey", precision="float32")),
         (
             "elbo",

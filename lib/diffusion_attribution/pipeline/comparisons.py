@@ -71,8 +71,10 @@ class Methods:
             (CORRECT, "TRAK*", self.pick(target, measurement=target, **trak)),
         ]
         journey = self.pick(target, method="trak", measurement="journey", precision="float32")
+        das = self.pick(target, method="das", measurement="output_mean", precision="float32")
         if target == "loss":
             groups.append((CORRECT, "D-TRAK*", self.pick(target, **dtrak)))
+            groups.append((CORRECT, "DAS*", das))
             groups.append((CORRECT, "Journey-TRAK*", journey))
         else:
             groups += [
@@ -83,6 +85,7 @@ class Methods:
                 ),
                 (SUBSTITUTED, "TRAK* (m. loss)", self.pick(target, measurement="loss", **trak)),
                 (SUBSTITUTED, "D-TRAK*", self.pick(target, **dtrak)),
+                (SUBSTITUTED, "DAS*", das),
                 (SUBSTITUTED, "Journey-TRAK*", journey),
             ]
         groups += [
@@ -191,8 +194,12 @@ def headline(meth: Methods) -> Headline:
 
 
 #: Beyond the paper: the field's other methods, each compared with K-FAC influence on the loss
-#: LDS (claim id -> label, :class:`ScoreKey` fields; Journey-TRAK at its best damping, *).
+#: LDS (claim id -> label, :class:`ScoreKey` fields; DAS and Journey-TRAK at their best damping, *).
 FIELD_METHODS = {
+    "kfac_vs_das": (
+        "DAS*",
+        dict(method="das", measurement="output_mean", precision="float32"),
+    ),
     "kfac_vs_journey_trak": (
         "Journey-TRAK*",
         dict(method="trak", measurement="journey", precision="float32"),
@@ -252,8 +259,8 @@ def damping_sweeps(meth: Methods, head: Headline) -> DampingSweeps:
 def figure_sweeps(meth: Methods) -> dict:
     """The curves of Figs. 7, 8 and 18: ``"kfac"`` {target: rows} for the loss and the ELBO,
     ``"trak"`` {(method, measurement, target, precision): rows} for TRAK on the loss and the
-    ELBO, D-TRAK on the loss and Journey-TRAK (TRAK of ``"journey"``) on the loss where the run
-    scored it, in float32 and float16."""
+    ELBO, D-TRAK on the loss, and DAS and Journey-TRAK (TRAK of ``"journey"``) on the loss where
+    the run scored them, in float32 and float16 (DAS: float32 only)."""
     trak = {
         (method, meas, target, prec): meth.sweep(
             target, method=method, measurement=meas, precision=prec
@@ -262,6 +269,7 @@ def figure_sweeps(meth: Methods) -> dict:
             ("trak", "loss", "loss"),
             ("trak", "elbo", "elbo"),
             ("d-trak", "square_norm", "loss"),
+            ("das", "output_mean", "loss"),
             ("trak", "journey", "loss"),
         )
         for prec in ("float32", "float16")

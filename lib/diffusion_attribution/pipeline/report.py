@@ -193,6 +193,9 @@ PAPER_FINDINGS: dict[str, str] = {
     "kfac_vs_journey_trak": "not in the paper, which cites Journey-TRAK (Georgiev et al., 2023): "
     "TRAK of the denoising loss along the sample's trajectory; here its steps are averaged, as "
     "D-TRAK's authors do when they compare with it",
+    "kfac_vs_das": "not in the paper; DAS (Lin et al., ICLR 2025) reports LDS above D-TRAK's on "
+    "CIFAR-2 and ArtBench-2 under its own protocol (64 subsets x 3 seeds, damping tuned on the "
+    "evaluation subsets); here its authors' DAS1 form, on this run's ground truth",
     "kfac_vs_feature_nn": "not in the paper; model-free nearest-neighbour attribution (NDA) "
     "reaches 0.160 LDS on CIFAR-2 against D-TRAK's 0.191 in D-TRAK's own notebooks",
 }

@@ -1,4 +1,4 @@
-"""TRAK's and D-TRAK's projected training gradients computed as shards of the training set.
+"""TRAK's, D-TRAK's and DAS's projected training gradients computed as shards of the training set.
 
 The baselines stage's long part is the projected training gradients, one row per example
 (:func:`~diffusion_attribution.attribution.trak.train_features`); the kernels and scores after
@@ -12,14 +12,18 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from diffusion_attribution.attribution import das as das_module
 from diffusion_attribution.attribution import projection
 from diffusion_attribution.attribution import trak as trak_module
+from diffusion_attribution.attribution.baselines import FEATURE_MEASUREMENTS
+from diffusion_attribution.attribution.das import OUTPUT_MEAN, OutputMean
 from diffusion_attribution.attribution.projection import Projector
 from diffusion_attribution.attribution.trak import TRAIN_MEASUREMENTS, train_features
 from diffusion_attribution.core.identity import code_digest, file_digest, fingerprint
@@ -57,8 +61,8 @@ class FeatureSettings:
 
 @dataclass(frozen=True)
 class FeatureShardTask:
-    """Projected training gradients of examples ``start:stop`` for TRAK or D-TRAK
-    (``method``, :data:`~diffusion_attribution.attribution.trak.TRAIN_MEASUREMENTS`), written to
+    """Projected training gradients of examples ``start:stop`` for TRAK, D-TRAK or DAS
+    (``method``, :data:`~diffusion_attribution.attribution.baselines.FEATURE_MEASUREMENTS`), written to
     ``output``; ``diffusion`` is the validated section (``model_dump(mode="json")``) and
     ``settings`` a :class:`FeatureSettings` as a dict."""
 
@@ -88,7 +92,8 @@ def run_feature_shard(task: FeatureShardTask) -> str:
     measurements = measurements_of(
         schedule_of(diffusion), diffusion.variance, pixel_levels(dataset.name), timesteps=()
     )
-    measurement = measurements[TRAIN_MEASUREMENTS[task.method]]
+    measurements[OUTPUT_MEAN] = OutputMean(schedule_of(diffusion))  # DAS's
+    measurement = measurements[FEATURE_MEASUREMENTS[task.method]]
     projector = Projector(
         sum(p.numel() for p in params), fs.projection_dim, seed=fs.projection_seed,
         kind=fs.projection,
@@ -117,8 +122,9 @@ def baselines_fingerprint(
     ``diffusion`` section, the :class:`FeatureSettings` and the code that computes them."""
     values = {"diffusion": diffusion.model_dump(mode="json"), "features": asdict(settings)}
     code = code_digest(
-        trak_module, projection, gradients, measurements_module, ddpm, unet, run_feature_shard
-    )
+        trak_module, das_module, projection, gradients, measurements_module, ddpm, unet,
+        run_feature_shard,
+    )  # fmt: skip
     return fingerprint(
         file_digest(ws.path(ws.TRAIN_SET)),
         file_digest(ws.path(ws.MODEL)),
@@ -133,14 +139,22 @@ def sharded_train_features(
     diffusion: DiffusionConfig,
     settings: FeatureSettings,
     num_train: int,
+    methods: Sequence[str] = tuple(TRAIN_MEASUREMENTS),
     progress: bool = True,
 ) -> dict[str, Tensor]:
-    """TRAK's and D-TRAK's (N, k) training features (method -> tensor, on the workspace's
+    """TRAK's, D-TRAK's (and DAS's) (N, k) training features (method -> tensor, on the workspace's
     device) of the ``num_train`` training examples, computed as shards of
     ``DA_SHARD_EXAMPLES`` examples (default: one shard) through
     :func:`~diffusion_attribution.core.jobs.run_tasks`, resuming from finished shard files.
     Equal to :func:`~diffusion_attribution.attribution.trak.train_features` on the whole set up
-    to float round-off of batching (draws depend only on (seed, example id))."""
+    to float round-off of batching (draws depend only on (seed, example id)). ``methods``: those
+    of :data:`~diffusion_attribution.attribution.baselines.FEATURE_MEASUREMENTS` to compute
+    (``"das"`` too for DAS's output features)."""
+    unknown = [m for m in methods if m not in FEATURE_MEASUREMENTS]
+    if unknown:
+        raise ValueError(
+            f"no training features for methods {unknown}; one of {list(FEATURE_MEASUREMENTS)}"
+        )
     folder = cache_folder(ws, "baselines", baselines_fingerprint(ws, diffusion, settings))
     shards = training_shards(num_train)
     tasks = [
@@ -155,18 +169,18 @@ def sharded_train_features(
             s.stop,
             ws.threads,
         )
-        for m in TRAIN_MEASUREMENTS
+        for m in methods
         for s in shards
     ]
     done = sum(Path(t.output).exists() for t in tasks)
     print(
-        f"baselines: {len(TRAIN_MEASUREMENTS)} methods x {len(shards)} training shard(s) "
+        f"baselines: {len(methods)} methods x {len(shards)} training shard(s) "
         f"({done} of {len(tasks)} feature files exist) in {folder}",
         flush=True,
     )
     run_phase(ws, run_feature_shard, "baselines-features", tasks, progress)
     out = {}
-    for m in TRAIN_MEASUREMENTS:
+    for m in methods:
         mine = [load(t.output, "feature shard") for t in tasks if t.method == m]
         if [(d["start"], d["stop"]) for d in mine] != [(s.start, s.stop) for s in shards]:
             raise ValueError(f"feature shards of {m} in {folder} do not tile the training set")

@@ -59,6 +59,7 @@ LABELS = {
     "kfac": "K-FAC influence",
     "trak": "TRAK*",
     "d-trak": "D-TRAK*",
+    "das": "DAS*",
     "journey-trak": "Journey-TRAK*",
     "feature_cos": "U-Net feature cosine",
     "random": "random (control)",
@@ -67,7 +68,7 @@ LABELS = {
 
 def chosen_keys(table: pd.DataFrame, kfac_damping: float, compression: str) -> dict[str, dict]:
     """The score matrix each method removes by: K-FAC influence as configured, TRAK / D-TRAK /
-    Journey-TRAK at their best damping on the loss LDS (App. G.3.1), the feature cosine as it is.
+    DAS / Journey-TRAK at their best damping on the loss LDS (App. G.3.1), the feature cosine as it is.
     Values are :class:`ScoreKey` fields."""
     out = {
         "kfac": dict(
@@ -81,11 +82,12 @@ def chosen_keys(table: pd.DataFrame, kfac_damping: float, compression: str) -> d
     for name, method, measurement in (
         ("trak", "trak", "loss"),
         ("d-trak", "d-trak", "square_norm"),
+        ("das", "das", "output_mean"),
         ("journey-trak", "trak", "journey"),
     ):
         query = dict(method=method, measurement=measurement, precision="float32")
         row = select(table, "loss", **query)
-        if row is not None:  # Journey-TRAK only where the profile scores it
+        if row is not None:  # DAS and Journey-TRAK only where the run scored them
             out[name] = {**query, "damping": float(row.damping)}
     if select(table, "loss", method="feature_cos") is not None:
         out["feature_cos"] = dict(method="feature_cos", measurement="none")

@@ -416,7 +416,7 @@ def _trak_damping_figure(curves: dict, title: str):
     """Figs. 8 and 18: LDS curves against damping relative to the mean eigenvalue."""
     return figures.damping_curves(
         curves,
-        "damping / mean eigenvalue of the projected empirical Fisher",
+        "damping / mean eigenvalue of the projected curvature (empirical Fisher; DAS: GGN)",
         title,
         x="relative_damping",
         capsize=2,
@@ -424,14 +424,16 @@ def _trak_damping_figure(curves: dict, title: str):
 
 
 def fig_damping_trak(result: StageResult):
-    """Fig. 8: TRAK's, D-TRAK's (and Journey-TRAK's) LDS against relative damping (float32, as
-    the paper)."""
+    """Fig. 8: TRAK's, D-TRAK's (and DAS's and Journey-TRAK's) LDS against relative damping
+    (float32, as the paper)."""
     curves = {
         f"{'JOURNEY-TRAK' if meas == 'journey' else method.upper()} ({target})": (t, "-")
         for (method, meas, target, prec), t in result.data["sweeps"]["trak"].items()
         if prec == "float32"
     }
-    return _trak_damping_figure(curves, "TRAK and D-TRAK: LDS against damping (Fig. 8)")
+    return _trak_damping_figure(
+        curves, "TRAK, D-TRAK, DAS and Journey-TRAK: LDS against damping (Fig. 8)"
+    )
 
 
 def fig_trak_precision(result: StageResult):
