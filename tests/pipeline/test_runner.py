@@ -1,6 +1,7 @@
 """The stage runner: what a stage's cells print reaches the terminal. The smoke profile end to
 end is tests/test_smoke_run.py."""
 
+import json
 import shutil
 import subprocess
 import sys
@@ -57,3 +58,7 @@ def test_stage_output_reaches_the_terminal(tmp_path):
     assert "namespace clean: True\n" in run.stdout, run.stdout
     assert "without encryption" not in run.stdout + run.stderr, run.stderr
     assert (tmp_path / "reports" / "notebooks" / notebook("data")).exists()
+    # the stage's wall time and peak memory are recorded for the shipped bundle's manifest
+    record = json.loads((tmp_path / "reports" / "stages" / "data.json").read_text())
+    assert record["stage"] == "data" and record["seconds"] > 0
+    assert 0.01 < record["peak_rss_gib"] < 64  # the kernel's: a Python process with torch

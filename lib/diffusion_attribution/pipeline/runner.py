@@ -24,15 +24,18 @@ without encryption" warning out of every stage's output.
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import resource
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TextIO
 
 from diffusion_attribution.core.config import ConfigError, load_config
-from diffusion_attribution.core.io import remove_partial_writes
+from diffusion_attribution.core.io import atomic_write_text, remove_partial_writes
 from diffusion_attribution.pipeline import stages
 
 
@@ -162,8 +165,33 @@ def run_stage(name: str, params_file: str = "params.yaml", root: str | Path = ".
         print(f"stage {name}: removed {len(removed)} partial files an interrupted run left")
     start = time.perf_counter()
     execute(root / "notebooks" / nb, out, {"params": config.model_dump(mode="json")}, cwd=root)
-    print(f"stage {name}: {time.perf_counter() - start:.1f} s, executed notebook {out}")
+    seconds = time.perf_counter() - start
+    print(f"stage {name}: {seconds:.1f} s, executed notebook {out}")
+    write_stage_record(root, name, seconds)
     return out
+
+
+#: Where each stage's last wall time and peak memory are recorded (:func:`write_stage_record`).
+STAGE_RECORDS = Path("reports") / "stages"
+
+
+def write_stage_record(root: Path, name: str, seconds: float) -> Path:
+    """``reports/stages/<name>.json``: the stage's wall time, the peak resident memory of its
+    largest finished child process (the notebook's kernel or a worker), the time it finished
+    and the CPU it ran on. Not a DVC output: timings are facts of one run, not results, and
+    the shipped bundle's manifest reads them (:mod:`diffusion_attribution.pipeline.results`)."""
+    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB on Linux
+    record = {
+        "stage": name,
+        "seconds": round(seconds, 1),
+        "peak_rss_gib": round(peak_kib / 2**20, 2),
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "threads": os.environ.get("DA_THREADS", str(os.cpu_count())),
+    }
+    path = root / STAGE_RECORDS / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(json.dumps(record, indent=1) + "\n", path)
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
