@@ -48,7 +48,8 @@ import pytest
 import yaml
 
 from diffusion_attribution.core import io
-from diffusion_attribution.pipeline import sandbox, stages
+from diffusion_attribution.pipeline import results, sandbox, stages
+from diffusion_attribution.pipeline.bundle import MANIFEST_KEYS, publish
 from diffusion_attribution.pipeline.runner import notebook
 from tests import browser
 
@@ -289,6 +290,53 @@ def test_report_offline_in_chromium(smoke):
         f"\nreport: {len(visits)} pages, {images} images, "
         f"{sum(len(v.links) for v in visits)} links, screenshot {shot}"
     )
+
+
+# ---- 2b. the shipped bundle -----------------------------------------------------------------------
+
+
+def test_a_finished_run_publishes_to_a_bundle_that_checks(smoke, tmp_path):
+    """``results publish`` on the finished run: the bundle checks and is fresh, compares equal
+    with the run, and under 60 MiB; a claim's number edited by hand, a figure removed, a stage's
+    code edited and a parameter edited are each reported (the first two break the bundle, the
+    last two make it stale, naming the stages)."""
+    bundle = publish(smoke.repo, "smoke", tmp_path / "results")
+    size = sum(f.stat().st_size for f in bundle.rglob("*") if f.is_file())
+    report = results.check(bundle, smoke.repo)
+    assert report.problems == [] and report.stale == [], report.problems + report.stale
+    assert report.first_line.startswith("results/smoke: fresh")
+    info = json.loads((bundle / "manifest.json").read_text())
+    assert set(MANIFEST_KEYS) <= set(info) and info["cores"] >= 1
+    ran = yaml.safe_load((smoke.repo / "dvc.lock").read_text())["stages"]
+    assert set(info["stages"]) == set(ran)
+    assert all(r["seconds"] is not None and r["seconds"] > 0 for r in info["stages"].values())
+    assert info["stages"]["train"]["peak_rss_gib"] > 0  # recorded by the runner
+    assert size < 60 * 2**20
+    same = results.compare(bundle, smoke.repo)
+    assert len(same) > 100 and (same.difference == 0).all()
+
+    broken = Path(shutil.copytree(bundle, tmp_path / "broken" / "smoke"))
+    claims_md = broken / "claims.md"
+    text = claims_md.read_text()
+    number = re.search(r"LDS (-?\d\.\d{3})", text).group(1)
+    claims_md.write_text(text.replace(number, f"{float(number) + 0.1:.3f}", 1))
+    (broken / "figures" / "fig02a_lds_loss.png").unlink()
+    problems = " / ".join(results.check(broken, smoke.repo).problems)
+    assert "differs from metrics/claims.json" in problems and "fig02a_lds_loss.png" in problems
+
+    root = tmp_path / "checkout"  # a checkout of the same code, then edited
+    for part in ("lib", "notebooks", "configs"):
+        shutil.copytree(smoke.repo / part, root / part)
+    shutil.copy2(smoke.repo / "dvc.yaml", root / "dvc.yaml")
+    assert results.stale_stages(bundle, root) == []
+    with (root / "lib/diffusion_attribution/pipeline/stages/claims.py").open("a") as f:
+        f.write("\n# an edit\n")
+    config = root / "configs" / "smoke.yaml"
+    params = yaml.safe_load(config.read_text())
+    params["counterfactual"]["seed"] += 1
+    config.write_text(yaml.safe_dump(params, sort_keys=False))
+    stale = results.stale_stages(bundle, root)
+    assert "claims" in stale and "counterfactual" in stale and "train" not in stale, stale
 
 
 # ---- 3. shared results ---------------------------------------------------------------------------

@@ -18,6 +18,7 @@ after refreshing its code and notebooks from the repository.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -61,7 +62,27 @@ def prepare(profile: str, dest: str | Path, repo: str | Path = REPO) -> Path:
     shutil.copy2(repo / "configs" / f"{profile}.yaml", dest / "params.yaml")
     if not (dest / ".git").exists():
         subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    source = {"profile": profile, "commit": _head(repo), "dirty": _dirty(repo)}
+    (dest / SOURCE).write_text(json.dumps(source, indent=1) + "\n")
     return dest
+
+
+#: The file in a copy naming its profile and the commit it was copied from (the shipped
+#: bundle's manifest reads it: the copy's own git repository has no history).
+SOURCE = ".sandbox.json"
+
+
+def _head(repo: Path) -> str:
+    done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True)
+    return done.stdout.strip() or "unknown"
+
+
+def _dirty(repo: Path) -> bool:
+    done = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!dvc.lock"],
+        cwd=repo, capture_output=True, text=True,
+    )  # fmt: skip
+    return bool(done.stdout.strip())
 
 
 def environment(dest: str | Path) -> dict[str, str]:

@@ -225,7 +225,14 @@ def run(config: Config, ws: Workspace) -> StageResult:
     methods = list(cfcfg.methods)
     result = None
     if "kfac" in methods and len(set(methods) & {"trak", "d-trak"}):
-        result = claims.counterfactual_top_removal(margins_over_baselines(cf).tolist())
+        margins = margins_over_baselines(cf)
+        result = claims.counterfactual_top_removal(margins.tolist())
+        metrics["margin_over_baselines"] = {
+            "mean": round(float(margins.mean()), 4),
+            "stderr": round(float(margins.std(ddof=1) / len(margins) ** 0.5), 4)
+            if len(margins) > 1
+            else None,
+        }
         metrics["claims"] = [result]
     ws.write_metrics("counterfactual", metrics)
     parts = [

@@ -281,8 +281,15 @@ def evaluate(
         **head.ekfac_diffs,
         "elbo: K-FAC (m. loss) - K-FAC": head.d_proxy,
         **comparisons,
+        **{f"loss: K-FAC - {label}": d for label, _, d in field_comparisons(meth).values()},
     }
     metrics = lds_metrics(shape, bars, ablation, bounds, repro, differences, held_rows, max_se)
+    # Figs. 7, 8: what the damping claim quotes
+    metrics["damping_sweep"] = {
+        "kfac_range_small_damping": round(sweep.kfac_range, 4),
+        "trak_drop": round(sweep.trak_drop, 4),
+        "dtrak_drop": round(sweep.dtrak_drop, 4),
+    }
     found = decide_claims(meth, head, sweep, comparisons, comp_all)
     metrics["claims"] = found
     lines = summary_lines(

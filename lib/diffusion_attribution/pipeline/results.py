@@ -1,0 +1,323 @@
+"""The shipped results: publish a finished run, check a bundle, compare a rerun with it.
+
+``python -m diffusion_attribution.pipeline.results publish --profile NAME [--run DIR]``
+    copies the finished run in ``DIR`` (default: this checkout) to ``results/NAME/``
+    (:func:`~diffusion_attribution.pipeline.bundle.publish`, the layout in
+    :mod:`diffusion_attribution.pipeline.bundle`).
+``python -m diffusion_attribution.pipeline.results check [--profile NAME ...]``
+    verifies every bundle (or the ones named), :func:`check`: the manifest parses; every
+    claim of ``claims.md`` is its ``metrics/claims.json`` entry, and every number in its "this
+    run" column is a number of the bundle's metrics; every figure and notebook the report
+    names exists; the shipped scores give the shipped LDS on the shipped ground truth. It then
+    lists each stage whose code or parameters changed since the manifest's commit (an empty
+    list: the bundle is fresh). A broken bundle fails (exit 1); a stale one is reported on its
+    first line and passes.
+``python -m diffusion_attribution.pipeline.results readme``
+    rewrites the README's first-screen paragraph on the bundles (:func:`readme_block`).
+``python -m diffusion_attribution.pipeline.results compare --profile NAME [--run DIR]``
+    prints each number of a fresh run's metrics beside the bundle's, with the difference in
+    units of its standard error where the metrics give one (:func:`compare`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+
+from diffusion_attribution.evaluation.lds import lds, predicted_changes
+from diffusion_attribution.pipeline.bundle import MANIFEST_KEYS, file_md5, publish
+
+__all__ = [
+    "BundleReport", "check", "compare", "flat_metrics", "readme_block", "stale_stages",
+    "write_readme",
+]  # fmt: skip
+
+REPO = Path(__file__).resolve().parents[3]
+RESULTS = REPO / "results"
+
+_NUMBER = re.compile(r"(?<![\w.])[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?(?![\w.])")
+
+
+@dataclass
+class BundleReport:
+    """What :func:`check` found in one bundle: ``problems`` (the bundle is broken) and
+    ``stale`` (stages whose code or parameters changed since the bundle's commit)."""
+
+    bundle: Path
+    commit: str = "unknown"
+    problems: list[str] = field(default_factory=list)
+    stale: list[str] = field(default_factory=list)
+
+    @property
+    def first_line(self) -> str:
+        name = f"results/{self.bundle.name}"
+        if self.problems:
+            return f"{name}: BROKEN ({len(self.problems)} problems)"
+        if self.stale:
+            return f"{name}: STALE against this checkout (commit {self.commit[:10]}): {', '.join(self.stale)}"
+        return f"{name}: fresh against this checkout (commit {self.commit[:10]})"
+
+
+def _params_file(root: Path, profile: str) -> Path:
+    return root / "params.yaml" if profile == "default" else root / "configs" / f"{profile}.yaml"
+
+
+def _lookup(params: dict, dotted: str):
+    value = params
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return _MISSING
+        value = value[part]
+    return value
+
+
+_MISSING = object()
+
+
+def stale_stages(bundle: Path, root: Path = REPO, profile: str | None = None) -> list[str]:
+    """The stages of the bundle's ``dvc.lock`` whose tracked code (files under ``lib/`` and
+    ``notebooks/``) or parameters differ in the checkout ``root``, and stages of ``root``'s
+    ``dvc.yaml`` the lock does not have. Run outputs (``outputs/``, ``reports/``, ...) are not
+    compared: a fresh clone has none."""
+    lock = yaml.safe_load((bundle / "dvc.lock").read_text())["stages"]
+    profile = profile or bundle.name
+    params = yaml.safe_load(_params_file(root, profile).read_text())
+    stale = []
+    for name, stage in lock.items():
+        changed = False
+        for dep in stage.get("deps", []):
+            path = dep["path"]
+            if not path.startswith(("lib/", "notebooks/")):
+                continue
+            f = root / path
+            changed |= not f.is_file() or file_md5(f) != dep.get("md5")
+        for values in stage.get("params", {}).values():
+            changed |= any(_lookup(params, k) != v for k, v in values.items())
+        if changed:
+            stale.append(name)
+    current = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+    return stale + [name for name in current if name not in lock]
+
+
+def flat_metrics(folder: Path, skip: tuple[str, ...] = ()) -> dict[str, float]:
+    """Every number of the metrics files in ``folder`` by path (``lds/loss/K-FAC influence/lds``;
+    list items by index)."""
+    out: dict[str, float] = {}
+
+    def walk(x, path):
+        if isinstance(x, dict):
+            for k, v in x.items():
+                walk(v, f"{path}/{k}")
+        elif isinstance(x, list):
+            for i, v in enumerate(x):
+                walk(v, f"{path}/{i}")
+        elif isinstance(x, (int, float)) and not isinstance(x, bool):
+            out[path] = float(x)
+
+    for f in sorted(folder.glob("*.json")):
+        if f.stem not in skip:
+            walk(json.loads(f.read_text()), f.stem)
+    return out
+
+
+def _found(text: str, values: np.ndarray) -> bool:
+    """A printed number equals a metric to its printed precision (or as a percentage)."""
+    x = float(text)
+    decimals = len(text.split(".")[1].split("e")[0]) if "." in text else 0
+    tol = 0.5 * 10.0**-decimals + 1e-12
+    close = lambda v: np.any(np.abs(v - x) <= tol)  # noqa: E731
+    return bool(close(values) or close(-values) or close(100 * values) or close(np.abs(values)))
+
+
+def _claim_problems(bundle: Path) -> list[str]:
+    claims = json.loads((bundle / "metrics" / "claims.json").read_text())["claims"]
+    table = (bundle / "claims.md").read_text()
+    values = np.array(list(flat_metrics(bundle / "metrics", skip=("claims",)).values()))
+    problems = []
+    for c in claims:
+        row = next(
+            (line for line in table.splitlines() if line.startswith(f"| {c['claim']} |")), None
+        )
+        if row is None:
+            problems.append(f"claims.md has no row for claim {c['id']!r}")
+            continue
+        cells = [cell.strip() for cell in row.strip("|").split(" | ")]
+        if cells[2] != c["evidence"] or c["verdict"] not in cells[3]:
+            problems.append(f"claims.md row {c['id']!r} differs from metrics/claims.json")
+        missing = [n for n in _NUMBER.findall(cells[2]) if not _found(n, values)]
+        if missing:
+            problems.append(f"claim {c['id']!r}: {', '.join(missing)} not in the metrics")
+    return problems
+
+
+def _file_problems(bundle: Path) -> list[str]:
+    report = (bundle / "report.html").read_text()
+    named = set(re.findall(r'(?:src|href)="((?:figures|notebooks_html|notebooks)/[^"#]+)"', report))
+    problems = [
+        f"report.html names {p}, not in the bundle"
+        for p in sorted(named)
+        if not (bundle / p).is_file()
+    ]
+    try:
+        info = json.loads((bundle / "manifest.json").read_text())
+        absent = [k for k in MANIFEST_KEYS if k not in info]
+        if absent:
+            problems.append(f"manifest.json lacks {', '.join(absent)}")
+    except (OSError, json.JSONDecodeError) as err:
+        problems.append(f"manifest.json does not parse: {err}")
+    return problems
+
+
+def _score_problems(bundle: Path) -> list[str]:
+    """The shipped scores give the shipped LDS on the shipped ground truth (to 1e-9)."""
+    gt = np.load(bundle / "ground_truth.npz")
+    scores = np.load(bundle / "scores.npz")
+    index = json.loads((bundle / "scores.json").read_text())
+    masks = torch.from_numpy(gt["masks"])
+    problems = []
+    for name, entry in index.items():
+        for target, shipped in entry["lds"].items():
+            measured = torch.from_numpy(gt[f"subsets.{target}"])
+            s = torch.from_numpy(scores[name])[: measured.shape[0]]
+            got = lds(shipped["sign"] * predicted_changes(s, masks), measured).mean
+            if not math.isclose(got, shipped["lds"], abs_tol=1e-9):
+                problems.append(
+                    f"scores {name} ({target}): LDS {got:.6f}, shipped {shipped['lds']:.6f}"
+                )
+    return problems
+
+
+def check(bundle: str | Path, root: str | Path = REPO) -> BundleReport:
+    """:class:`BundleReport` of one bundle against the checkout ``root`` (module docstring)."""
+    bundle, root = Path(bundle), Path(root)
+    report = BundleReport(bundle)
+    needed = ["manifest.json", "claims.md", "report.html", "dvc.lock", "metrics/claims.json",
+              "ground_truth.npz", "scores.npz", "scores.json"]  # fmt: skip
+    absent = [p for p in needed if not (bundle / p).exists()]
+    if absent:
+        report.problems.append(f"missing {', '.join(absent)}")
+        return report
+    report.problems += _file_problems(bundle)
+    if not report.problems:
+        report.commit = json.loads((bundle / "manifest.json").read_text())["commit"]
+    report.problems += _claim_problems(bundle) + _score_problems(bundle)
+    report.stale = stale_stages(bundle, root)
+    return report
+
+
+def compare(bundle: str | Path, run: str | Path = ".") -> pd.DataFrame:
+    """Every number of the fresh run's ``metrics/`` beside the bundle's: ``shipped``,
+    ``fresh``, ``difference`` and, where the metric is a mean with a ``stderr`` beside it,
+    ``in_stderr`` (difference / shipped standard error). Wall-clock seconds are left out."""
+    shipped = flat_metrics(Path(bundle) / "metrics")
+    fresh = flat_metrics(Path(run) / "metrics")
+    rows = []
+    for path, value in shipped.items():
+        if path not in fresh or "seconds" in path:
+            continue
+        parent = path.rsplit("/", 1)[0]
+        se = shipped.get(f"{parent}/stderr") if not path.endswith("stderr") else None
+        diff = fresh[path] - value
+        rows.append(
+            {"metric": path, "shipped": value, "fresh": fresh[path], "difference": diff,
+             "in_stderr": diff / se if se else float("nan")}
+        )  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+README_BEGIN, README_END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+def readme_block(results: Path = RESULTS) -> str:
+    """The README's first-screen paragraph on the shipped bundles, written from their
+    manifests and claims (``results readme`` puts it between :data:`README_BEGIN` and
+    :data:`README_END`; a test fails when the README holds anything else there)."""
+    lines = [
+        README_BEGIN,
+        "**Results without running anything** (written by `results publish` from finished runs):",
+    ]
+    for bundle in sorted(p for p in results.iterdir() if (p / "manifest.json").exists()):
+        info = json.loads((bundle / "manifest.json").read_text())
+        counts = json.loads((bundle / "metrics" / "claims.json").read_text())["counts"]
+        verdicts = ", ".join(f"{n} {v}" for v, n in counts.items() if n)
+        lines.append(
+            f"- `{bundle.name}`: [report](results/{bundle.name}/report.html), "
+            f"[claims](results/{bundle.name}/claims.md), "
+            f"[notebooks](results/{bundle.name}/notebooks/), ground truth and scores "
+            f"([fields](results/{bundle.name}/README.md)); commit `{info['commit'][:10]}`, "
+            f"{info['total_seconds'] / 60:.0f} min of stages on {info['cores']} cores of "
+            f"{info['cpu']}; claims: {verdicts}."
+        )
+    lines += [
+        "",
+        "`python -m diffusion_attribution.pipeline.results check` says whether each bundle is "
+        "fresh against the checkout; `... results compare --profile default` sets a rerun beside it.",
+        README_END,
+    ]
+    return "\n".join(lines)
+
+
+def write_readme(readme: Path = REPO / "README.md", results: Path = RESULTS) -> bool:
+    """Replace the README's block between the markers with :func:`readme_block`; True if it
+    changed."""
+    text = readme.read_text()
+    start, end = text.index(README_BEGIN), text.index(README_END) + len(README_END)
+    new = text[:start] + readme_block(results) + text[end:]
+    readme.write_text(new)
+    return new != text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m diffusion_attribution.pipeline.results")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("publish", help="copy a finished run to results/<profile>/")
+    p.add_argument("--profile", required=True)
+    p.add_argument("--run", type=Path, default=Path("."), help="the run's checkout")
+    c = sub.add_parser("check", help="verify the shipped bundles; list stale stages")
+    c.add_argument("--profile", action="append", help="default: every bundle in results/")
+    m = sub.add_parser("compare", help="a fresh run's metrics beside the shipped bundle's")
+    m.add_argument("--profile", required=True)
+    m.add_argument("--run", type=Path, default=Path("."))
+    sub.add_parser("readme", help="rewrite the README's results paragraph from the bundles")
+    args = parser.parse_args(argv)
+    if args.command == "publish":
+        print(f"published {publish(args.run, args.profile, RESULTS)}")
+        return 0
+    if args.command == "readme":
+        print("README.md " + ("updated" if write_readme() else "already up to date"))
+        return 0
+    if args.command == "compare":
+        table = compare(RESULTS / args.profile, args.run)
+        moved = table[table.difference != 0]
+        print(f"{len(table)} numbers compared, {len(moved)} differ")
+        with pd.option_context("display.max_rows", None, "display.width", 160):
+            print(moved.to_string(index=False) if len(moved) else "identical")
+        return 0
+    names = args.profile or sorted(
+        p.name for p in RESULTS.iterdir() if (p / "manifest.json").exists()
+    )
+    if not names:
+        print("no bundles in results/", file=sys.stderr)
+        return 1
+    broken = False
+    for name in names:
+        report = check(RESULTS / name)
+        print(report.first_line)
+        for problem in report.problems:
+            print(f"  {problem}")
+        broken |= bool(report.problems)
+    return 1 if broken else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

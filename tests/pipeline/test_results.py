@@ -1,0 +1,75 @@
+"""The shipped bundles in ``results/``: each checks (claims equal metrics, figures exist, the
+shipped scores give the shipped LDS), a method of this test's own is scored against the
+shipped ground truth with the bundle README's NumPy recipe, and the README's results paragraph
+is what ``results readme`` writes. Stale bundles pass and are reported."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from diffusion_attribution.pipeline.bundle import LDS_RECIPE
+from diffusion_attribution.pipeline.results import (
+    README_BEGIN,
+    README_END,
+    REPO,
+    RESULTS,
+    check,
+    readme_block,
+)
+
+BUNDLES = sorted(p for p in RESULTS.glob("*") if (p / "manifest.json").exists())
+
+
+def test_the_default_bundle_is_shipped():
+    assert (RESULTS / "default" / "manifest.json").exists(), "results/default/ is missing"
+
+
+@pytest.mark.parametrize("bundle", BUNDLES, ids=[b.name for b in BUNDLES])
+def test_a_shipped_bundle_checks(bundle):
+    report = check(bundle)
+    print(report.first_line)  # fresh or STALE (allowed): the CI log says which
+    assert report.problems == [], report.problems
+    size = sum(f.stat().st_size for f in RESULTS.rglob("*") if f.is_file())
+    assert size < 60 * 2**20, f"results/ is {size / 2**20:.1f} MiB, over 60 MiB"
+
+
+def _recipe_lds(bundle, scores, monkeypatch) -> float:
+    monkeypatch.chdir(bundle)
+    namespace = {"my_scores": scores}
+    exec(LDS_RECIPE, namespace)  # the README's recipe, as a reader runs it
+    return float(namespace["lds"])
+
+
+@pytest.mark.parametrize("bundle", BUNDLES, ids=[b.name for b in BUNDLES])
+def test_a_new_method_is_scored_against_the_shipped_ground_truth(bundle, monkeypatch):
+    """Random scores give an LDS near 0; the shipped K-FAC scores give the shipped K-FAC LDS."""
+    gt = np.load(bundle / "ground_truth.npz")
+    q, n = gt["subsets.loss"].shape[0], gt["masks"].shape[1]
+    assert gt["queries"].shape[0] >= q and gt["train_images"].shape[0] == n
+    rng = np.random.default_rng(0)
+    noise = np.mean(
+        [_recipe_lds(bundle, rng.standard_normal((q, n)), monkeypatch) for _ in range(5)]
+    )
+    assert abs(noise) < 0.1, noise  # 5 x Q queries of chance: standard error ~ 1 / sqrt(5 Q M)
+    index = json.loads((bundle / "scores.json").read_text())
+    (name,) = [
+        k for k, e in index.items()
+        if e["lds"].get("loss", {}).get("label") == "K-FAC influence"
+    ]  # fmt: skip
+    kfac = np.load(bundle / "scores.npz")[name][:q]
+    assert _recipe_lds(bundle, kfac, monkeypatch) == pytest.approx(
+        index[name]["lds"]["loss"]["lds"], abs=1e-9
+    )
+    shipped = json.loads((bundle / "metrics" / "lds.json").read_text())["loss"]["K-FAC influence"]
+    assert index[name]["lds"]["loss"]["lds"] == pytest.approx(shipped["lds"], abs=5e-5)
+
+
+def test_the_readme_results_paragraph_is_generated():
+    text = (REPO / "README.md").read_text()
+    start, end = text.index(README_BEGIN), text.index(README_END) + len(README_END)
+    assert text[start:end] == readme_block(), (
+        "README.md's results paragraph differs: run `python -m diffusion_attribution.pipeline.results readme`"
+    )
