@@ -84,6 +84,21 @@ def _lookup(params: dict, dotted: str):
 _MISSING = object()
 
 
+def _same(a, b) -> bool:
+    """Parameter values equal, reading numbers the way DVC's lock writes them (``1e-08`` may
+    be a string there: YAML 1.1 has no float without a dot)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if a == b:
+        return True
+    try:
+        return not isinstance(a, bool) and not isinstance(b, bool) and float(a) == float(b)
+    except (TypeError, ValueError):
+        return False
+
+
 def stale_stages(bundle: Path, root: Path = REPO, profile: str | None = None) -> list[str]:
     """The stages of the bundle's ``dvc.lock`` whose tracked code (files under ``lib/`` and
     ``notebooks/``) or parameters differ in the checkout ``root``, and stages of ``root``'s
@@ -102,7 +117,7 @@ def stale_stages(bundle: Path, root: Path = REPO, profile: str | None = None) ->
             f = root / path
             changed |= not f.is_file() or file_md5(f) != dep.get("md5")
         for values in stage.get("params", {}).values():
-            changed |= any(_lookup(params, k) != v for k, v in values.items())
+            changed |= not all(_same(_lookup(params, k), v) for k, v in values.items())
         if changed:
             stale.append(name)
     current = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
