@@ -38,8 +38,8 @@ from diffusion_attribution.evaluation.lds import lds, predicted_changes
 from diffusion_attribution.pipeline.bundle import MANIFEST_KEYS, file_md5, publish
 
 __all__ = [
-    "BundleReport", "check", "compare", "flat_metrics", "readme_block", "stale_stages",
-    "write_readme",
+    "BundleReport", "check", "claims_block", "compare", "flat_metrics", "readme_block",
+    "generated_blocks", "stale_stages", "write_readme",
 ]  # fmt: skip
 
 REPO = Path(__file__).resolve().parents[3]
@@ -230,15 +230,20 @@ def check(bundle: str | Path, root: str | Path = REPO) -> BundleReport:
     return report
 
 
+#: Metrics about the run rather than its results (what was recomputed, time, memory), which
+#: :func:`compare` leaves out.
+BOOKKEEPING = ("seconds", "this_run", "peak_rss", "overhead")
+
+
 def compare(bundle: str | Path, run: str | Path = ".") -> pd.DataFrame:
     """Every number of the fresh run's ``metrics/`` beside the bundle's: ``shipped``,
     ``fresh``, ``difference`` and, where the metric is a mean with a ``stderr`` beside it,
-    ``in_stderr`` (difference / shipped standard error). Wall-clock seconds are left out."""
+    ``in_stderr`` (difference / shipped standard error). :data:`BOOKKEEPING` is left out."""
     shipped = flat_metrics(Path(bundle) / "metrics")
     fresh = flat_metrics(Path(run) / "metrics")
     rows = []
     for path, value in shipped.items():
-        if path not in fresh or "seconds" in path:
+        if path not in fresh or any(word in path for word in BOOKKEEPING):
             continue
         parent = path.rsplit("/", 1)[0]
         se = shipped.get(f"{parent}/stderr") if not path.endswith("stderr") else None
@@ -264,7 +269,7 @@ def readme_block(results: Path = RESULTS) -> str:
     for bundle in sorted(p for p in results.iterdir() if (p / "manifest.json").exists()):
         info = json.loads((bundle / "manifest.json").read_text())
         counts = json.loads((bundle / "metrics" / "claims.json").read_text())["counts"]
-        verdicts = ", ".join(f"{n} {v}" for v, n in counts.items() if n)
+        verdicts = ", ".join(f"{v} {n}" for v, n in counts.items() if n)
         lines.append(
             f"- `{bundle.name}`: [report](results/{bundle.name}/report.html), "
             f"[claims](results/{bundle.name}/claims.md), "
@@ -282,14 +287,61 @@ def readme_block(results: Path = RESULTS) -> str:
     return "\n".join(lines)
 
 
-def write_readme(readme: Path = REPO / "README.md", results: Path = RESULTS) -> bool:
-    """Replace the README's block between the markers with :func:`readme_block`; True if it
-    changed."""
-    text = readme.read_text()
-    start, end = text.index(README_BEGIN), text.index(README_END) + len(README_END)
-    new = text[:start] + readme_block(results) + text[end:]
-    readme.write_text(new)
-    return new != text
+CLAIMS_BEGIN, CLAIMS_END = "<!-- claims:begin -->", "<!-- claims:end -->"
+
+
+def claims_block(results: Path = RESULTS, profile: str = "default") -> str:
+    """The README's claims table: the shipped bundle's ``metrics/claims.json`` (each claim, its
+    figure, the run's evidence and verdict) and the ceiling and two reference methods from its
+    ``metrics/lds.json``, between :data:`CLAIMS_BEGIN` and :data:`CLAIMS_END`."""
+    bundle = results / profile
+    claims = json.loads((bundle / "metrics" / "claims.json").read_text())["claims"]
+    loss = json.loads((bundle / "metrics" / "lds.json").read_text())["loss"]
+    rows = [f"| {c['claim']} | {c['figure']} | {c['evidence']} | {c['verdict']} |" for c in claims]
+    refs = "; ".join(
+        f"{label} {loss[label]['lds']:.3f} ± {loss[label]['stderr']:.3f}"
+        for label in (
+            "upper bound (K-seed mean)",
+            "K-FAC influence",
+            "EK-FAC influence",
+            "pixel similarity",
+        )
+        if label in loss
+    )
+    return "\n".join(
+        [CLAIMS_BEGIN, "| claim | figure | this run | verdict |", "|---|---|---|---|", *rows, "",
+         f"Loss LDS of `results/{profile}` (mean ± standard error over samples): {refs}.", CLAIMS_END]
+    )  # fmt: skip
+
+
+#: The files with generated blocks, and the blocks: (begin marker, end marker, writer).
+GENERATED_FILES = ("README.md", "docs/results.md")
+BLOCKS = ((README_BEGIN, README_END, readme_block), (CLAIMS_BEGIN, CLAIMS_END, claims_block))
+
+
+def generated_blocks(text: str, results: Path = RESULTS) -> list[tuple[str, str]]:
+    """(found, expected) for every block of :data:`BLOCKS` whose markers are in ``text``."""
+    out = []
+    for begin, end, block in BLOCKS:
+        if begin in text:
+            start, stop = text.index(begin), text.index(end) + len(end)
+            out.append((text[start:stop], block(results)))
+    return out
+
+
+def write_readme(root: Path = REPO, results: Path = RESULTS) -> list[str]:
+    """Rewrite every generated block of :data:`GENERATED_FILES` from the bundles; returns the
+    files that changed."""
+    changed = []
+    for name in GENERATED_FILES:
+        path = root / name
+        text = new = path.read_text()
+        for found, expected in generated_blocks(text, results):
+            new = new.replace(found, expected, 1)
+        if new != text:
+            path.write_text(new)
+            changed.append(name)
+    return changed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -309,7 +361,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"published {publish(args.run, args.profile, RESULTS)}")
         return 0
     if args.command == "readme":
-        print("README.md " + ("updated" if write_readme() else "already up to date"))
+        changed = write_readme()
+        print(
+            f"updated {', '.join(changed)}" if changed else "README.md and docs already up to date"
+        )
         return 0
     if args.command == "compare":
         table = compare(RESULTS / args.profile, args.run)
