@@ -208,7 +208,8 @@ def test_killed_run_resumes_and_completes(smoke):
     assert json.loads((repo / "metrics" / "train.json").read_text())["steps"] == 60
     # several training shards, as the environment asks
     assert len(list((repo / ".cache" / "influence").glob("*/scores_*.pt"))) == 3
-    assert len(list((repo / ".cache" / "baselines").glob("*/features_*.pt"))) == 2 * 3
+    # TRAK, D-TRAK and DAS features, three shards each
+    assert len(list((repo / ".cache" / "baselines").glob("*/features_*.pt"))) == 3 * 3
     again = dvc(smoke, "repro")
     assert "didn't change" in again.stdout and not ran(again.stdout), again.stdout
     # The pipeline's stages (data.dvc, the CIFAR-10 archive for paper scale, is absent offline).
@@ -307,10 +308,9 @@ def test_a_finished_run_publishes_to_a_bundle_that_checks(smoke, tmp_path):
     assert report.first_line.startswith("results/smoke: fresh")
     info = json.loads((bundle / "manifest.json").read_text())
     assert set(MANIFEST_KEYS) <= set(info) and info["cores"] >= 1
-    ran = yaml.safe_load((smoke.repo / "dvc.lock").read_text())["stages"]
-    assert set(info["stages"]) == set(ran)
-    assert all(r["seconds"] is not None and r["seconds"] > 0 for r in info["stages"].values())
-    assert info["stages"]["train"]["peak_rss_gib"] > 0  # recorded by the runner
+    assert set(info["stages"]) == set(stages.NAMES)  # every notebook stage
+    assert all(r["longest"]["seconds"] > 0 for r in info["stages"].values())
+    assert info["stages"]["train"]["longest"]["peak_rss_gib"] > 0  # recorded by the runner
     assert size < 60 * 2**20
     same = results.compare(bundle, smoke.repo)
     assert len(same) > 100 and (same.difference == 0).all()

@@ -60,5 +60,12 @@ def test_stage_output_reaches_the_terminal(tmp_path):
     assert (tmp_path / "reports" / "notebooks" / notebook("data")).exists()
     # the stage's wall time and peak memory are recorded for the shipped bundle's manifest
     record = json.loads((tmp_path / "reports" / "stages" / "data.json").read_text())
-    assert record["stage"] == "data" and record["seconds"] > 0
-    assert 0.01 < record["peak_rss_gib"] < 64  # the kernel's: a Python process with torch
+    (first,) = record["runs"]
+    assert record["stage"] == "data" and first["seconds"] > 0
+    assert 0.01 < first["peak_rss_gib"] < 64  # the kernel's: a Python process with torch
+    again = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert again.returncode == 0
+    runs = json.loads((tmp_path / "reports" / "stages" / "data.json").read_text())["runs"]
+    assert len(runs) == 2 and runs[0] == first  # the history is kept

@@ -99,7 +99,10 @@ class RetrainJob:
 @dataclass(frozen=True)
 class RetrainStack:
     """Jobs trained together (:func:`stack_jobs`); the task :func:`run_jobs` fans out. Its
-    ``output`` is the last job's, which :func:`run_stack` writes last."""
+    ``output`` -- the file whose existence means the task is done -- is the last job's whose
+    model does not exist yet (the last job's when all do): :func:`run_stack` writes the missing
+    models in order, so that one last. A stack whose last model exists but another does not
+    (a member renamed, e.g. a method's damping changed) is therefore trained again."""
 
     jobs: tuple[RetrainJob, ...]
 
@@ -110,7 +113,8 @@ class RetrainStack:
 
     @property
     def output(self) -> str:
-        return self.jobs[-1].output
+        missing = [job.output for job in self.jobs if not Path(job.output).exists()]
+        return missing[-1] if missing else self.jobs[-1].output
 
 
 def _configs(job: RetrainJob) -> tuple[ModelConfig, DiffusionConfig, TrainConfig]:
@@ -136,7 +140,7 @@ def _stack_checkpoint(
     stack: RetrainStack, configs: Sequence[tuple], images: Sequence[torch.Tensor]
 ) -> Path:
     parts = [p for config, x in zip(configs, images, strict=True) for p in (*config, x)]
-    return _checkpoint_path(Path(stack.output), *parts)
+    return _checkpoint_path(Path(stack.jobs[-1].output), *parts)  # beside the last model
 
 
 def checkpoint_path(job: RetrainJob | RetrainStack) -> Path:

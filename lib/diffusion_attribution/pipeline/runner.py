@@ -176,13 +176,14 @@ STAGE_RECORDS = Path("reports") / "stages"
 
 
 def write_stage_record(root: Path, name: str, seconds: float) -> Path:
-    """``reports/stages/<name>.json``: the stage's wall time, the peak resident memory of its
-    largest finished child process (the notebook's kernel or a worker), the time it finished
-    and the CPU it ran on. Not a DVC output: timings are facts of one run, not results, and
-    the shipped bundle's manifest reads them (:mod:`diffusion_attribution.pipeline.results`)."""
+    """Append this run of stage ``name`` to ``reports/stages/<name>.json``: its wall time, the
+    peak resident memory of its largest finished child process (the notebook's kernel or a
+    worker), when it finished and its thread count (the last 20 runs are kept, so a rerun that
+    found its work cached does not hide what computing it cost). Not a DVC output: timings are
+    facts of runs, not results; the shipped bundle's manifest reads them
+    (:mod:`diffusion_attribution.pipeline.bundle`)."""
     peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB on Linux
-    record = {
-        "stage": name,
+    run = {
         "seconds": round(seconds, 1),
         "peak_rss_gib": round(peak_kib / 2**20, 2),
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -190,25 +191,19 @@ def write_stage_record(root: Path, name: str, seconds: float) -> Path:
     }
     path = root / STAGE_RECORDS / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(json.dumps(record, indent=1) + "\n", path)
+    runs = stage_runs(path)[-19:] + [run]
+    atomic_write_text(json.dumps({"stage": name, "runs": runs}, indent=1) + "\n", path)
     return path
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print(
-            f"usage: python -m diffusion_attribution.pipeline.runner STAGE  (one of {', '.join(stages.NAMES)})",
-            file=sys.stderr,
-        )
-        return 2
-    try:
-        run_stage(args[0])
-    except ConfigError as err:
-        print(err, file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+def stage_runs(path: Path) -> list[dict]:
+    """The runs a stage record holds, oldest first (a record of one run written before
+    records kept a history counts as that run)."""
+    if not path.exists():
+        return []
+    record = json.loads(path.read_text())
+    if "runs" in record:
+        return list(record["runs"])
+    return [
+        {k: record[k] for k in ("seconds", "peak_rss_gib", "finished", "threads") if k in record}
+    ]
