@@ -207,3 +207,23 @@ def stage_runs(path: Path) -> list[dict]:
     return [
         {k: record[k] for k in ("seconds", "peak_rss_gib", "finished", "threads") if k in record}
     ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print(
+            f"usage: python -m diffusion_attribution.pipeline.runner STAGE  (one of {', '.join(stages.NAMES)})",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        run_stage(args[0])
+    except ConfigError as err:
+        print(err, file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
