@@ -287,7 +287,7 @@ def _readme(info: dict, index: dict) -> str:
 
     stages = "\n".join(
         f"| {name} | {r['longest']['seconds']} | {gib(r['longest']['peak_rss_gib'])} | "
-        f"{r['seconds']} ({r['runs']} runs) |"
+        f"{r['seconds']} | {r['runs']} |"
         for name, r in info["stages"].items()
     )
     fields = "\n".join(f"| `{k}` | {v} |" for k, v in GROUND_TRUTH_FIELDS.items())
@@ -315,8 +315,8 @@ in [`metrics/`](metrics/).
 Each stage's longest run in the run's checkout (what computing it cost) and its last run (a
 rerun after a code edit may find its work cached):
 
-| stage | seconds | peak memory | last run (s) |
-|---|---|---|---|
+| stage | seconds | peak memory | last run (s) | runs recorded |
+|---|---|---|---|---|
 {stages}
 
 Total {info["total_seconds"]} s (the longest runs). Numbers are this machine's; another CPU computes other float32
