@@ -6,6 +6,8 @@ is what ``results readme`` writes. Stale bundles pass and are reported."""
 from __future__ import annotations
 
 import json
+import re
+import shutil
 
 import numpy as np
 import pytest
@@ -76,3 +78,24 @@ def test_the_result_numbers_of_the_docs_are_generated(name):
         assert found == expected, (
             f"{name} differs from the shipped bundles: run `python -m diffusion_attribution.pipeline.results readme`"
         )
+
+
+def test_a_claims_number_that_is_in_no_metric_breaks_the_bundle(tmp_path):
+    """The claims table and claims.json edited alike (so the rows still agree): the edited
+    number is found in no metric, to its printed precision and with its sign."""
+    bundle = shutil.copytree(RESULTS / "default", tmp_path / "default")
+    claims_json = bundle / "metrics" / "claims.json"
+    data = json.loads(claims_json.read_text())
+    entry = next(c for c in data["claims"] if c["id"] == "kfac_beats_trak")
+    old = re.search(r"\+\d\.\d{3}", entry["evidence"]).group(0)  # the paired difference
+    for new in (f"+{float(old) + 0.004:.3f}", f"-{old[1:]}"):  # off by 4 in the last digit; sign
+        text = entry["evidence"].replace(old, new)
+        claims_md = (RESULTS / "default" / "claims.md").read_text()
+        (bundle / "claims.md").write_text(claims_md.replace(entry["evidence"], text))
+        edited = {
+            **data,
+            "claims": [{**c, "evidence": text} if c is entry else c for c in data["claims"]],
+        }
+        claims_json.write_text(json.dumps(edited))
+        problems = check(bundle).problems
+        assert problems == [f"claim 'kfac_beats_trak': {new} not in the metrics"], problems

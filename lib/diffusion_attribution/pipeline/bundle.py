@@ -88,6 +88,9 @@ predicted = scores @ (~masks).T.astype(float)  # (Q, M): summed over the example
 lds = np.mean([spearmanr(p, m).statistic for p, m in zip(predicted, measured)])
 """
 
+#: What the commit of a run stands for: its code and parameters (``dirty`` when they differ).
+CODE_PATHS = ("lib", "notebooks", "params.yaml", "configs", "dvc.yaml", "pyproject.toml")
+
 #: What every manifest holds (:func:`manifest`).
 MANIFEST_KEYS = (
     "profile", "commit", "dirty", "params_sha256", "dvc_lock_sha256", "packages", "cpu",
@@ -120,13 +123,20 @@ def _cpu_model() -> str:
 
 
 def _stage_records(run: Path, stages: list[str]) -> dict[str, dict]:
-    """Each notebook stage's last run and its longest run in this checkout (wall time, peak
-    memory, when it finished), from ``reports/stages/`` (the runner's records); a stage
-    without a record has its executed notebook's papermill duration (memory not recorded).
-    The longest run is what computing the stage cost: a rerun may find its work cached."""
+    """Each notebook stage's last run and its longest run in this checkout with the run's
+    parameters (wall time, peak memory, when it finished), from ``reports/stages/`` (the
+    runner's records; a record without a parameters hash, from before they had one, counts);
+    a stage without a record has its executed notebook's papermill duration (memory not
+    recorded). The longest run is what computing the stage cost: a rerun may find its work
+    cached."""
+    params = _sha256(run / "params.yaml")
     out = {}
     for name in stages:
-        runs = stage_runs(run / STAGE_RECORDS / f"{name}.json")
+        runs = [
+            r
+            for r in stage_runs(run / STAGE_RECORDS / f"{name}.json")
+            if r.get("params_sha256", params) == params
+        ]
         if not runs:
             nb = next((run / "reports" / "notebooks").glob(f"*_{name}.ipynb"), None)
             if nb is None:
@@ -151,7 +161,10 @@ def _stage_records(run: Path, stages: list[str]) -> dict[str, dict]:
 
 
 def manifest(run: Path, profile: str) -> dict:
-    """Where a run came from and what it cost (:data:`MANIFEST_KEYS`)."""
+    """Where a run came from and what it cost (:data:`MANIFEST_KEYS`). ``commit`` / ``dirty``:
+    the run's checkout when it is published (a sandbox copy: the commit it was copied from);
+    ``packages``, ``cpu``, ``cores`` and ``platform``: the machine and environment that
+    publish it, which are the run's when it is published where it ran (as ``results/`` is)."""
     stages = list(_yaml(run / "dvc.lock").get("stages", {}))
     records = _stage_records(run, stages)
     freeze = subprocess.run(
@@ -164,10 +177,8 @@ def manifest(run: Path, profile: str) -> dict:
         commit, dirty = origin["commit"], bool(origin["dirty"])
     else:
         commit = _git(run, "rev-parse", "HEAD")
-        # code or parameters edited after the commit (a run rewrites dvc.lock: not counted)
-        dirty = bool(
-            _git(run, "status", "--porcelain", "--untracked-files=no", "--", ".", ":!dvc.lock")
-        )
+        # the code or parameters differ from the commit (tracked or not; dvc.lock is the run's)
+        dirty = bool(_git(run, "status", "--porcelain", "--", *CODE_PATHS))
     return {
         "profile": profile,
         "commit": commit,
@@ -276,8 +287,12 @@ def publish(run: str | Path, profile: str, dest: str | Path = "results") -> Path
     info = manifest(run, profile)
     atomic_write_text(json.dumps(info, indent=1) + "\n", staging / "manifest.json")
     atomic_write_text(_readme(info, index), staging / "README.md")
-    shutil.rmtree(bundle, ignore_errors=True)
+    old = bundle.with_name(f".{profile}.old")  # the old bundle is moved aside, then deleted:
+    shutil.rmtree(old, ignore_errors=True)  # at every moment one complete bundle is in place
+    if bundle.exists():
+        bundle.rename(old)
     staging.rename(bundle)
+    shutil.rmtree(old, ignore_errors=True)
     return bundle
 
 

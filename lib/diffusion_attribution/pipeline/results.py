@@ -45,7 +45,11 @@ __all__ = [
 REPO = Path(__file__).resolve().parents[3]
 RESULTS = REPO / "results"
 
-_NUMBER = re.compile(r"(?<![\w.])[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?(?![\w.])")
+#: A printed number: sign, digits (thousands separated by commas or not), decimals, exponent,
+#: and a ``%`` after it; not a part of a word, an identifier or a figure number ("Fig. 2a").
+_NUMBER = re.compile(
+    r"(?<![\w.,])([-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:e[-+]?\d+)?)(%?)(?![\w]|\.\d)"
+)
 
 
 @dataclass
@@ -93,23 +97,27 @@ def _same(a, b) -> bool:
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
     if a == b:
         return True
+    if isinstance(a, bool) or isinstance(b, bool):
+        return False  # True == 1 in Python; not as a parameter
     try:
-        return not isinstance(a, bool) and not isinstance(b, bool) and float(a) == float(b)
+        return float(a) == float(b)
     except (TypeError, ValueError):
         return False
 
 
 def stale_stages(bundle: Path, root: Path = REPO, profile: str | None = None) -> list[str]:
     """The stages of the bundle's ``dvc.lock`` whose tracked code (files under ``lib/`` and
-    ``notebooks/``) or parameters differ in the checkout ``root``, and stages of ``root``'s
-    ``dvc.yaml`` the lock does not have. Run outputs (``outputs/``, ``reports/``, ...) are not
-    compared: a fresh clone has none."""
+    ``notebooks/``), command or parameters differ in the checkout ``root`` (its ``params.yaml``
+    for the default profile, ``configs/<profile>.yaml`` for another), the stages downstream of
+    them (a dependency is another stale stage's output), and the stages of ``root``'s
+    ``dvc.yaml`` the lock does not have. Run outputs are not compared: a fresh clone has none."""
     lock = yaml.safe_load((bundle / "dvc.lock").read_text())["stages"]
     profile = profile or bundle.name
     params = yaml.safe_load(_params_file(root, profile).read_text())
+    current = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
     stale = []
     for name, stage in lock.items():
-        changed = False
+        changed = name in current and current[name].get("cmd") != stage.get("cmd")
         for dep in stage.get("deps", []):
             path = dep["path"]
             if not path.startswith(("lib/", "notebooks/")):
@@ -120,8 +128,17 @@ def stale_stages(bundle: Path, root: Path = REPO, profile: str | None = None) ->
             changed |= not all(_same(_lookup(params, k), v) for k, v in values.items())
         if changed:
             stale.append(name)
-    current = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
-    return stale + [name for name in current if name not in lock]
+    outs = {o["path"]: name for name, stage in lock.items() for o in stage.get("outs", [])}
+    grown = True
+    while grown:  # downstream: a stage reading an output of a stale stage
+        grown = False
+        for name, stage in lock.items():
+            upstream = {outs.get(d["path"]) for d in stage.get("deps", [])}
+            if name not in stale and upstream & set(stale):
+                stale.append(name)
+                grown = True
+    order = [n for n in lock if n in stale]
+    return order + [name for name in current if name not in lock]
 
 
 def flat_metrics(folder: Path, skip: tuple[str, ...] = ()) -> dict[str, float]:
@@ -145,13 +162,15 @@ def flat_metrics(folder: Path, skip: tuple[str, ...] = ()) -> dict[str, float]:
     return out
 
 
-def _found(text: str, values: np.ndarray) -> bool:
-    """A printed number equals a metric to its printed precision (or as a percentage)."""
-    x = float(text)
-    decimals = len(text.split(".")[1].split("e")[0]) if "." in text else 0
-    tol = 0.5 * 10.0**-decimals + 1e-12
-    close = lambda v: np.any(np.abs(v - x) <= tol)  # noqa: E731
-    return bool(close(values) or close(-values) or close(100 * values) or close(np.abs(values)))
+def _found(text: str, percent: str, values: np.ndarray) -> bool:
+    """A printed number equals a metric, sign included, to half a unit of its last printed
+    digit (``1e-4``: of its exponent's); a percentage equals 100 x a metric (or the metric)."""
+    x = float(text.replace(",", ""))
+    mantissa, _, exponent = text.lower().partition("e")
+    decimals = len(mantissa.split(".")[1]) if "." in mantissa else 0
+    tol = 0.5 * 10.0 ** (int(exponent or 0) - decimals) * (1 + 1e-9)
+    candidates = [values, 100 * values] if percent else [values]
+    return any(bool(np.any(np.abs(v - x) <= tol)) for v in candidates)
 
 
 def _claim_problems(bundle: Path) -> list[str]:
@@ -169,7 +188,7 @@ def _claim_problems(bundle: Path) -> list[str]:
         cells = [cell.strip() for cell in row.strip("|").split(" | ")]
         if cells[2] != c["evidence"] or c["verdict"] not in cells[3]:
             problems.append(f"claims.md row {c['id']!r} differs from metrics/claims.json")
-        missing = [n for n in _NUMBER.findall(cells[2]) if not _found(n, values)]
+        missing = [n + pct for n, pct in _NUMBER.findall(cells[2]) if not _found(n, pct, values)]
         if missing:
             problems.append(f"claim {c['id']!r}: {', '.join(missing)} not in the metrics")
     return problems
@@ -205,7 +224,10 @@ def _score_problems(bundle: Path) -> list[str]:
             measured = torch.from_numpy(gt[f"subsets.{target}"])
             s = torch.from_numpy(scores[name])[: measured.shape[0]]
             got = lds(shipped["sign"] * predicted_changes(s, masks), measured).mean
-            if not math.isclose(got, shipped["lds"], abs_tol=1e-9):
+            if not (
+                math.isclose(got, shipped["lds"], abs_tol=1e-9)
+                or (math.isnan(got) and math.isnan(shipped["lds"]))
+            ):
                 problems.append(
                     f"scores {name} ({target}): LDS {got:.6f}, shipped {shipped['lds']:.6f}"
                 )
@@ -225,8 +247,15 @@ def check(bundle: str | Path, root: str | Path = REPO) -> BundleReport:
     report.problems += _file_problems(bundle)
     if not report.problems:
         report.commit = json.loads((bundle / "manifest.json").read_text())["commit"]
-    report.problems += _claim_problems(bundle) + _score_problems(bundle)
-    report.stale = stale_stages(bundle, root)
+    for part in (_claim_problems, _score_problems):
+        try:
+            report.problems += part(bundle)
+        except (OSError, KeyError, ValueError, json.JSONDecodeError) as err:
+            report.problems.append(f"{part.__name__.strip('_')}: {type(err).__name__}: {err}")
+    try:
+        report.stale = stale_stages(bundle, root)
+    except (OSError, KeyError, ValueError, yaml.YAMLError) as err:
+        report.problems.append(f"stale_stages: {type(err).__name__}: {err}")
     return report
 
 
@@ -255,6 +284,17 @@ def compare(bundle: str | Path, run: str | Path = ".") -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _bundles(results: Path) -> list[Path]:
+    """The bundles in ``results`` (a folder with a manifest; not a dot-named one a publish left)."""
+    if not results.is_dir():
+        return []
+    return sorted(
+        p
+        for p in results.iterdir()
+        if not p.name.startswith(".") and (p / "manifest.json").exists()
+    )
+
+
 README_BEGIN, README_END = "<!-- results:begin -->", "<!-- results:end -->"
 
 
@@ -266,7 +306,7 @@ def readme_block(results: Path = RESULTS) -> str:
         README_BEGIN,
         "**Results without running anything** (written by `results publish` from finished runs):",
     ]
-    for bundle in sorted(p for p in results.iterdir() if (p / "manifest.json").exists()):
+    for bundle in _bundles(results):
         info = json.loads((bundle / "manifest.json").read_text())
         counts = json.loads((bundle / "metrics" / "claims.json").read_text())["counts"]
         verdicts = ", ".join(f"{v} {n}" for v, n in counts.items() if n)
@@ -323,9 +363,13 @@ def generated_blocks(text: str, results: Path = RESULTS) -> list[tuple[str, str]
     """(found, expected) for every block of :data:`BLOCKS` whose markers are in ``text``."""
     out = []
     for begin, end, block in BLOCKS:
-        if begin in text:
-            start, stop = text.index(begin), text.index(end) + len(end)
-            out.append((text[start:stop], block(results)))
+        if begin not in text:
+            continue
+        if text.count(begin) != 1 or text.count(end) != 1:
+            raise ValueError(f"{begin} and {end} must each appear once")
+        start = text.index(begin)
+        stop = text.index(end, start) + len(end)  # ValueError when the end comes first
+        out.append((text[start:stop], block(results)))
     return out
 
 

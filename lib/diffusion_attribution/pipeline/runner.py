@@ -24,6 +24,7 @@ without encryption" warning out of every stage's output.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -188,6 +189,8 @@ def write_stage_record(root: Path, name: str, seconds: float) -> Path:
         "peak_rss_gib": round(peak_kib / 2**20, 2),
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "threads": os.environ.get("DA_THREADS", str(os.cpu_count())),
+        # which parameters the run had: a record of another profile's run is told apart
+        "params_sha256": hashlib.sha256((root / "params.yaml").read_bytes()).hexdigest(),
     }
     path = root / STAGE_RECORDS / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -79,7 +79,8 @@ def _head(repo: Path) -> str:
 
 def _dirty(repo: Path) -> bool:
     done = subprocess.run(
-        ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!dvc.lock"],
+        ["git", "status", "--porcelain", "--", "lib", "notebooks", "params.yaml", "configs",
+         "dvc.yaml", "pyproject.toml"],
         cwd=repo, capture_output=True, text=True,
     )  # fmt: skip
     return bool(done.stdout.strip())
