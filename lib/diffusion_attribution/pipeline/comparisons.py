@@ -220,6 +220,10 @@ def field_comparisons(meth: Methods) -> dict[str, tuple[str, pd.Series, LDSResul
     return out
 
 
+#: The dampings K-FAC's insensitivity is judged over (Figs. 7, 8): those at most this.
+SMALL_DAMPING = 1e-4
+
+
 @dataclass(frozen=True)
 class DampingSweeps:
     """Figs. 7, 8 on the loss: K-FAC influence's, TRAK's and D-TRAK's (float32) rows over
@@ -242,7 +246,7 @@ def damping_sweeps(meth: Methods, head: Headline) -> DampingSweeps:
     kfac_sweep = meth.kfac_sweep("loss", "loss")
     trak_sweep = meth.sweep("loss", method="trak", measurement="loss", precision="float32")
     dtrak_sweep = meth.sweep("loss", method="d-trak", precision="float32")
-    small = kfac_sweep[kfac_sweep.damping <= 1e-4]
+    small = kfac_sweep[kfac_sweep.damping <= SMALL_DAMPING]
     trak_small = trak_sweep.iloc[0]
     return DampingSweeps(
         kfac_sweep,

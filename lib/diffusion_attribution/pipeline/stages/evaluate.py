@@ -36,6 +36,7 @@ from diffusion_attribution.pipeline.ablations import (
 )
 from diffusion_attribution.pipeline.comparisons import (
     BAR_TARGETS,
+    SMALL_DAMPING,
     DampingSweeps,
     Headline,
     Methods,
@@ -286,6 +287,7 @@ def evaluate(
     metrics = lds_metrics(shape, bars, ablation, bounds, repro, differences, held_rows, max_se)
     # Figs. 7, 8: what the damping claim quotes
     metrics["damping_sweep"] = {
+        "small_damping_at_most": SMALL_DAMPING,
         "kfac_range_small_damping": round(sweep.kfac_range, 4),
         "trak_drop": round(sweep.trak_drop, 4),
         "dtrak_drop": round(sweep.dtrak_drop, 4),
