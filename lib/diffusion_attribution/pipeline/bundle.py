@@ -165,7 +165,7 @@ def manifest(run: Path, profile: str) -> dict:
     the run's checkout when it is published (a sandbox copy: the commit it was copied from);
     ``packages``, ``cpu``, ``cores`` and ``platform``: the machine and environment that
     publish it, which are the run's when it is published where it ran (as ``results/`` is)."""
-    stages = list(_yaml(run / "dvc.lock").get("stages", {}))
+    stages = list(yaml.safe_load((run / "dvc.lock").read_text()).get("stages", {}))
     records = _stage_records(run, stages)
     freeze = subprocess.run(
         [sys.executable, "-m", "pip", "freeze", "--exclude-editable"],
@@ -194,10 +194,6 @@ def manifest(run: Path, profile: str) -> dict:
         # what computing every stage cost: the sum of each stage's longest run
         "total_seconds": round(sum(r["longest"]["seconds"] or 0 for r in records.values()), 1),
     }
-
-
-def _yaml(path: Path):
-    return yaml.safe_load(Path(path).read_text())
 
 
 def headline_scores(run: Path) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
