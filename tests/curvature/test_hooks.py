@@ -22,7 +22,14 @@ from diffusion_attribution.curvature.rows import noisy_rows
 from diffusion_attribution.diffusion.ddpm import NoiseSchedule
 from diffusion_attribution.diffusion.measurements import DiffusionLoss
 from diffusion_attribution.diffusion.unet import kfac_parameters
-from tests.curvature.oracles import F64, SCHEDULE, T, assert_blocks_equal, rel_fro
+from tests.curvature.oracles import (
+    F64,
+    SCHEDULE,
+    ConvAttnEps,
+    T,
+    assert_blocks_equal,
+    rel_fro,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -206,3 +213,54 @@ def test_bad_arguments_name_what_is_wrong(net, data):
         factor_sums(net, [norm.weight, *params], SCHEDULE, *data)
     with pytest.raises(ValueError, match="not the weight or bias"):
         factor_sums(net, [nn.Parameter(torch.zeros(2, dtype=F64))], SCHEDULE, *data)
+
+
+# ---------------------------------------------------------------------------------------------
+# fisher="example": eq. 11 as written, the outer product of each example's gradient
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kfac", ["expand", "reduce"])
+def test_example_fisher_is_the_per_draw_one_with_one_or_identical_draws(net, data, kfac):
+    """With one draw per example, or S identical draws, an example's gradient is its draw's:
+    the per-example and the per-draw empirical Fisher agree on every layer type."""
+    params = kfac_parameters(net)
+    x0, t, eps = data
+    one = (x0, t[:, :1], eps[:, :1])
+    same = (x0, t[:, :1].repeat(1, 3), eps[:, :1].repeat(1, 3, 1, 1, 1))
+    for draws in (one, same):
+        per_draw = fit_kfac(net, params, SCHEDULE, *draws, fisher="empirical", kfac=kfac)
+        per_example = fit_kfac(net, params, SCHEDULE, *draws, fisher="example", kfac=kfac)
+        assert rel_fro(per_example.to_dense(), per_draw.to_dense()) < 1e-12
+    # with distinct draws they differ: the per-example gradient averages the draws first
+    per_draw = fit_kfac(net, params, SCHEDULE, *data, fisher="empirical", kfac=kfac)
+    per_example = fit_kfac(net, params, SCHEDULE, *data, fisher="example", kfac=kfac)
+    assert rel_fro(per_example.to_dense(), per_draw.to_dense()) > 1e-2
+
+
+def test_example_fisher_equals_the_exact_per_example_outer_product_where_kfac_is_exact():
+    """One example, S = 3 draws at the same timestep: the time-embedding layer's input (t / T)
+    is the same for every draw, so K-FAC of the per-example empirical Fisher is exact on its
+    blocks: (1/D) g g^T with g the float64 autograd gradient of the example's summed squared
+    error averaged over its draws (eq. 11)."""
+    torch.manual_seed(0)
+    net = ConvAttnEps().to(F64)
+    params = kfac_parameters(net)
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.randn(1, 1, 4, 4, generator=g, dtype=F64)
+    t = torch.full((1, 3), 5)
+    eps = torch.randn(1, 3, 1, 4, 4, generator=g, dtype=F64)
+    K = fit_kfac(net, params, SCHEDULE, x0, t, eps, fisher="example").to_dense()
+    xt, tt, y = noisy_rows(SCHEDULE, x0, t, eps, 0, 3)
+    loss = ((y - net(xt, tt).flatten(1)) ** 2).sum(1).mean()  # the draws' mean
+    grads = torch.autograd.grad(loss, params)
+    offsets = torch.tensor([0, *(p.numel() for p in params)]).cumsum(0)
+    D = x0[0].numel()
+    for p, gp, a, b in zip(params, grads, offsets[:-1], offsets[1:], strict=True):
+        if p is net.temb.weight or p is net.temb.bias:
+            exact = torch.outer(gp.flatten(), gp.flatten()) / D
+            assert rel_fro(K[a:b, a:b], exact) < 1e-10, p.shape
+    # on a layer whose input varies with the draw (conv_in sees x_t) it is an approximation
+    a, b = offsets[0], offsets[1]
+    g0 = grads[0].flatten()
+    assert rel_fro(K[a:b, a:b], torch.outer(g0, g0) / D) > 1e-3

@@ -9,27 +9,41 @@ import pandas as pd
 import pytest
 import torch
 
+from diffusion_attribution.evaluation.bootstrap import Interval
 from diffusion_attribution.evaluation.claims import (
     claim,
     collect,
-    counterfactual_top_removal,
     damping_insensitivity,
     elbo_mloss,
     expand_beats_reduce,
     fmt,
     int8_compression,
     kfac_beats_trak,
+    kfac_beats_trak_elbo,
     kfac_vs_dtrak,
     mc_beats_empirical,
-    observation1,
-    observation2,
-    observation3,
     summary_counts,
     to_markdown,
+    trajectory_mloss,
+    trak_float16,
+    tuned_kfac_vs_tuned,
     verdict,
     verdict_all,
 )
+from diffusion_attribution.evaluation.findings import PAPER_FINDINGS
 from diffusion_attribution.evaluation.lds import LDSResult
+from diffusion_attribution.evaluation.retraining_claims import (
+    counterfactual_top_removal,
+    observation1,
+    observation2,
+    observation3,
+)
+
+
+def golden(row: dict) -> dict:
+    """A claim row without the paper's statement (checked once, in its own test)."""
+    assert row["paper"] == PAPER_FINDINGS.get(row["id"], "")
+    return {k: v for k, v in row.items() if k != "paper"}
 
 
 def test_verdict_rule():
@@ -49,7 +63,7 @@ def test_collect_and_table(tmp_path):
     got = collect([tmp_path / "one.json", tmp_path / "none.json", tmp_path / "two.json"])
     assert [c["id"] for c in got] == ["a", "b"]
     table = to_markdown(got).splitlines()
-    assert table[2] == "| A beats B | Fig. 2a | 0.40 vs 0.30 | **holds** |"
+    assert table[2] == "| A beats B |  | Fig. 2a | 0.40 vs 0.30 | **holds** |"
     assert table[3].startswith("| C / D |")  # a pipe would break the table
     with pytest.raises(ValueError, match="twice"):
         collect([tmp_path / "one.json", tmp_path / "one.json"])
@@ -99,7 +113,7 @@ INT8_FAIL = "does not hold (rule: int8 >= 0.99 for every sample and above every 
 
 
 def test_int8_compression_golden():
-    assert int8_compression(0.9987, 0.9912, [0.41, 0.83, 0.95]) == {
+    assert golden(int8_compression(0.9987, 0.9912, [0.41, 0.83, 0.95])) == {
         "id": "int8",
         "claim": INT8_TEXT,
         "figure": "Fig. 6",
@@ -120,7 +134,7 @@ def test_int8_compression_rule():
 
 
 def test_kfac_beats_trak_golden():
-    assert kfac_beats_trak(r(0.412, 0.03), r(0.305, 0.03), r(0.107, 0.021)) == {
+    assert golden(kfac_beats_trak(r(0.412, 0.03), r(0.305, 0.03), r(0.107, 0.021))) == {
         "id": "kfac_beats_trak",
         "claim": "K-FAC influence beats TRAK (best damping)",
         "figure": "Fig. 2a",
@@ -138,7 +152,7 @@ def test_kfac_beats_trak_rule():
 
 
 def test_kfac_vs_dtrak_golden():
-    assert kfac_vs_dtrak(r(0.412, 0.03), r(0.418, 0.03), r(-0.006, 0.027)) == {
+    assert golden(kfac_vs_dtrak(r(0.412, 0.03), r(0.418, 0.03), r(-0.006, 0.027))) == {
         "id": "kfac_vs_dtrak",
         "claim": "K-FAC influence, untuned, is ahead of tuned D-TRAK (the paper: sometimes); reported as ahead / tied / behind",
         "figure": "Fig. 2a",
@@ -158,7 +172,7 @@ def test_kfac_vs_dtrak_rule():
 
 
 def test_elbo_mloss_golden():
-    assert elbo_mloss(r(0.120, 0.02), r(0.250, 0.02), r(0.130, 0.015)) == {
+    assert golden(elbo_mloss(r(0.120, 0.02), r(0.250, 0.02), r(0.130, 0.015))) == {
         "id": "elbo_mloss",
         "claim": "Substituting the loss predicts the ELBO better than the ELBO itself",
         "figure": "Fig. 2b",
@@ -199,20 +213,28 @@ def test_mc_beats_empirical_golden():
         "elbo: MC - empirical (expand)": r(0.05, 0.01),
         "elbo: MC - empirical (reduce)": r(0.06, 0.02),
     }
-    assert mc_beats_empirical(comparisons) == {
+    assert golden(mc_beats_empirical(comparisons)) == {
         "id": "mc_beats_empirical",
-        "claim": "MC Fisher (GGN^model) beats the empirical Fisher (GGN^loss), with K-FAC expand and reduce, for the loss and the ELBO",
+        "claim": "MC Fisher (GGN^model) beats the empirical Fisher (GGN^loss, of each draw's gradient as the authors' code forms it), with K-FAC expand and reduce, for the loss and the ELBO",
         "figure": "Fig. 4",
-        "evidence": "at the fixed damping, paired differences: loss: MC - empirical (expand) +0.120 ± 0.030; loss: MC - empirical (reduce) +0.080 ± 0.020; elbo: MC - empirical (expand) +0.050 ± 0.010; elbo: MC - empirical (reduce) +0.060 ± 0.020",
+        "evidence": "at the fixed damping, paired differences: loss: MC - empirical (expand) +0.120 ± 0.030 (holds); loss: MC - empirical (reduce) +0.080 ± 0.020 (holds); elbo: MC - empirical (expand) +0.050 ± 0.010 (holds); elbo: MC - empirical (reduce) +0.060 ± 0.020 (holds)",
         "verdict": "holds",
     }
+    # eq. 11 per example is reported and does not decide
+    per_example = {**comparisons, "loss: MC - per-example empirical (expand)": r(-0.3, 0.01)}
+    row = mc_beats_empirical(per_example)
+    assert row["verdict"] == "holds"
+    assert row["evidence"].endswith(
+        "; eq. 11 per example (not in the verdict), paired differences: "
+        "loss: MC - per-example empirical (expand) -0.300 ± 0.010 (reversed)"
+    )
     # the held-out comparisons are reported, with their own verdict, and do not decide
     held = {"loss: MC - empirical (reduce)": r(-0.1, 0.01)}
     row = mc_beats_empirical(comparisons, held)
     assert row["verdict"] == "holds"
     assert row["evidence"].endswith(
         "; at each variant's held-out damping, paired differences: loss: MC - empirical (reduce) "
-        "-0.100 ± 0.010 (does not hold (1 of 1 comparisons significantly reversed))"
+        "-0.100 ± 0.010 (reversed) (does not hold (1 of 1 comparisons significantly reversed))"
     )
 
 
@@ -243,11 +265,11 @@ def test_expand_beats_reduce_golden():
         "loss: expand - reduce (MC)": r(0.031, 0.012),
         "loss: expand - reduce (empirical)": r(-0.004, 0.009),
     }
-    assert expand_beats_reduce(comparisons) == {
+    assert golden(expand_beats_reduce(comparisons)) == {
         "id": "expand_beats_reduce",
         "claim": "K-FAC expand beats K-FAC reduce, for both Fishers, for the loss and the ELBO",
         "figure": "Fig. 4",
-        "evidence": "paired differences: loss: expand - reduce (MC) +0.031 ± 0.012; loss: expand - reduce (empirical) -0.004 ± 0.009",
+        "evidence": "paired differences: loss: expand - reduce (MC) +0.031 ± 0.012 (holds); loss: expand - reduce (empirical) -0.004 ± 0.009 (within 2 s.e.)",
         "verdict": "inconclusive (1 of 2 comparisons hold, none is reversed)",
     }
 
@@ -274,7 +296,7 @@ DAMPING_FAIL = "does not hold (rule: K-FAC range < 0.05 and both TRAK drops > 0.
 
 
 def test_damping_insensitivity_golden():
-    assert damping_insensitivity(0.012, 0.25, 0.18) == {
+    assert golden(damping_insensitivity(0.012, 0.25, 0.18)) == {
         "id": "damping",
         "claim": "K-FAC influence is insensitive to small damping; TRAK and D-TRAK fail at small damping",
         "figure": "Figs. 7, 8",
@@ -291,54 +313,74 @@ def test_damping_insensitivity_rule():
     assert damping_insensitivity(0.01, 0.3, -0.2)["verdict"] == DAMPING_FAIL
 
 
-OBS1_FAIL = "does not hold (rule: more such pairs with K-FAC than with retraining)"
+def iv(estimate: float, low: float, high: float) -> Interval:
+    return Interval(estimate, low, high)
+
+
+def obs1(difference: tuple[float, float, float]) -> dict:
+    adv = {
+        "influence": iv(0.02, -0.01, 0.05),
+        "retraining": iv(-0.1, -0.15, -0.05),
+        "difference": iv(*difference),
+    }
+    return observation1(adv, 7, 2, 10, 1000)
 
 
 def test_observation1_golden():
-    assert observation1(7, 2, 10) == {
+    assert golden(obs1((0.12, 0.05, 0.19))) == {
         "id": "observation1",
         "claim": "Observation 1: l_t' with t' > t predicts the change of l_t as well as or better than l_t, in the influence approximation but not under exact retraining",
         "figure": "Figs. 11, 12",
-        "evidence": "t' > t beats the diagonal in 7 of 10 pairs with K-FAC influence, 2 with exact retraining",
+        "evidence": "mean LDS advantage of l_t' over l_t (t < t'): K-FAC influence +0.020 [-0.010, +0.050], "
+        "exact retraining -0.100 [-0.150, -0.050], difference +0.120 [+0.050, +0.190] (95% intervals, "
+        "paired bootstrap over samples and subsets, 1000 resamples); t' > t beats the diagonal in 7 of 10 "
+        "pairs with K-FAC influence, 2 with exact retraining",
         "verdict": "holds",
     }
 
 
-def test_observation1_rule():
-    assert observation1(1, 0, 10)["verdict"] == "holds"
-    assert observation1(3, 3, 10)["verdict"] == OBS1_FAIL  # boundary: a tie does not hold
-    assert observation1(0, 4, 10)["verdict"] == OBS1_FAIL
+def test_observation1_rule_is_the_interval_of_the_difference():
+    assert obs1((0.12, 0.001, 0.2))["verdict"] == "holds"
+    assert obs1((0.1, 0.0, 0.2))["verdict"] == "inconclusive (the 95% interval contains 0)"
+    assert obs1((-0.1, -0.2, -0.001))["verdict"] == "does not hold"
+    # the counts are evidence only: the same counts with an interval across 0 decide nothing
+    assert obs1((0.05, -0.02, 0.12))["verdict"].startswith("inconclusive")
 
 
-OBS2_FAIL = (
-    "does not hold (rule: actual increase > 80% of pairs, predicted at least 20 points less often)"
-)
+def obs2(actual: tuple, gap: tuple) -> dict:
+    return observation2(
+        {"actual_increase": iv(*actual), "predicted_increase": iv(0.6, 0.5, 0.7), "gap": iv(*gap)},
+        500,
+    )
 
 
 def test_observation2_golden():
-    assert observation2(0.4375, 0.9) == {
+    assert golden(obs2((0.9, 0.85, 0.95), (0.3, 0.2, 0.4))) == {
         "id": "observation2",
         "claim": "Observation 2: influence functions predict a loss decrease far more often than it happens: removing data mostly increases the loss",
         "figure": "Figs. 13, 14",
-        "evidence": "predicted increase in 44%, actual in 90% of (sample, subset) pairs (loss)",
+        "evidence": "loss increases in 90% [85%, 95%] of (sample, subset) pairs, predicted in 60% "
+        "[50%, 70%]; gap +0.300 [+0.200, +0.400] (95% intervals, bootstrap over samples and "
+        "subsets, 500 resamples)",
         "verdict": "holds",
     }
 
 
-def test_observation2_rule():
-    assert observation2(0.5, 0.81)["verdict"] == "holds"
-    assert observation2(0.5, 0.8)["verdict"] == OBS2_FAIL  # boundary: not more than 80%
-    assert observation2(1.0 - 0.2, 1.0)["verdict"] == OBS2_FAIL  # boundary: exactly 20 points
-    assert observation2(0.79, 1.0)["verdict"] == "holds"
-    assert observation2(0.9, 0.95)["verdict"] == OBS2_FAIL
-    assert observation2(0.1, 0.5)["verdict"] == OBS2_FAIL
+def test_observation2_rule_has_two_parts():
+    assert obs2((0.9, 0.51, 0.95), (0.1, 0.01, 0.2))["verdict"] == "holds"
+    # "mostly": the actual fraction's interval must lie above 1/2
+    assert obs2((0.6, 0.5, 0.7), (0.1, 0.01, 0.2))["verdict"].startswith("inconclusive")
+    assert obs2((0.4, 0.3, 0.49), (0.1, 0.01, 0.2))["verdict"].startswith("does not hold")
+    # "overestimates how often removal helps": the gap's interval must lie above 0
+    assert obs2((0.9, 0.8, 0.95), (0.05, -0.01, 0.1))["verdict"].startswith("inconclusive")
+    assert obs2((0.9, 0.8, 0.95), (-0.1, -0.2, -0.01))["verdict"].startswith("does not hold")
 
 
 OBS3_FAIL = "does not hold (rule: Spearman > 0.9 for every subset model)"
 
 
 def test_observation3_golden():
-    assert observation3(0.9512, 0.9934, 0.9721, 0.9987) == {
+    assert golden(observation3(0.9512, 0.9934, 0.9721, 0.9987)) == {
         "id": "observation3",
         "claim": "Observation 3: the ELBO ranks generated samples nearly the same whichever data the model was trained on",
         "figure": "Fig. 15",
@@ -364,7 +406,7 @@ CF_EVIDENCE = "K-FAC minus the better of TRAK / D-TRAK (mean over fractions), me
 
 
 def test_counterfactual_top_removal_golden():
-    assert counterfactual_top_removal([0.2, 0.4, 0.6]) == {
+    assert golden(counterfactual_top_removal([0.2, 0.4, 0.6])) == {
         "id": "counterfactual",
         "claim": CF_TEXT,
         "figure": "Fig. 3",
@@ -412,11 +454,43 @@ def test_claim_ids_are_distinct():
         mc_beats_empirical(fig4()),
         expand_beats_reduce(fig4()),
         damping_insensitivity(0.01, 0.2, 0.2),
-        observation1(2, 1, 3),
-        observation2(0.5, 0.9),
+        obs1((0.1, 0.05, 0.2)),
+        obs2((0.9, 0.8, 0.95), (0.1, 0.05, 0.2)),
+        kfac_beats_trak_elbo({"elbo": r(0.1, 0.01)}),
+        tuned_kfac_vs_tuned({"loss": r(0.1, 0.01)}),
+        trajectory_mloss({"trajectory": r(0.1, 0.01)}),
+        trak_float16({"loss": r(0.1, 0.01)}),
         observation3(0.95, 0.99, 0.95, 0.99),
         counterfactual_top_removal([0.1, 0.2]),
     ]
     ids = [c["id"] for c in rows]
-    assert len(set(ids)) == len(ids) == 11
-    assert summary_counts(rows)["holds"] == 11
+    assert len(set(ids)) == len(ids) == 15
+    assert summary_counts(rows)["holds"] == 15
+    assert set(ids) <= set(PAPER_FINDINGS)  # every claim has the paper's statement
+
+
+def test_several_part_claims_list_each_part_and_combine_by_verdict_all():
+    parts = {
+        "elbo: K-FAC - TRAK*": r(0.15, 0.03),
+        "elbo: K-FAC (m. loss) - TRAK* (m. loss)": r(0.02, 0.03),
+    }
+    row = kfac_beats_trak_elbo(parts)
+    assert row["evidence"] == (
+        "paired differences: elbo: K-FAC - TRAK* +0.150 ± 0.030 (holds); "
+        "elbo: K-FAC (m. loss) - TRAK* (m. loss) +0.020 ± 0.030 (within 2 s.e.)"
+    )
+    assert row["verdict"] == "inconclusive (1 of 2 comparisons hold, none is reversed)"
+    assert tuned_kfac_vs_tuned({"a": r(0.1, 0.01), "b": r(0.2, 0.05)})["verdict"] == "holds"
+    reversed_ = trak_float16({"TRAK": r(-0.1, 0.01), "D-TRAK": r(0.3, 0.01)})["verdict"]
+    assert reversed_ == "does not hold (1 of 2 comparisons significantly reversed)"
+    assert trajectory_mloss({"t": r(0.05, 0.03)})["verdict"].startswith("inconclusive")
+    with pytest.raises(ValueError, match="no comparison"):
+        trak_float16({})
+
+
+def test_every_claim_row_carries_the_papers_statement_and_the_table_shows_it():
+    row = kfac_beats_trak(r(0.4, 0.0), r(0.3, 0.0), r(0.1, 0.01))
+    assert row["paper"] == PAPER_FINDINGS["kfac_beats_trak"]
+    table = to_markdown([row]).splitlines()
+    assert table[0] == "| claim | the paper reports | figure | this run | verdict |"
+    assert PAPER_FINDINGS["kfac_beats_trak"] in table[2]

@@ -164,7 +164,13 @@ class SampleConfig(Section):
 
 
 KFACVariant = Literal[
-    "mc_expand", "mc_reduce", "empirical_expand", "empirical_reduce", "ekfac_mc_expand"
+    "mc_expand",
+    "mc_reduce",
+    "empirical_expand",
+    "empirical_reduce",
+    "example_expand",
+    "example_reduce",
+    "ekfac_mc_expand",
 ]
 
 
@@ -191,7 +197,11 @@ class CurvatureConfig(Section):
 
     ``mc_expand`` is the paper's method; the other Fisher / expand-reduce combinations are the
     ablation of Fig. 4; ``ekfac_mc_expand`` is the paper's method with EK-FAC's eigenvalue
-    correction (George et al., 2018), which the paper's code supports.
+    correction (George et al., 2018), which the paper's code supports. ``empirical_*`` is the
+    empirical Fisher of each (t, eps) draw's gradient, as the authors' code forms it;
+    ``example_*`` is eq. 11 as the paper writes it, the outer product of each example's
+    gradient of its loss averaged over its draws
+    (:func:`~diffusion_attribution.curvature.hooks.draw_mean`).
     """
 
     variants: Annotated[
@@ -201,6 +211,7 @@ class CurvatureConfig(Section):
         "mc_reduce",
         "empirical_expand",
         "empirical_reduce",
+        "example_expand",
         "ekfac_mc_expand",
     )
     num_draws: PositiveInt = 8

@@ -78,7 +78,7 @@ __all__ = ["correction_sums", "factor_sums", "mc_noise"]
 
 _MC_TAG = 0x4D43  # a third, non-zero SeedSequence word: MC noise never shares a stream with
 # the (t, eps) draws of ``measurements.example_generator(seed, n)`` even when the seeds agree
-_FISHERS = ("mc", "empirical", "type2")
+_FISHERS = ("mc", "empirical", "example", "type2")
 _KFACS = ("expand", "reduce")
 
 
@@ -118,7 +118,7 @@ def _residual_grads(
 ) -> list[tuple[Tensor, float]]:
     """(d ||y - f||^2 / d f, weight) per backward pass: MC draws (weight 1/M), the data
     residual (empirical) or the columns ``sqrt(2) e_c`` of the Hessian square root (type2)."""
-    if fisher == "empirical":
+    if fisher in ("empirical", "example"):
         return [(2.0 * (f.detach() - y), 1.0)]
     if fisher == "mc":  # y = f + sqrt(1/2) xi  ->  b = -sqrt(2) xi
         m = noise.shape[1]
@@ -189,6 +189,25 @@ def _input_covariance(module: nn.Module, x: Tensor, expand: bool) -> tuple[Tenso
     return gram(cols), cols.sum(1)
 
 
+def draw_mean(x: Tensor, draws: int) -> Tensor:
+    """``fisher="example"``: the mean of a layer's inputs or output gradients (rows first,
+    ``draws`` consecutive rows per example) over each example's draws, times ``sqrt(draws)``.
+
+    The empirical Fisher of eq. 11 as the paper writes it is the outer product of each
+    *example's* gradient, of its loss averaged over its S draws, ``grad lbar_n = 1/S sum_s
+    g_ns``. Within a layer ``grad_W lbar_n = sum_p bbar_np abar_np^T`` exactly when the inputs
+    ``a_nsp`` do not depend on the draw s (then ``bbar = mean_s b``, ``abar = a``); K-FAC of
+    the per-example Fisher takes ``abar_np = mean_s a_nsp``, ``bbar_np = mean_s b_nsp`` at
+    every position p (expand) or summed over positions (reduce). The factor ``sqrt(S)`` on
+    each makes the sums over the N examples' averaged rows carry the weight of the N * S rows
+    that :func:`~diffusion_attribution.curvature.partial_sums.to_kfac` divides by, so the
+    result is ``A = 1/(N S_l) sum abar abar^T``, ``G = 1/(N D) sum bbar bbar^T``. With one draw
+    (or identical draws) it is the per-draw empirical Fisher."""
+    if draws == 1:
+        return x
+    return x.reshape(-1, draws, *x.shape[1:]).mean(1) * math.sqrt(draws)
+
+
 def _accumulate(total: dict[str, Tensor | None], key: str, x: Tensor) -> None:
     x = x.to(torch.float64, copy=True)  # a copy: q, k and v add the same covariance
     total[key] = x if total.get(key) is None else total[key].add_(x)
@@ -229,6 +248,7 @@ def factor_sums(
     G: dict[str, Tensor | None] = {ly.name: None for ly in layers}
     positions: dict[str, int] = {}
     expand = kfac == "expand"
+    draws = t.shape[1] if fisher == "example" else 1  # rows averaged per example
     with fitting_mode(model, params):
         for xt, tt, y, noise in _batches(
             schedule,
@@ -269,7 +289,8 @@ def factor_sums(
                     getattr(m, "dilation", None),
                 )
                 if key not in shared:  # q, k, v read the same tokens: one covariance
-                    shared[key] = _input_covariance(m, x, expand)
+                    aaT, asum = _input_covariance(m, draw_mean(x, draws), expand)
+                    shared[key] = aaT, asum * math.sqrt(draws)  # the sum: S mean_s, not sqrt
                 aaT, asum = shared[key]
                 _accumulate(A, ly.name, aaT)
                 _accumulate(a, ly.name, asum)
@@ -280,7 +301,7 @@ def factor_sums(
                 )
                 for ly, g, out in zip(layers, grads, outputs, strict=True):
                     g = torch.zeros_like(out) if g is None else g
-                    b = layer_output_grads(ly.module, g)
+                    b = draw_mean(layer_output_grads(ly.module, g), draws)
                     b = b.reshape(-1, b.shape[-1]) if expand else b.sum(1)
                     bbT = b.T @ b
                     _accumulate(G, ly.name, bbT if w == 1.0 else bbT * w)

@@ -104,7 +104,7 @@ from diffusion_attribution.curvature.kronecker import KroneckerBlock, check_bloc
 
 __all__ = ["KFAC", "CurvatureOperator", "DenseCurvature", "FisherKind", "KFACKind"]
 
-FisherKind = Literal["mc", "empirical", "type2"]
+FisherKind = Literal["mc", "empirical", "example", "type2"]
 """``"mc"``: GGN^model via the MC Fisher of eq. 10 (``mc_samples`` draws per row, default 1);
 ``"empirical"``: GGN^loss, the empirical Fisher of eq. 11; ``"type2"``: exact GGN^model
 (exact loss Hessian; D backward passes per batch — an oracle for tests)."""

@@ -1,7 +1,9 @@
 """The paper's claims, the number this run measured for each, and a verdict.
 
 Each claim has one named function here (:func:`int8_compression`, :func:`kfac_beats_trak`,
-..., :func:`counterfactual_top_removal`) that takes the numbers its rule needs and returns the
+..., :func:`damping_insensitivity`; those decided on the retrained models' own measurements,
+Observations 1-3 and the counterfactual, are in
+:mod:`~diffusion_attribution.evaluation.retraining_claims`) that takes the numbers its rule needs and returns the
 claim's row (:func:`claim`): the paper's statement, its figure, this run's evidence and the
 verdict. The rule is stated once, in that function's docstring, and the stage's prose and the
 claims table both use that one function's row. A stage that tests a claim writes the row into
@@ -9,18 +11,19 @@ its metrics file (``metrics/<stage>.json``, key ``"claims"``); the ``claims`` st
 them (:func:`collect`) into one table (:func:`to_markdown`) and counts the verdicts
 (:func:`summary_counts`). A verdict is one of "holds", "does not hold" or "inconclusive"
 followed by the reason -- for a difference between two methods, :func:`verdict` on its paired
-standard error (2 standard errors from 0).
+standard error (2 standard errors from 0); for a claim made of several comparisons,
+:func:`verdict_all` is the one rule that combines them, and the evidence lists each part with its
+own outcome.
 """
 
 from __future__ import annotations
 
 import json
-import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
+from diffusion_attribution.evaluation.findings import PAPER_FINDINGS
 
 if TYPE_CHECKING:
     from diffusion_attribution.evaluation.lds import LDSResult
@@ -57,10 +60,18 @@ def verdict_all(differences: Iterable[tuple[float, float]], z: float = 2.0) -> s
 
 
 def claim(key: str, text: str, figure: str, evidence: str, result: str) -> dict[str, str]:
-    """One claim: an id, the paper's statement, its figure, this run's number(s), the verdict."""
+    """One claim: an id, the claim as tested, its figure, this run's number(s), the verdict and
+    what the paper reports (:data:`PAPER_FINDINGS`, by id; empty for an id it lacks)."""
     if not result.startswith(VERDICTS):
         raise ValueError(f"verdict must start with one of {VERDICTS}, got {result!r}")
-    return {"id": key, "claim": text, "figure": figure, "evidence": evidence, "verdict": result}
+    return {
+        "id": key,
+        "claim": text,
+        "figure": figure,
+        "evidence": evidence,
+        "verdict": result,
+        "paper": PAPER_FINDINGS.get(key, ""),
+    }
 
 
 def collect(paths: Iterable[str | Path]) -> list[dict[str, str]]:
@@ -76,10 +87,15 @@ def collect(paths: Iterable[str | Path]) -> list[dict[str, str]]:
 
 
 def to_markdown(claims: Iterable[dict[str, str]]) -> str:
-    """A Markdown table: claim | figure | this run | verdict (verdict in bold)."""
-    lines = ["| claim | figure | this run | verdict |", "|---|---|---|---|"]
+    """A Markdown table: claim | the paper reports | figure | this run | verdict (verdict in
+    bold; the paper's statement from the row, or :data:`PAPER_FINDINGS` for rows without one)."""
+    lines = [
+        "| claim | the paper reports | figure | this run | verdict |",
+        "|---|---|---|---|---|",
+    ]
     for c in claims:
-        cells = [c["claim"], c["figure"], c["evidence"], f"**{c['verdict']}**"]
+        paper = c.get("paper") or PAPER_FINDINGS.get(c["id"], "")
+        cells = [c["claim"], paper, c["figure"], c["evidence"], f"**{c['verdict']}**"]
         lines.append("| " + " | ".join(x.replace("|", "/") for x in cells) + " |")
     return "\n".join(lines)
 
@@ -228,8 +244,18 @@ def _comparisons(comparisons: Mapping[str, LDSResult], kind: str) -> dict[str, L
     return chosen
 
 
+#: How :func:`_listing` marks each part of a claim made of several comparisons.
+PART_OUTCOMES = {"holds": "holds", "does not hold": "reversed"}
+
+
 def _listing(comparisons: Mapping[str, LDSResult]) -> str:
-    return "paired differences: " + "; ".join(f"{k} {fmt(r)}" for k, r in comparisons.items())
+    """Each comparison of a several-part claim with its own outcome by :func:`verdict`
+    (holds / reversed / within 2 s.e.); :func:`verdict_all` is the rule that combines them."""
+    parts = [
+        f"{k} {fmt(r)} ({PART_OUTCOMES.get(verdict(r.mean, r.stderr), 'within 2 s.e.')})"
+        for k, r in comparisons.items()
+    ]
+    return "paired differences: " + "; ".join(parts)
 
 
 def mc_beats_empirical(
@@ -246,8 +272,11 @@ def mc_beats_empirical(
     "inconclusive": the paper claims the ordering in every setting, not on average.
     ``heldout``: the same comparisons with each variant at its damping chosen on held-out
     subsets; they are reported in the evidence with their own :func:`verdict_all`, which does
-    not change the verdict (the paper's comparison is at its fixed damping). ValueError when no
-    label matches (the claim is then not tested and has no row).
+    not change the verdict (the paper's comparison is at its fixed damping). The empirical
+    Fisher of the verdict is the per-draw one, as the authors' code forms it; the labels
+    containing ``"per-example"`` (eq. 11 as the paper writes it: each example's gradient of its
+    draws' mean loss) are reported beside it and do not decide. ValueError when no label
+    matches (the claim is then not tested and has no row).
     """
     chosen = _comparisons(comparisons, "MC - empirical")
     evidence = "at the fixed damping, " + _listing(chosen)
@@ -258,9 +287,12 @@ def mc_beats_empirical(
             + _listing(held)
             + f" ({verdict_all((r.mean, r.stderr) for r in held.values())})"
         )
+    per_example = {k: r for k, r in comparisons.items() if "per-example" in k}
+    if per_example:
+        evidence += "; eq. 11 per example (not in the verdict), " + _listing(per_example)
     return claim(
         "mc_beats_empirical",
-        "MC Fisher (GGN^model) beats the empirical Fisher (GGN^loss), with K-FAC expand and reduce, for the loss and the ELBO",
+        "MC Fisher (GGN^model) beats the empirical Fisher (GGN^loss, of each draw's gradient as the authors' code forms it), with K-FAC expand and reduce, for the loss and the ELBO",
         "Fig. 4",
         evidence,
         verdict_all((r.mean, r.stderr) for r in chosen.values()),
@@ -285,6 +317,71 @@ def expand_beats_reduce(comparisons: Mapping[str, LDSResult]) -> dict[str, str]:
     )
 
 
+def _all_parts(key: str, text: str, figure: str, parts: Mapping[str, LDSResult]) -> dict:
+    """A claim made of several paired comparisons ``parts`` (label -> difference), decided by
+    :func:`verdict_all` and listed with each part's outcome."""
+    if not parts:
+        raise ValueError(f"claim {key!r}: no comparison to decide it")
+    return claim(
+        key, text, figure, _listing(parts), verdict_all((r.mean, r.stderr) for r in parts.values())
+    )
+
+
+def kfac_beats_trak_elbo(parts: Mapping[str, LDSResult]) -> dict[str, str]:
+    """Fig. 2b: K-FAC influence beats TRAK (best damping) for the ELBO as well as for the loss
+    (``evaluate`` stage). ``parts``: the paired differences K-FAC - TRAK* on the ELBO's LDS with
+    each method's ELBO scores and, where scored, with both methods' loss scores ("m. loss").
+    Rule: :func:`verdict_all` over them (2 paired standard errors each)."""
+    return _all_parts(
+        "kfac_beats_trak_elbo",
+        "K-FAC influence beats TRAK (best damping) for the ELBO as well as the loss",
+        "Fig. 2b",
+        parts,
+    )
+
+
+def tuned_kfac_vs_tuned(parts: Mapping[str, LDSResult]) -> dict[str, str]:
+    """Sec. 4: with its damping tuned, K-FAC influence beats tuned TRAK and tuned D-TRAK on the
+    loss (``evaluate`` stage). Every method's damping is chosen on held-out subsets and its LDS
+    is evaluated on the others (two folds, cross-fitted:
+    :func:`~diffusion_attribution.evaluation.lds.heldout_damping`), the same rule for all, so
+    no method is tuned on its test subsets. ``parts``: the paired differences K-FAC - TRAK and
+    K-FAC - D-TRAK at the held-out dampings. Rule: :func:`verdict_all` over them."""
+    return _all_parts(
+        "tuned_kfac_vs_tuned",
+        "K-FAC influence with held-out damping beats TRAK and D-TRAK with held-out damping",
+        "Sec. 4, Figs. 7, 8",
+        parts,
+    )
+
+
+def trajectory_mloss(parts: Mapping[str, LDSResult]) -> dict[str, str]:
+    """Fig. 17: as for the ELBO, the change of the sampling trajectory's log-probability is
+    better predicted by K-FAC influence of the loss ("m. loss") than by K-FAC influence of the
+    trajectory itself (``evaluate`` stage). ``parts``: the paired difference m. loss -
+    trajectory on the trajectory's LDS. Rule: :func:`verdict_all` (here one comparison,
+    2 paired standard errors)."""
+    return _all_parts(
+        "trajectory_mloss",
+        "Substituting the loss predicts the trajectory's log-probability better than the trajectory itself",
+        "Fig. 17",
+        parts,
+    )
+
+
+def trak_float16(parts: Mapping[str, LDSResult]) -> dict[str, str]:
+    """Fig. 18: traker's default float16 pipeline degrades TRAK's and D-TRAK's LDS against
+    float32 (``evaluate`` stage). ``parts``: the paired differences float32 - float16 of each
+    method's best-of-sweep loss LDS (each precision at its own best damping). Rule:
+    :func:`verdict_all` -- "holds" only when float16 is significantly worse for both."""
+    return _all_parts(
+        "trak_float16",
+        "traker's float16 pipeline loses LDS against float32, for TRAK and D-TRAK (best damping each)",
+        "Fig. 18",
+        parts,
+    )
+
+
 def damping_insensitivity(kfac_range: float, trak_drop: float, dtrak_drop: float) -> dict[str, str]:
     """Figs. 7, 8: K-FAC influence is insensitive to small damping, while TRAK and D-TRAK fail
     at small damping (``evaluate`` stage).
@@ -303,101 +400,4 @@ def damping_insensitivity(kfac_range: float, trak_drop: float, dtrak_drop: float
         "Figs. 7, 8",
         f"K-FAC loss LDS varies by {kfac_range:.3f} over damping <= 1e-4; TRAK loses {trak_drop:.3f} and D-TRAK {dtrak_drop:.3f} from their best to their smallest damping",
         "holds" if ok else "does not hold (rule: K-FAC range < 0.05 and both TRAK drops > 0.1)",
-    )
-
-
-def observation1(kfac_upper_better: int, retrain_upper_better: int, pairs: int) -> dict[str, str]:
-    """Observation 1 (Figs. 11, 12): the scores of l_t' for a later timestep t' > t predict the
-    change of l_t as well as or better than l_t's own scores with K-FAC influence, but not under
-    exact retraining (``observations`` stage).
-
-    ``kfac_upper_better`` is the number of (t, t' > t) pairs in which l_t' beats the diagonal
-    (l_t for l_t) in Fig. 11 (K-FAC influence), ``retrain_upper_better`` the same count in
-    Fig. 12 (exact retraining), ``pairs`` the number of such pairs. Rule: "holds" when the count
-    is strictly larger with K-FAC than with retraining (the later-timestep advantage belongs to
-    the approximation, not to the data); "does not hold" otherwise.
-    """
-    return claim(
-        "observation1",
-        "Observation 1: l_t' with t' > t predicts the change of l_t as well as or better than l_t, in the influence approximation but not under exact retraining",
-        "Figs. 11, 12",
-        f"t' > t beats the diagonal in {kfac_upper_better} of {pairs} pairs with K-FAC influence, {retrain_upper_better} with exact retraining",
-        "holds"
-        if kfac_upper_better > retrain_upper_better
-        else "does not hold (rule: more such pairs with K-FAC than with retraining)",
-    )
-
-
-def observation2(predicted_increase: float, actual_increase: float) -> dict[str, str]:
-    """Observation 2 (Figs. 13, 14): influence functions predict a decrease of the loss far more
-    often than it happens; removing half the data mostly increases it (``observations`` stage).
-
-    ``predicted_increase`` and ``actual_increase`` are the fractions of (sample, subset) pairs in
-    which K-FAC influence predicts, and retraining shows, a higher loss after removing the
-    examples outside the subset. Rule: "holds" when the loss actually increases in more than 80%
-    of pairs (``actual_increase > 0.8``: "mostly") and the prediction says so at least 20
-    percentage points less often (``predicted_increase < actual_increase - 0.2``: "far more
-    often"); "does not hold" otherwise.
-    """
-    holds = actual_increase > 0.8 and predicted_increase < actual_increase - 0.2
-    return claim(
-        "observation2",
-        "Observation 2: influence functions predict a loss decrease far more often than it happens: removing data mostly increases the loss",
-        "Figs. 13, 14",
-        f"predicted increase in {predicted_increase:.0%}, actual in {actual_increase:.0%} of (sample, subset) pairs (loss)",
-        "holds"
-        if holds
-        else "does not hold (rule: actual increase > 80% of pairs, predicted at least 20 points less often)",
-    )
-
-
-def observation3(
-    spearman_min: float, spearman_max: float, pearson_min: float, pearson_max: float
-) -> dict[str, str]:
-    """Observation 3 (Fig. 15): the ELBO ranks generated samples nearly the same whichever data
-    the model was trained on (``measure`` stage).
-
-    The arguments are the smallest and largest Spearman and Pearson correlation, over the
-    samples, between the ELBO under the full-data model and under each subset model (seed 0).
-    Rule: "holds" when every subset model's Spearman exceeds 0.9 (``spearman_min > 0.9``: a
-    near-perfect rank agreement, so the ELBO's change under retraining is a small part of it);
-    "does not hold" otherwise. The Pearson range is evidence only.
-    """
-    return claim(
-        "observation3",
-        "Observation 3: the ELBO ranks generated samples nearly the same whichever data the model was trained on",
-        "Fig. 15",
-        f"full model vs each subset model (seed 0), ELBO of the samples: Spearman {spearman_min:.3f} to "
-        f"{spearman_max:.3f}, Pearson {pearson_min:.3f} to {pearson_max:.3f}",
-        "holds"
-        if spearman_min > 0.9
-        else "does not hold (rule: Spearman > 0.9 for every subset model)",
-    )
-
-
-def counterfactual_top_removal(margins: Sequence[float]) -> dict[str, str]:
-    """Fig. 3: retraining without K-FAC's top influences changes the sample's loss more than
-    retraining without TRAK's or D-TRAK's (``counterfactual`` stage).
-
-    ``margins`` has one entry per sample: the change of its loss with K-FAC's top examples
-    removed minus the change with the better of TRAK's and D-TRAK's, averaged over the removed
-    fractions (the samples, not the (sample, fraction) pairs, are the independent units). Rule:
-    :func:`verdict` on their mean with standard error std(ddof=1) / sqrt(n) (2 standard errors);
-    with one sample there is no standard error (printed as nan) and the verdict is
-    "inconclusive (one sample)". ValueError when ``margins`` is empty or not finite.
-    """
-    m = np.asarray(margins, dtype=np.float64)
-    if m.ndim != 1 or m.size == 0:
-        raise ValueError(f"margins must be a non-empty sequence of floats, got shape {m.shape}")
-    if not np.isfinite(m).all():
-        raise ValueError(f"margins must be finite, got {m.tolist()}")
-    n = len(m)
-    mean = float(m.mean())
-    se = float(m.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
-    return claim(
-        "counterfactual",
-        "Removing K-FAC's top influences changes the sample's loss more than removing TRAK's or D-TRAK's",
-        "Fig. 3",
-        f"K-FAC minus the better of TRAK / D-TRAK (mean over fractions), mean over {n} samples: {mean:+.3f} ± {se:.3f}",
-        verdict(mean, se) if math.isfinite(se) else "inconclusive (one sample)",
     )

@@ -190,6 +190,57 @@ def lds_upper_bound(measured: Tensor) -> LDSResult:
     return _summarise(n * full - (n - 1) * loo)
 
 
+def ceiling_per_sample(measured: Tensor) -> np.ndarray:
+    """(Q,) the approximate ceiling of each sample on its own, sqrt(rho_K) from that sample's
+    seed-pair correlation over its M subsets (NaN where it is undefined). Far noisier than the
+    pooled :func:`lds_upper_bound`, and by Jensen's inequality lower on average: a spread
+    to read, not a bound to hold each sample's LDS to."""
+    r = torch.as_tensor(seed_pair_correlation(measured))
+    return torch.sqrt(spearman_brown(r, measured.shape[2])).numpy()
+
+
+def ceiling_exceedance(measured: Tensor, runs: int = 200, seed: int = 0) -> dict[str, float]:
+    """How far a realised LDS can exceed :func:`lds_upper_bound` by chance, on synthetic data
+    of ``measured``'s shape (Q, M, K) and pooled seed-pair correlation r.
+
+    The ceiling is a population bound for a Pearson correlation (module docstring), applied to
+    Spearman correlations and estimated from the same finite grid; this measures what that
+    costs. Each of ``runs`` synthetic runs draws the expectation T (Q, M) i.i.d. N(0, 1) and K
+    seeds Y_k = T + e_k with e_k ~ N(0, (1 - rho) / rho), rho = 2 sin(pi r / 6) the Pearson
+    correlation whose Spearman value is r for Gaussians; the perfect predictor X = T is scored
+    with :func:`lds` against the K-seed mean and compared with the ceiling :func:`lds_upper_bound`
+    estimated from the same Y. Returns the means of the realised LDS and of the estimated
+    ceiling, the 95th percentile and the maximum over runs of (realised - ceiling), the
+    fraction of runs in which the realised LDS exceeds the ceiling, and the fraction of (run,
+    sample) pairs whose per-sample LDS exceeds the sample's own ceiling
+    (:func:`ceiling_per_sample`)."""
+    Q, M, K = measured.shape
+    r = float(np.nanmean(seed_pair_correlation(measured)))
+    rho = min(max(2 * math.sin(math.pi * r / 6), 1e-3), 1 - 1e-9)
+    g = torch.Generator().manual_seed(seed)
+    realised, ceiling, above = [], [], []
+    for _ in range(runs):
+        T = torch.randn(Q, M, 1, generator=g, dtype=torch.float64)
+        Y = T + math.sqrt((1 - rho) / rho) * torch.randn(Q, M, K, generator=g, dtype=torch.float64)
+        res = lds(T[..., 0], Y)
+        realised.append(res.mean)
+        ceiling.append(lds_upper_bound(Y).mean)
+        per = ceiling_per_sample(Y)
+        ok = np.isfinite(per) & np.isfinite(res.per_query.numpy())
+        above.append(float((res.per_query.numpy()[ok] > per[ok]).mean()))
+    excess = np.array(realised) - np.array(ceiling)
+    return {
+        "seed_pair_correlation": r,
+        "realised": float(np.mean(realised)),
+        "ceiling": float(np.mean(ceiling)),
+        "excess_p95": float(np.percentile(excess, 95)),
+        "excess_max": float(excess.max()),
+        "fraction_runs_above": float((excess > 0).mean()),
+        "fraction_samples_above_own": float(np.mean(above)),
+        "runs": runs,
+    }
+
+
 def top_removal_sets(scores: Tensor, fraction: float) -> Tensor:
     """(Q, n_remove) training ids with the largest scores for each query: the examples whose
     removal is predicted to increase the measurement most (App. G.6), n_remove =

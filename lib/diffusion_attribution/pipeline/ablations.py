@@ -17,6 +17,7 @@ import torch
 
 from diffusion_attribution.attribution.scores import KEY_FIELDS, ScoreKey, ScoreSet
 from diffusion_attribution.evaluation.lds import (
+    LDSResult,
     heldout_damping,
     lds,
     paired_difference,
@@ -30,6 +31,9 @@ ABLATION_PAIRS = {
     "expand - reduce (MC)": ("mc_expand", "mc_reduce"),
     "MC - empirical (reduce)": ("mc_reduce", "empirical_reduce"),
     "expand - reduce (empirical)": ("empirical_expand", "empirical_reduce"),
+    # eq. 11 as written (per example) against the MC Fisher and against the per-draw form
+    "MC - per-example empirical (expand)": ("mc_expand", "example_expand"),
+    "per-draw - per-example empirical (expand)": ("empirical_expand", "example_expand"),
 }
 #: Dampings at which Fig. 4 compares the variants.
 ABLATION_DAMPINGS = ("fixed", "best", "held-out")
@@ -91,15 +95,17 @@ def heldout_rows(
     scores: ScoreSet,
     measured: dict[str, torch.Tensor],
     masks: torch.Tensor,
-) -> dict[str, dict]:
+) -> tuple[dict[str, dict], dict[str, LDSResult]]:
     """The held-out damping, chosen on one fold of subsets and evaluated on the other, against
     the best of the sweep on the same folds, for K-FAC influence (which has nothing to choose:
     its one damping), TRAK, D-TRAK, DAS and Journey-TRAK on the loss and K-FAC influence and TRAK on
     the ELBO;
-    the chosen dampings relative to the mean eigenvalue where the scores have one."""
+    the chosen dampings relative to the mean eigenvalue where the scores have one. Returns the
+    table's rows and, by the same labels, the held-out LDS with its per-query values (for
+    paired comparisons)."""
     main, damping, compression = meth.main, meth.damping, meth.compression
     eig = scores.meta.get("mean_eigenvalue", {})
-    held_rows = {}
+    held_rows, results = {}, {}
     for target, label, query in (
         (
             "loss",
@@ -131,7 +137,8 @@ def heldout_rows(
             "stderr ": r.best_of_sweep.stderr,
             "chosen (fold 0, fold 1)": f"{rel[0]:.0e}, {rel[1]:.0e}",
         }
-    return held_rows
+        results[f"{target}: {label}"] = r.heldout
+    return held_rows, results
 
 
 def independent_seed_lds(

@@ -251,6 +251,25 @@ def _copy_tree(src: Path, dest: Path, pattern: str) -> None:
         shutil.copy2(f, dest / f.name)
 
 
+#: The damping figures under the paper's numbers on a 10-class dataset (its Figs. 9, 10 are
+#: Figs. 7, 8 on CIFAR-10); the ``evaluate`` stage titles them so.
+TEN_CLASS_FIGURES = {
+    "fig07_damping_kfac.png": "fig09_damping_kfac.png",
+    "fig08_damping_trak.png": "fig10_damping_trak.png",
+}
+
+
+def paper_numbered_figures(run: Path) -> list[tuple[str, str]]:
+    """(figure, its name under the paper's numbering) for the figures a bundle of ``run`` also
+    holds under the paper's name: Figs. 9 and 10 when ``run``'s dataset has 10 classes."""
+    params = yaml.safe_load((run / "params.yaml").read_text()) or {}
+    dataset = (params.get("data") or {}).get("dataset", "")
+    if dataset not in ("digits10", "cifar10"):
+        return []
+    figures = run / "reports" / "figures"
+    return [(a, b) for a, b in TEN_CLASS_FIGURES.items() if (figures / a).is_file()]
+
+
 def publish(run: str | Path, profile: str, dest: str | Path = "results") -> Path:
     """Copy a finished run (a checkout where ``dvc repro`` finished: ``reports/``,
     ``metrics/``, ``outputs/``, ``dvc.lock``) into ``dest/<profile>/``, replacing what was
@@ -275,6 +294,8 @@ def publish(run: str | Path, profile: str, dest: str | Path = "results") -> Path
     _copy_tree(run / "reports/notebooks", staging / "notebooks", "*.ipynb")
     _copy_tree(run / "reports/notebooks_html", staging / "notebooks_html", "*.html")
     _copy_tree(run / "reports/figures", staging / "figures", "*.png")
+    for src, name in paper_numbered_figures(run):
+        shutil.copy2(staging / "figures" / src, staging / "figures" / name)
     _copy_tree(run / "metrics", staging / "metrics", "*.json")
     np.savez_compressed(staging / "ground_truth.npz", **_ground_truth(run))
     arrays, index = headline_scores(run)

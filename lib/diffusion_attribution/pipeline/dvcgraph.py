@@ -246,6 +246,11 @@ def report_spec() -> dict:
     }
 
 
+#: The metrics files ``dvc.yaml`` declares as metrics (what ``dvc metrics show`` prints): the
+#: ``claims`` stage's headline numbers.
+HEADLINE_METRICS = ("metrics/headline.json",)
+
+
 def stage_spec(name: str) -> dict:
     """The ``dvc.yaml`` entry of stage ``name``."""
     if name not in stages.NAMES:
@@ -265,8 +270,12 @@ def stage_spec(name: str) -> dict:
     outs += [f"reports/figures/{f}" for f in mod.FIGURES]
     outs.append(f"reports/notebooks/{mod.NOTEBOOK}")
     spec["outs"] = outs
-    if mod.METRICS:
-        spec["metrics"] = list(mod.METRICS)
+    # `dvc metrics show` prints the headline only; each stage's metrics file is a plain output
+    # (`dvc metrics show metrics/<stage>.json` reads it)
+    outs += [m for m in mod.METRICS if m not in HEADLINE_METRICS]
+    headline = [m for m in mod.METRICS if m in HEADLINE_METRICS]
+    if headline:
+        spec["metrics"] = headline
     return spec
 
 

@@ -122,3 +122,32 @@ def seed_design_line(num_models: int, indep_table: pd.DataFrame) -> str:
         )
         + ". Shared seeds (common random numbers) are the default design; this line measures what it does to the numbers."
     )
+
+
+def round_tree(obj: object, digits: int = 4) -> object:
+    """``obj`` with every float rounded to ``digits`` (dicts and lists walked), for metrics."""
+    if isinstance(obj, dict):
+        return {k: round_tree(v, digits) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [round_tree(v, digits) for v in obj]
+    return round(obj, digits) if isinstance(obj, float) else obj
+
+
+def ceiling_line(ceiling: dict, bound: LDSResult, shape: tuple[int, int, int]) -> str:
+    """The prose on the approximate ceiling of the loss LDS
+    (:func:`~diffusion_attribution.pipeline.comparisons.ceiling_metrics`)."""
+    Q, M, K = shape
+    per, syn = ceiling["per_sample"], ceiling["synthetic"]
+    return (
+        f"*The approximate ceiling* ({bound.mean:.3f} for the loss) is a population bound for a "
+        "Pearson correlation, applied to Spearman correlations pooled over samples. Per sample it "
+        f"ranges from {per['min']:.2f} to {per['max']:.2f} (median {per['median']:.2f}); K-FAC "
+        f"influence's LDS exceeds its sample's own ceiling for "
+        f"{ceiling['kfac_fraction_above_own']:.0%} of the samples. On {syn['runs']} synthetic runs "
+        f"of this shape (Q = {Q}, M = {M}, K = {K}, the same seed-pair correlation "
+        f"{syn['seed_pair_correlation']:.2f}) a perfect predictor reaches {syn['realised']:.3f} "
+        f"against an estimated ceiling of {syn['ceiling']:.3f}: it exceeds it in "
+        f"{syn['fraction_runs_above']:.0%} of the runs (95th percentile of the excess "
+        f"{syn['excess_p95']:+.3f}, largest {syn['excess_max']:+.3f}), and "
+        f"{syn['fraction_samples_above_own']:.0%} of its samples exceed their own ceiling."
+    )

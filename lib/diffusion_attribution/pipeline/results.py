@@ -341,7 +341,7 @@ def claims_block(results: Path = RESULTS, profile: str = "default") -> str:
     refs = "; ".join(
         f"{label} {loss[label]['lds']:.3f} ± {loss[label]['stderr']:.3f}"
         for label in (
-            "upper bound (K-seed mean)",
+            "approximate ceiling (K-seed mean)",
             "K-FAC influence",
             "EK-FAC influence",
             "pixel similarity",

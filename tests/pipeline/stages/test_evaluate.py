@@ -37,7 +37,7 @@ def test_evaluate_protocol_additions(world):
         independent={"loss": indep},
     )
     bars = r.metrics["loss"]
-    kfac, bound = bars["K-FAC influence"], bars["upper bound (K-seed mean)"]
+    kfac, bound = bars["K-FAC influence"], bars["approximate ceiling (K-seed mean)"]
     assert bound["lds"] >= kfac["lds"] - 2 * kfac["stderr"]
     assert bars["seed reproducibility"]["lds"] < bound["lds"]
     settings = {k.split("/")[1] for k in r.metrics["hessian_ablation"]}

@@ -33,7 +33,9 @@ def test_observations_counts_and_claims(world):
     # predicted and actual changes come from the same true scores: they agree in sign as often
     obs2 = r.metrics["observation2"]["loss"]
     assert abs(obs2["predicted_increase"] - obs2["actual_increase"]) < 0.2
-    assert r.claims[1]["verdict"].startswith("does not hold")
+    # ... so the gap's interval does not lie above 0 and the observation is not confirmed
+    assert r.metrics["observation2_loss"]["gap"]["low"] <= 0
+    assert not r.claims[1]["verdict"].startswith("holds")
 
 
 def test_upper_beats_diagonal_hand_worked():

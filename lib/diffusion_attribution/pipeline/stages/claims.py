@@ -1,16 +1,25 @@
-"""Stage ``claims``: every claim of the paper tested by this run, in one table.
+"""Stage ``claims``: every claim of the paper tested by this run, in one table, and the run's
+headline numbers.
 
 The rows are the ``claims`` entries of the metrics of the stages that test them (each decided
-by its named rule in :mod:`diffusion_attribution.evaluation.claims`), in the order of the pipeline.
+by its named rule in :mod:`diffusion_attribution.evaluation.claims`), in the order of the
+pipeline. ``metrics/headline.json`` (:func:`headline`) is the one file ``dvc metrics show``
+prints: each method's loss LDS with its standard error, the approximate ceiling, the verdict
+counts and the run time; every stage's own metrics stay in ``metrics/<stage>.json``
+(``dvc metrics show metrics/lds.json``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+from pathlib import Path
 
 from diffusion_attribution.core.config import Config
 from diffusion_attribution.core.io import atomic_write_text
 from diffusion_attribution.evaluation import claims
+from diffusion_attribution.pipeline.comparisons import BOUND
+from diffusion_attribution.pipeline.runner import stage_runs
 from diffusion_attribution.pipeline.stages import StageResult
 from diffusion_attribution.pipeline.workspace import Workspace, write_json
 
@@ -25,7 +34,51 @@ INPUTS = (
 OUTS = ("reports/claims.md",)
 PERSIST: tuple[str, ...] = ()
 FIGURES: tuple[str, ...] = ()
-METRICS = ("metrics/claims.json",)
+METRICS = ("metrics/claims.json", "metrics/headline.json")
+
+#: Fig. 2a's bars whose loss LDS the headline shows, by their labels in ``metrics/lds.json``.
+HEADLINE_METHODS = (
+    "K-FAC influence",
+    "EK-FAC influence",
+    "TRAK*",
+    "D-TRAK*",
+    "DAS*",
+    "Journey-TRAK*",
+    "pixel similarity",
+    "U-Net feature cosine",
+)
+
+
+def headline(lds: dict, counts: dict[str, int], stage_seconds: dict[str, float]) -> dict:
+    """The dozen numbers a reader of this run wants first: the loss LDS of each of
+    :data:`HEADLINE_METHODS` the run scored and its standard error (from the ``evaluate``
+    stage's metrics ``lds``), the approximate ceiling, the verdict ``counts`` and the run
+    time in minutes (the sum of ``stage_seconds``, each stage's longest run)."""
+    loss = lds.get("loss", {})
+    scored = [m for m in HEADLINE_METHODS if m in loss]
+    return {
+        "loss_lds": {m: loss[m]["lds"] for m in scored},
+        "loss_lds_stderr": {m: loss[m]["stderr"] for m in scored},
+        "approximate_ceiling": loss.get(BOUND, {}).get("lds"),
+        "claims": dict(counts),
+        "run_minutes": round(sum(stage_seconds.values()) / 60, 1),
+    }
+
+
+def longest_runs(root: Path) -> dict[str, float]:
+    """Each stage's longest recorded run in seconds with this checkout's ``params.yaml``
+    (``reports/stages/<stage>.json``, written by :mod:`~diffusion_attribution.pipeline.runner`;
+    a resumed stage's short reruns do not hide the run that did the work)."""
+    params = root / "params.yaml"
+    sha = hashlib.sha256(params.read_bytes()).hexdigest() if params.is_file() else None
+    out = {}
+    for path in sorted((root / "reports" / "stages").glob("*.json")):
+        runs = [r for r in stage_runs(path) if r.get("params_sha256", sha) == sha]
+        seconds = [r.get("seconds") or 0.0 for r in runs]
+        if seconds:
+            out[path.stem] = max(seconds)
+    return out
+
 
 #: The smallest of the paper's settings (CIFAR-2, App. G.1-G.2): training images and U-Net
 #: parameters in K-FAC's layers (Ho et al.'s CIFAR-10 model).
@@ -63,6 +116,9 @@ def run(config: Config, ws: Workspace) -> StageResult:
     counts = claims.summary_counts(found)
     metrics = {"counts": counts, "claims": found}
     write_json(ws.out("metrics/claims.json"), metrics)
+    lds_path = ws.path("metrics/lds.json")
+    lds = json.loads(lds_path.read_text()) if lds_path.is_file() else {}
+    write_json(ws.out("metrics/headline.json"), headline(lds, counts, longest_runs(ws.root)))
     summary = (
         f"**This run.** {len(found)} claims: {counts['holds']} hold, {counts['does not hold']} do not hold, "
         f"{counts['inconclusive']} are inconclusive. {scale}"

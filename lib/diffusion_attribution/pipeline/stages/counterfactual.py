@@ -27,7 +27,7 @@ from diffusion_attribution.core.config import Config
 from diffusion_attribution.core.identity import file_digest
 from diffusion_attribution.diffusion.datasets import ImageDataset
 from diffusion_attribution.diffusion.measurements import DiffusionLoss
-from diffusion_attribution.evaluation import claims
+from diffusion_attribution.evaluation import retraining_claims
 from diffusion_attribution.evaluation.ground_truth import measure_models
 from diffusion_attribution.evaluation.lds import random_removal_sets, top_removal_sets
 from diffusion_attribution.evaluation.retraining import (
@@ -226,7 +226,7 @@ def run(config: Config, ws: Workspace) -> StageResult:
     result = None
     if "kfac" in methods and len(set(methods) & {"trak", "d-trak"}):
         margins = margins_over_baselines(cf)
-        result = claims.counterfactual_top_removal(margins.tolist())
+        result = retraining_claims.counterfactual_top_removal(margins.tolist())
         metrics["margin_over_baselines"] = {
             "mean": round(float(margins.mean()), 4),
             "stderr": round(float(margins.std(ddof=1) / len(margins) ** 0.5), 4)

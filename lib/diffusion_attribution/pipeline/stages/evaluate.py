@@ -41,14 +41,21 @@ from diffusion_attribution.pipeline.comparisons import (
     Headline,
     Methods,
     best_by_precision,
+    ceiling_metrics,
     damping_sweeps,
     field_comparisons,
     figure_sweeps,
+    further_comparisons,
     headline,
     lds_bars,
     rounded,
 )
-from diffusion_attribution.pipeline.lds_summary import seed_design_line, summary_lines
+from diffusion_attribution.pipeline.lds_summary import (
+    ceiling_line,
+    round_tree,
+    seed_design_line,
+    summary_lines,
+)
 from diffusion_attribution.pipeline.stages import StageResult
 from diffusion_attribution.pipeline.workspace import Workspace
 
@@ -67,11 +74,21 @@ FIGURES = (
 )
 METRICS = ("metrics/lds.json",)
 
+#: The rule of each claim of :func:`~diffusion_attribution.pipeline.comparisons.further_comparisons`.
+FURTHER_RULES = {
+    "kfac_beats_trak_elbo": claims.kfac_beats_trak_elbo,
+    "tuned_kfac_vs_tuned": claims.tuned_kfac_vs_tuned,
+    "trajectory_mloss": claims.trajectory_mloss,
+    "trak_float16": claims.trak_float16,
+}
+
 VARIANT_NAMES = {
     "mc_expand": "MC Fisher, expand",
     "mc_reduce": "MC Fisher, reduce",
     "empirical_expand": "empirical Fisher, expand",
     "empirical_reduce": "empirical Fisher, reduce",
+    "example_expand": "empirical Fisher per example (eq. 11), expand",
+    "example_reduce": "empirical Fisher per example (eq. 11), reduce",
     "ekfac_mc_expand": "EK-FAC (MC Fisher, expand)",
 }
 
@@ -248,7 +265,7 @@ def evaluate(
     repro = {name: seed_reproducibility(m) for name, m in measured.items()}
     meth = Methods(table, per_query, main_variant(variants), damping, compression)
     bars = {t: lds_bars(meth, bounds, repro, t) for t in BAR_TARGETS}
-    held_rows = heldout_rows(meth, scores, measured, masks)
+    held_rows, held = heldout_rows(meth, scores, measured, masks)
 
     # Fig. 4: the Hessian ablation at the fixed, the best and the held-out damping
     ablation = hessian_ablation(meth, scores, measured, masks, variants)
@@ -272,6 +289,7 @@ def evaluate(
     )
     head = headline(meth)
     sweep = damping_sweeps(meth, head)  # Figs. 7, 8
+    further = further_comparisons(meth, ablation[0].get(("loss", "held-out", meth.main)), held)
     max_se = max(  # over the plotted methods (the ceiling is not a method)
         v["stderr"] for b in bars.values() for v in b.values() if v["group"] != "exact retraining"
     )
@@ -283,6 +301,7 @@ def evaluate(
         "elbo: K-FAC (m. loss) - K-FAC": head.d_proxy,
         **comparisons,
         **{f"loss: K-FAC - {label}": d for label, _, d in field_comparisons(meth).values()},
+        **{label: d for parts in further.values() for label, d in parts.items()},
     }
     metrics = lds_metrics(shape, bars, ablation, bounds, repro, differences, held_rows, max_se)
     # Figs. 7, 8: what the damping claim quotes
@@ -292,12 +311,16 @@ def evaluate(
         "trak_drop": round(sweep.trak_drop, 4),
         "dtrak_drop": round(sweep.dtrak_drop, 4),
     }
+    ceiling = ceiling_metrics(measured["loss"], meth.result(head.kfac_l))
+    metrics["ceiling"] = {"loss": round_tree(ceiling)}
     found = decide_claims(meth, head, sweep, comparisons, comp_all)
+    found += [FURTHER_RULES[key](parts) for key, parts in further.items()]
     metrics["claims"] = found
     lines = summary_lines(
         shape, max_se, head, sweep, bounds, repro, comparisons, comp_all, held_rows,
         bars["trajectory"], found, damping,
     )  # fmt: skip
+    lines.append(ceiling_line(ceiling, bounds["loss"], shape))
     if indep_table is not None:
         lines.append(seed_design_line(independent["loss"].shape[1], indep_table))
         metrics["independent_seeds"] = seed_design_metrics(indep_table)
@@ -361,6 +384,7 @@ def run(config: Config, ws: Workspace) -> StageResult:
         num_train=int(gt["masks"].shape[1]),
         effects=result.data["budget_effects"],
     )
+    result.data["damping_figures"] = DAMPING_FIGURES.get(config.data.dataset, (7, 8))
     atomic_write_text(result.tables["lds"].to_csv(index=False), ws.out(ws.LDS_TABLE))
     # the report (diffusion_attribution.pipeline.report) shows the deviations table as written here
     deviations_csv = result.tables["deviations"].reset_index().to_csv(index=False)
@@ -411,13 +435,20 @@ def fig_hessian_ablation(result: StageResult):
     return fig
 
 
+#: The paper's numbers of the two damping figures: Figs. 7, 8 on CIFAR-2 (and the 2-class
+#: profiles), Figs. 9, 10 on CIFAR-10 (and the 10-class digits profile).
+DAMPING_FIGURES = {"digits10": (9, 10), "cifar10": (9, 10)}
+
+
 def fig_damping_kfac(result: StageResult):
-    """Fig. 7: K-FAC influence's LDS against its (absolute) damping."""
+    """Fig. 7 (Fig. 9 on a 10-class dataset): K-FAC influence's LDS against its (absolute)
+    damping."""
     sweeps = result.data["sweeps"]["kfac"]
+    number = result.data.get("damping_figures", (7, 8))[0]
     return figures.damping_curves(
         {f"K-FAC influence, {t}": (sweeps[t], "-") for t in ("loss", "elbo")},
         "damping",
-        "K-FAC influence: LDS against damping (Fig. 7)",
+        f"K-FAC influence: LDS against damping (Fig. {number})",
     )
 
 
@@ -433,15 +464,16 @@ def _trak_damping_figure(curves: dict, title: str):
 
 
 def fig_damping_trak(result: StageResult):
-    """Fig. 8: TRAK's, D-TRAK's (and DAS's and Journey-TRAK's) LDS against relative damping
-    (float32, as the paper)."""
+    """Fig. 8 (Fig. 10 on a 10-class dataset): TRAK's, D-TRAK's (and DAS's and Journey-TRAK's)
+    LDS against relative damping (float32, as the paper)."""
     curves = {
         f"{'JOURNEY-TRAK' if meas == 'journey' else method.upper()} ({target})": (t, "-")
         for (method, meas, target, prec), t in result.data["sweeps"]["trak"].items()
         if prec == "float32"
     }
+    number = result.data.get("damping_figures", (7, 8))[1]
     return _trak_damping_figure(
-        curves, "TRAK, D-TRAK, DAS and Journey-TRAK: LDS against damping (Fig. 8)"
+        curves, f"TRAK, D-TRAK, DAS and Journey-TRAK: LDS against damping (Fig. {number})"
     )
 
 

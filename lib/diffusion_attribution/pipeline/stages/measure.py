@@ -22,7 +22,7 @@ from scipy.stats import pearsonr, spearmanr
 from diffusion_attribution.core.config import Config
 from diffusion_attribution.core.io import atomic_save
 from diffusion_attribution.diffusion.datasets import ImageDataset, pixel_levels
-from diffusion_attribution.evaluation import claims
+from diffusion_attribution.evaluation import retraining_claims
 from diffusion_attribution.evaluation.ground_truth import (
     ground_truth_measurements,
     measure_models,
@@ -145,7 +145,7 @@ def run(config: Config, ws: Workspace) -> StageResult:
 
     elbo = measured["elbo"]
     all_r, all_rho = elbo_correlations(full["elbo"], elbo)
-    obs3 = claims.observation3(
+    obs3 = retraining_claims.observation3(
         float(all_rho.min()), float(all_rho.max()), float(all_r.min()), float(all_r.max())
     )
     metrics = {

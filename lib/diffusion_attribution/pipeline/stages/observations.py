@@ -17,7 +17,12 @@ import torch
 from diffusion_attribution.attribution.scores import ScoreKey, ScoreSet, select
 from diffusion_attribution.core.config import Config
 from diffusion_attribution.core.sections import main_variant
-from diffusion_attribution.evaluation import claims
+from diffusion_attribution.evaluation import retraining_claims
+from diffusion_attribution.evaluation.bootstrap import (
+    RESAMPLES,
+    observation1_bootstrap,
+    observation2_bootstrap,
+)
 from diffusion_attribution.evaluation.lds import predicted_changes, retraining_proxy
 from diffusion_attribution.evaluation.response import extended_loss, optimum, response_curve
 from diffusion_attribution.pipeline.figures import heatmap, predicted_vs_actual
@@ -117,6 +122,9 @@ def observations(
     upper, retrain_upper = upper_beats_diagonal(fig11), upper_beats_diagonal(fig12)
     pairs_upper = len(lt) * (len(lt) - 1) // 2
     loss2 = obs2["loss"]
+    # the claims' intervals: a paired two-way bootstrap over samples and subsets
+    adv = observation1_bootstrap({n: changes[n][0] for n in lt}, measured, lt)
+    inc = observation2_bootstrap(*changes["loss"])
     metrics = {
         "fig05": {
             k: round(float(fig5[k]), 4) for k in ("theta_full", "theta_removed", "theta_predicted")
@@ -126,9 +134,14 @@ def observations(
         "fig11_upper_beats_diagonal": len(upper),
         "fig12_upper_beats_diagonal": len(retrain_upper),
         "observation2": {k: {kk: round(vv, 4) for kk, vv in v.items()} for k, v in obs2.items()},
+        "bootstrap_resamples": RESAMPLES,
+        "observation1_advantage": {k: v.as_dict() for k, v in adv.items()},
+        "observation2_loss": {k: v.as_dict() for k, v in inc.items()},
         "claims": [
-            claims.observation1(len(upper), len(retrain_upper), pairs_upper),
-            claims.observation2(loss2["predicted_increase"], loss2["actual_increase"]),
+            retraining_claims.observation1(
+                adv, len(upper), len(retrain_upper), pairs_upper, RESAMPLES
+            ),
+            retraining_claims.observation2(inc, RESAMPLES),
         ],
     }
     o1, o2 = metrics["claims"]
@@ -144,7 +157,10 @@ def observations(
         f"{len(upper)} of {pairs_upper} (t < t') pairs; with exact retraining in "
         f"{len(retrain_upper)} of {pairs_upper}. Diagonal of Fig. 11 (correct measurement): "
         + ", ".join(f"t = {t}: {d:.2f}" for t, d in zip(ts, diag, strict=True))
-        + f". Observation 1 (later-timestep proxies help the approximation, not exact retraining): **{o1['verdict']}**."
+        + f". Mean advantage of l_t' over l_t over the {pairs_upper} pairs (95% bootstrap intervals, {RESAMPLES} "
+        f"resamples of samples and subsets): K-FAC influence {adv['influence']}, exact retraining "
+        f"{adv['retraining']}, difference {adv['difference']}."
+        f" Observation 1 (later-timestep proxies help the approximation, not exact retraining): **{o1['verdict']}**."
         f"\n\n*Observation 2 (Figs. 13, 14):* K-FAC influence predicts a higher loss after removing half the data for "
         f"{loss2['predicted_increase']:.0%} of (sample, subset) pairs; the loss actually increased for "
         f"{loss2['actual_increase']:.0%}. Per timestep (predicted / actual): "
@@ -153,7 +169,8 @@ def observations(
             for n, v in obs2.items()
             if n != "loss"
         )
-        + f". Observation 2: **{o2['verdict']}**."
+        + f". For the loss with 95% intervals: actual {inc['actual_increase']}, predicted "
+        f"{inc['predicted_increase']}, gap {inc['gap']}. Observation 2: **{o2['verdict']}**."
     )
     return StageResult(
         metrics=metrics,
