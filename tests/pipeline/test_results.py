@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from diffusion_attribution.pipeline.bundle import LDS_RECIPE
+from diffusion_attribution.pipeline.docs_tables import FINDINGS_BEGIN, FINDINGS_END, findings_block
 from diffusion_attribution.pipeline.results import (
     GENERATED_FILES,
     REPO,
@@ -99,3 +100,33 @@ def test_a_claims_number_that_is_in_no_metric_breaks_the_bundle(tmp_path):
         claims_json.write_text(json.dumps(edited))
         problems = check(bundle).problems
         assert problems == [f"claim 'kfac_beats_trak': {new} not in the metrics"], problems
+
+
+def test_findings_table_reads_every_method_from_the_bundle(tmp_path):
+    """The docs' per-method table: each bar of the loss and ELBO charts with its standard
+    error, the held-out damping, the independent-seed check and the counterfactual."""
+    bundle = tmp_path / "toy"
+    (bundle / "metrics").mkdir(parents=True)
+    lds = {
+        "loss": {
+            "K-FAC influence": {"lds": 0.6, "stderr": 0.03},
+            "TRAK*": {"lds": 0.4, "stderr": 0.04},
+        },
+        "elbo": {"K-FAC influence (m. loss)": {"lds": 0.5, "stderr": 0.02}},
+        "heldout_damping": {"loss: TRAK": {"lds": 0.38, "stderr": 0.05, "best_of_sweep": 0.41}},
+        "independent_seeds": {"K-FAC influence": {"shared": 0.5, "independent": 0.3}},
+    }
+    (bundle / "metrics" / "lds.json").write_text(json.dumps(lds))
+    cf = {"mean_change": {"kfac@0.02": 0.25, "kfac@0.1": 0.9, "random@0.02": -0.01}}
+    (bundle / "metrics" / "counterfactual.json").write_text(json.dumps(cf))
+    text = findings_block(tmp_path)
+    assert text.startswith(FINDINGS_BEGIN) and text.endswith(FINDINGS_END)
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    assert rows[0].startswith("| method | loss LDS | held-out damping | ELBO LDS")
+    assert rows[0].endswith("| counterfactual 2% | counterfactual 10% |")
+    assert (
+        rows[1] == "| K-FAC influence | 0.600 ± 0.030 |  |  |  | 0.500 -> 0.300 | +0.250 | +0.900 |"
+    )
+    assert rows[2] == "| TRAK* | 0.400 ± 0.040 | 0.380 ± 0.050 |  |  |  |  |  |"
+    assert rows[3] == "| K-FAC influence (m. loss) |  |  | 0.500 ± 0.020 |  |  |  |  |"
+    assert rows[4] == "| random removal |  |  |  |  |  | -0.010 |  |"

@@ -32,8 +32,10 @@ import numpy as np
 from scipy.stats import rankdata
 from torch import Tensor
 
-#: Replicates of every bootstrap here, and the seed of their index draws.
-RESAMPLES, SEED = 1000, 0
+#: Replicates of every bootstrap here.
+RESAMPLES = 1000
+#: The seed of the replicates' index draws.
+SEED = 0
 
 
 @dataclass(frozen=True)

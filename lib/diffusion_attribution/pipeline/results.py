@@ -34,8 +34,10 @@ import pandas as pd
 import torch
 import yaml
 
+from diffusion_attribution.evaluation.findings import PAPER_FINDINGS
 from diffusion_attribution.evaluation.lds import lds, predicted_changes
 from diffusion_attribution.pipeline.bundle import MANIFEST_KEYS, file_md5, publish
+from diffusion_attribution.pipeline.docs_tables import FINDINGS_BEGIN, FINDINGS_END, findings_block
 
 __all__ = [
     "BundleReport", "check", "claims_block", "compare", "flat_metrics", "readme_block",
@@ -331,13 +333,27 @@ CLAIMS_BEGIN, CLAIMS_END = "<!-- claims:begin -->", "<!-- claims:end -->"
 
 
 def claims_block(results: Path = RESULTS, profile: str = "default") -> str:
-    """The README's claims table: the shipped bundle's ``metrics/claims.json`` (each claim, its
-    figure, the run's evidence and verdict) and the ceiling and two reference methods from its
+    """The README's claims table: the shipped bundle's ``metrics/claims.json`` (each claim, what
+    the paper reports, its figure, the run's evidence and verdict) and the ceiling and two reference methods from its
     ``metrics/lds.json``, between :data:`CLAIMS_BEGIN` and :data:`CLAIMS_END`."""
     bundle = results / profile
     claims = json.loads((bundle / "metrics" / "claims.json").read_text())["claims"]
     loss = json.loads((bundle / "metrics" / "lds.json").read_text())["loss"]
-    rows = [f"| {c['claim']} | {c['figure']} | {c['evidence']} | {c['verdict']} |" for c in claims]
+    rows = [
+        "| "
+        + " | ".join(
+            x.replace("|", "/")
+            for x in (
+                c["claim"],
+                c.get("paper") or PAPER_FINDINGS.get(c["id"], ""),
+                c["figure"],
+                c["evidence"],
+                c["verdict"],
+            )
+        )
+        + " |"
+        for c in claims
+    ]
     refs = "; ".join(
         f"{label} {loss[label]['lds']:.3f} ± {loss[label]['stderr']:.3f}"
         for label in (
@@ -349,14 +365,19 @@ def claims_block(results: Path = RESULTS, profile: str = "default") -> str:
         if label in loss
     )
     return "\n".join(
-        [CLAIMS_BEGIN, "| claim | figure | this run | verdict |", "|---|---|---|---|", *rows, "",
+        [CLAIMS_BEGIN, "| claim | the paper reports | figure | this run | verdict |",
+         "|---|---|---|---|---|", *rows, "",
          f"Loss LDS of `results/{profile}` (mean ± standard error over samples): {refs}.", CLAIMS_END]
     )  # fmt: skip
 
 
 #: The files with generated blocks, and the blocks: (begin marker, end marker, writer).
 GENERATED_FILES = ("README.md", "docs/results.md")
-BLOCKS = ((README_BEGIN, README_END, readme_block), (CLAIMS_BEGIN, CLAIMS_END, claims_block))
+BLOCKS = (
+    (README_BEGIN, README_END, readme_block),
+    (CLAIMS_BEGIN, CLAIMS_END, claims_block),
+    (FINDINGS_BEGIN, FINDINGS_END, findings_block),
+)
 
 
 def generated_blocks(text: str, results: Path = RESULTS) -> list[tuple[str, str]]:
