@@ -27,10 +27,13 @@ the root mean square of x_j's noise-prediction error at the training draws, DAS'
     score[q, j] = (1 / N) phi_q^T (Phi^T Phi / N + lambda I)^{-1} phi_j * e_j.
 
 This is the authors' ``DAS1``: TRAK's kernel on output gradients (:func:`~.trak.trak_scores`),
-times the residual. Its sign follows TRAK's convention (:mod:`.trak`; the authors' code also
-predicts a subset's loss from -scores for DAS as for D-TRAK), so positive means that removing
-x_j increases the query's loss. The damping lambda is chosen as TRAK's is: relative to the
-mean eigenvalue of Phi^T Phi / N, best of the sweep (*) and held out.
+times the residual. The output mean is no loss, so which sign predicts a loss is a convention:
+the scores are used as loss-like scores, as D-TRAK's square-norm scores are
+(:func:`~diffusion_attribution.evaluation.lds.proxy_sign` lists ``output_mean`` with them,
+fixed before any result), i.e. read in the library's convention "positive: removing x_j
+raises the query's loss"; the authors' code, too, predicts a subset's loss from -scores for
+DAS as for D-TRAK. The damping lambda is chosen as TRAK's is: relative to the mean eigenvalue
+of Phi^T Phi / N, best of the sweep (*) and held out.
 
 Where this differs from the authors' code
 -----------------------------------------

@@ -345,7 +345,10 @@ in [`metrics/`](metrics/).
 ## Stages (wall time in s, peak resident memory in GiB)
 
 Each stage's longest run in the run's checkout (what computing it cost) and its last run (a
-rerun after a code edit may find its work cached):
+rerun after a code edit may find its work cached). Peak memory is that of the stage's largest
+single process (the notebook's kernel or one worker), not the sum over workers running at
+once: where a stage runs two retraining workers side by side, the machine held up to about
+twice it.
 
 | stage | seconds | peak memory | last run (s) | runs recorded |
 |---|---|---|---|---|
