@@ -116,3 +116,40 @@ def test_evaluate_ranks_methods_and_decides_claims(world):
         "elbo: K-FAC influence",
         "elbo: TRAK",
     ]
+
+
+def test_evaluate_per_example_fisher_ceiling_and_the_further_claims(world):
+    """eq. 11 per example beside the per-draw form (Fig. 4 and the protocol table's effect),
+    the ceiling read per sample and on synthetic runs, and the claims beyond Fig. 2a's headline
+    (ELBO, held-out damping, trajectory, float16) decided by their rules."""
+    scores, measured, _, masks = world
+    more = dict(scores.scores)
+    g = torch.Generator().manual_seed(7)
+    for m in ("loss", "elbo"):  # per example: the per-draw scores with more noise
+        base = scores[ScoreKey("kfac", m, "empirical_expand", 1e-8, "int8")]
+        noise = torch.randn(base.shape, generator=g) * base.std()
+        more[ScoreKey("kfac", m, "example_expand", 1e-8, "int8")] = base + noise
+    variants = (*VARIANTS, "example_expand")
+    r = evaluate(
+        ScoreSet(more, scores.meta),
+        {t: measured[t] for t in ("loss", "elbo", "trajectory")},
+        masks,
+        variants=variants,
+        damping=1e-8,
+        compression="int8",
+    )
+    effect = r.data["budget_effects"]["empirical Fisher (eq. 11)"]
+    assert effect.startswith("K-FAC expand, fixed damping: loss LDS per draw ")
+    diffs = r.metrics["hessian_ablation_differences"]
+    assert diffs["loss/fixed: per-draw - per-example empirical (expand)"]["mean"] > 0
+    mc = next(c for c in r.claims if c["id"] == "mc_beats_empirical")
+    assert "eq. 11 per example (not in the verdict)" in mc["evidence"]
+    ceiling = r.metrics["ceiling"]["loss"]
+    assert ceiling["per_sample"]["min"] <= ceiling["per_sample"]["median"] <= 1.0
+    assert 0.0 <= ceiling["synthetic"]["fraction_runs_above"] <= 1.0
+    ids = {c["id"] for c in r.claims}
+    assert {"kfac_beats_trak_elbo", "tuned_kfac_vs_tuned", "trajectory_mloss"} <= ids
+    tuned = next(c for c in r.claims if c["id"] == "tuned_kfac_vs_tuned")
+    # K-FAC's scores are the truth, TRAK's mostly noise: tuned against tuned, K-FAC is ahead
+    assert tuned["evidence"].startswith("paired differences: loss: K-FAC - TRAK (held-out")
+    assert tuned["verdict"] == "holds"

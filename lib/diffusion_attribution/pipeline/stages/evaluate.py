@@ -48,6 +48,7 @@ from diffusion_attribution.pipeline.comparisons import (
     further_comparisons,
     headline,
     lds_bars,
+    per_example_fisher_effect,
     rounded,
 )
 from diffusion_attribution.pipeline.lds_summary import (
@@ -173,7 +174,9 @@ def decide_claims(
     against TRAK and D-TRAK, the substituted loss on the ELBO, MC against empirical Fisher and
     expand against reduce (when Fig. 4 has the pairs at the fixed damping) and the damping
     insensitivity."""
-    mc_emp = {k: r for k, r in comparisons.items() if "MC - empirical" in k}
+    mc_emp = {  # the per-example comparisons are reported beside the verdict's
+        k: r for k, r in comparisons.items() if "MC - empirical" in k or "per-example" in k
+    }
     exp_red = {k: r for k, r in comparisons.items() if "expand - reduce" in k}
     found = [
         claims.kfac_beats_trak(meth.result(head.kfac_l), meth.result(head.trak_l), head.d_trak),
@@ -185,7 +188,7 @@ def decide_claims(
         for (t, setting, label), r in comp_all.items()
         if setting == "held-out" and "MC - empirical" in label
     }
-    if mc_emp:
+    if any("MC - empirical" in k for k in mc_emp):
         found.append(claims.mc_beats_empirical(mc_emp, held_mc_emp))
     if exp_red:
         found.append(claims.expand_beats_reduce(exp_red))
@@ -282,6 +285,7 @@ def evaluate(
     )
     if independent:
         effects["seed design"] = "see the seed-design line: LDS against independent seeds"
+    effects |= per_example_fisher_effect(*ablation[:2])
     indep_table = (
         independent_seed_lds(meth, scores, measured["loss"], independent["loss"], masks)
         if independent
