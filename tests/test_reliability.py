@@ -136,6 +136,12 @@ CASES = [
         "counterfactual.steps",
         "fractions, num_queries",
     ),
+    Case(
+        "unknown-protocol",
+        setting("protocol.draws", [8]),
+        "protocol.draws",
+        "fit_draws, projection_dims",
+    ),
     # incomplete files
     Case("missing-section", dropping("measure"), "measure", "missing section"),
     Case("missing-key", dropping("train.seed"), "train.seed", "the default is 0"),
@@ -173,6 +179,7 @@ CASES = [
     Case("one-subset", setting("retrain.num_subsets", 1), "retrain.num_subsets", "equal to 2"),
     Case("digit-12", setting("data.digits_classes", [3, 12]), "digits_classes.1", "equal to 9"),
     Case("projection-0", setting("trak.projection_dim", 0), "trak.projection_dim", "than 0"),
+    Case("fit-draws-twice", setting("protocol.fit_draws", [8, 8]), "protocol.fit_draws", "twice"),
     Case("fraction-0", setting("counterfactual.fractions", [0.0]), "fractions.0", "than 0"),
     Case("negative-seed", setting("sample.seed", -1), "sample.seed", "equal to 0"),
     Case("seed-2**64", setting("data.seed", 2**64), "data.seed", "less than 4611686018427387904"),

@@ -45,6 +45,7 @@ from diffusion_attribution.core.sections import (
     InfluenceConfig,
     MeasureConfig,
     ModelConfig,
+    ProtocolConfig,
     RetrainConfig,
     SampleConfig,
     Section,
@@ -68,6 +69,7 @@ class Config(Section):
     retrain: RetrainConfig = RetrainConfig()
     measure: MeasureConfig = MeasureConfig()
     counterfactual: CounterfactualConfig = CounterfactualConfig()
+    protocol: ProtocolConfig = ProtocolConfig()
 
     @model_validator(mode="after")
     def _check_timesteps(self) -> Config:

@@ -348,6 +348,26 @@ class MeasureConfig(Section):
     seed: Seed = 6
 
 
+class ProtocolConfig(Section):
+    """Two budget deviations measured on the run's own ground truth (App. G.3.1; the
+    ``protocol`` stage).
+
+    ``fit_draws``: (t, eps) draws per training example of the K-FAC fit (MC Fisher, expand),
+    against ``curvature.num_draws`` (the paper's code: 125-250); ``projection_dims``: TRAK's
+    and D-TRAK's projection dimension, against ``trak.projection_dim`` (the paper: 32768).
+    Every other setting is the ``curvature``, ``influence`` and ``trak`` sections'. The
+    configured value is always computed as well, so that each value's paired difference
+    against it is defined. An empty tuple skips that measurement (its metrics say so).
+    """
+
+    fit_draws: Annotated[tuple[PositiveInt, ...], AfterValidator(_distinct)] = (8, 32, 128)
+    projection_dims: Annotated[tuple[PositiveInt, ...], AfterValidator(_distinct)] = (
+        2048,
+        8192,
+        32768,
+    )
+
+
 CounterfactualMethod = Literal[
     "kfac", "trak", "d-trak", "das", "journey-trak", "feature_cos", "random"
 ]

@@ -401,3 +401,42 @@ def damping_insensitivity(kfac_range: float, trak_drop: float, dtrak_drop: float
         f"K-FAC loss LDS varies by {kfac_range:.3f} over damping <= 1e-4; TRAK loses {trak_drop:.3f} and D-TRAK {dtrak_drop:.3f} from their best to their smallest damping",
         "holds" if ok else "does not hold (rule: K-FAC range < 0.05 and both TRAK drops > 0.1)",
     )
+
+
+def projection_dimension(
+    lds_by_dim: Mapping[str, Mapping[int, LDSResult]], differences: Mapping[str, LDSResult]
+) -> dict[str, str]:
+    """App. G.3.1: "We found that the projection dimension affected the best obtainable results
+    significantly" -- a larger projection dimension k gives TRAK and D-TRAK a better best-of-
+    sweep loss LDS (``protocol`` stage).
+
+    ``lds_by_dim``: for ``"TRAK*"`` and ``"D-TRAK*"``, the loss LDS at its best damping at each
+    k tried (all listed in the evidence); ``differences``: for the same labels, the paired LDS
+    difference at the largest k tried minus at the smallest. Rule: :func:`verdict_all` over
+    the two differences (2 paired standard errors each) -- "holds" when both are significantly
+    positive, "does not hold" when either is significantly negative, otherwise
+    "inconclusive". ValueError when a label has no difference or fewer than two k (the claim is
+    then not tested and has no row).
+    """
+    if not differences:
+        raise ValueError("claim 'projection_dimension': no comparison to decide it")
+    for label in differences:
+        if len(lds_by_dim.get(label, {})) < 2:
+            raise ValueError(
+                f"claim 'projection_dimension': {label} needs the LDS at two projection "
+                f"dimensions, got {sorted(lds_by_dim.get(label, {}))}"
+            )
+    at_k = "; ".join(
+        f"{label} "
+        + ", ".join(f"{r.mean:.3f} (k = {k})" for k, r in sorted(lds_by_dim[label].items()))
+        for label in differences
+    )
+    ks = sorted({k for label in differences for k in lds_by_dim[label]})
+    return claim(
+        "projection_dimension",
+        "A larger TRAK projection dimension gives TRAK and D-TRAK a better best-of-sweep loss LDS",
+        "App. G.3.1",
+        f"loss LDS at the best damping: {at_k}; k = {ks[-1]} - k = {ks[0]}, "
+        + _listing(differences),
+        verdict_all((r.mean, r.stderr) for r in differences.values()),
+    )

@@ -108,6 +108,12 @@ FIGURES: dict[str, Figure] = {
         "ELBO of the generated samples under the full-data model against under models "
         "trained on random halves, with Pearson r and Spearman rho (Observation 3).",
     ),
+    "protocol_effects.png": Figure(
+        "App. G.3.1",
+        "Loss LDS of K-FAC influence against the (t, eps) draws per example of its fit, and of "
+        "TRAK* and D-TRAK* against the projection dimension, on this run's ground truth; error "
+        "bars: standard error over samples; dashed: this run's setting.",
+    ),
     "fig02a_lds_loss.png": Figure(
         "Fig. 2a",
         "LDS for the loss measurement; * = best over the damping sweep (TRAK, D-TRAK); K-FAC "

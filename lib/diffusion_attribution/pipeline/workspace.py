@@ -96,6 +96,12 @@ class Workspace:
         write_json(path, metrics)
         return path
 
+    def read_metrics(self, stage: str) -> dict | None:
+        """``metrics/<stage>.json`` as written by :meth:`write_metrics`, or ``None`` when that
+        stage has written none."""
+        path = self.path(f"metrics/{stage}.json")
+        return json.loads(path.read_text()) if path.is_file() else None
+
     def save_figure(self, fig, name: str) -> Path:
         """Save the matplotlib figure ``fig`` as ``reports/figures/<name>`` (PNG, 150 dpi,
         written atomically: never a half-written PNG) and return the path."""

@@ -30,6 +30,7 @@ NAMES = (
     "baselines",
     "retrain",
     "measure",
+    "protocol",
     "evaluate",
     "observations",
     "counterfactual",

@@ -61,7 +61,7 @@ from diffusion_attribution.pipeline.stages import StageResult
 from diffusion_attribution.pipeline.workspace import Workspace
 
 NOTEBOOK = "09_evaluate.ipynb"
-INPUTS = ("outputs/influence", "outputs/baselines", "outputs/measure")
+INPUTS = ("outputs/influence", "outputs/baselines", "outputs/measure", "metrics/protocol.json")
 OUTS = ("outputs/evaluate",)
 PERSIST: tuple[str, ...] = ()
 FIGURES = (
@@ -378,7 +378,9 @@ def run(config: Config, ws: Workspace) -> StageResult:
         {
             "data": config.data,
             "model": config.model,
+            "diffusion": config.diffusion,
             "train": config.train,
+            "curvature": config.curvature,
             "retrain": config.retrain,
             "measure": config.measure,
             "counterfactual": config.counterfactual,
@@ -387,6 +389,7 @@ def run(config: Config, ws: Workspace) -> StageResult:
         },
         num_train=int(gt["masks"].shape[1]),
         effects=result.data["budget_effects"],
+        protocol_metrics=ws.read_metrics("protocol"),  # the protocol stage's measured effects
     )
     result.data["damping_figures"] = DAMPING_FIGURES.get(config.data.dataset, (7, 8))
     atomic_write_text(result.tables["lds"].to_csv(index=False), ws.out(ws.LDS_TABLE))
