@@ -63,6 +63,8 @@ PAPER = {
 #: Setting names of the rows whose effect the ``protocol`` stage measures
 #: (:func:`protocol_effects`).
 FIT_DRAWS, PROJECTION_DIM = "(t, eps) draws per example, K-FAC fit", "TRAK projection dimension"
+#: The row of the empirical Fisher's form, whose effect the ``evaluate`` stage measures (Fig. 4).
+EMPIRICAL_FISHER = "empirical Fisher (eq. 11)"
 
 
 def epochs(steps: int, batch_size: int, num_examples: int) -> float:
@@ -218,6 +220,18 @@ def deviations(
             "as the paper",
         ),
         (FIT_DRAWS, PAPER["fit_draws"], config.curvature.num_draws, budget),
+        (
+            EMPIRICAL_FISHER,
+            "eq. 11: the outer product of each example's gradient of its loss (its draws' mean); "
+            f"authors' code ({AUTHORS_CODE}): each (t, eps) draw's gradient, as TRAK's code",
+            "per draw for Fig. 4's claim (the authors' code)"
+            + (
+                "; per example (eq. 11 as written) beside it, variant example_expand"
+                if any(v.startswith("example_") for v in config.curvature.variants)
+                else ""
+            ),
+            "the claim is tested as the authors ran it; eq. 11 as written is measured beside it",
+        ),
         (PROJECTION_DIM, PAPER["projection_dim"], config.trak.projection_dim, budget),
         (
             "counterfactual",

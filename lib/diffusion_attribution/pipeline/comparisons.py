@@ -25,6 +25,7 @@ from diffusion_attribution.evaluation.lds import (
     ceiling_per_sample,
     paired_difference,
 )
+from diffusion_attribution.evaluation.protocol import EMPIRICAL_FISHER
 
 CORRECT, SUBSTITUTED, SIMILARITY = (
     "correct measurement",
@@ -377,10 +378,6 @@ def ceiling_metrics(measured: torch.Tensor, kfac: LDSResult) -> dict:
     }
 
 
-#: The protocol table's row of the empirical Fisher's form (eq. 11 per example or per draw).
-EMPIRICAL_FISHER_ROW = "empirical Fisher (eq. 11)"
-
-
 def per_example_fisher_effect(lds_of: dict, differences: dict) -> dict[str, str]:
     """The measured effect of forming eq. 11 per (t, eps) draw, as the authors' code does,
     instead of per example as the paper writes it: from Fig. 4's LDS (``lds_of`` by (target,
@@ -401,7 +398,7 @@ def per_example_fisher_effect(lds_of: dict, differences: dict) -> dict[str, str]
     if not parts:
         return {}
     return {
-        EMPIRICAL_FISHER_ROW: "K-FAC expand, fixed damping: "
+        EMPIRICAL_FISHER: "K-FAC expand, fixed damping: "
         + "; ".join(parts)
         + " (Fig. 4; the MC-vs-empirical claim uses the per-draw form)"
     }

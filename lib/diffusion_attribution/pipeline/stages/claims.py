@@ -28,6 +28,7 @@ INPUTS = (
     "metrics/influence.json",
     "metrics/lds.json",
     "metrics/measure.json",
+    "metrics/protocol.json",
     "metrics/observations.json",
     "metrics/counterfactual.json",
 )
