@@ -591,7 +591,7 @@ def test_an_experiment_with_another_recipe(smoke):
         runs = [rev, *[e for x in rev.get("experiments") or [] for e in x.get("revs", [])]]
         for r in runs:
             data = r.get("data") or {}
-            lds = data.get("metrics", {}).get("metrics/lds.json", {}).get("data", {})
-            if lds:
+            head = data.get("metrics", {}).get("metrics/headline.json", {}).get("data", {})
+            if head:
                 steps_seen.add(data["params"]["params.yaml"]["data"]["retrain"]["steps"])
     assert {steps, steps + 10} <= steps_seen, str(shown)[:2000]
