@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import typing
 from pathlib import Path
 
 import yaml
@@ -42,6 +43,7 @@ from diffusion_attribution.core.sections import (
     CurvatureConfig,
     DataConfig,
     DiffusionConfig,
+    FinetuneConfig,
     InfluenceConfig,
     MeasureConfig,
     ModelConfig,
@@ -70,6 +72,8 @@ class Config(Section):
     measure: MeasureConfig = MeasureConfig()
     counterfactual: CounterfactualConfig = CounterfactualConfig()
     protocol: ProtocolConfig = ProtocolConfig()
+    #: LoRA fine-tuning of a base model (beyond the paper); ``None``: train from scratch.
+    finetune: FinetuneConfig | None = None
 
     @model_validator(mode="after")
     def _check_timesteps(self) -> Config:
@@ -91,6 +95,15 @@ class Config(Section):
             unknown = sorted(set(given) - allowed)
             if unknown:
                 raise ValueError(f"{key}: unknown {unknown}; choose from {sorted(allowed)}")
+        return self
+
+    @model_validator(mode="after")
+    def _check_finetune(self) -> Config:
+        if self.finetune and self.data.dataset != "digits10":
+            raise ValueError(
+                f"finetune: LoRA fine-tuning draws its base and fine-tuning classes from "
+                f"digits10; set data.dataset: digits10 (got {self.data.dataset})"
+            )
         return self
 
     @model_validator(mode="after")
@@ -119,7 +132,7 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _check_subset_sizes(self) -> Config:
-        n = self.data.num_train
+        n = self.finetune.size if self.finetune else self.data.num_train
         keep = round(self.retrain.fraction * n)
         if keep < 2 or n - keep < 2:
             raise ValueError(
@@ -192,8 +205,9 @@ def _allowed_keys(loc: tuple) -> str:
     """The keys allowed where ``loc`` (a section, or the top level) points."""
     if len(loc) == 1:
         return ", ".join(Config.model_fields)
-    section = Config.model_fields.get(str(loc[0]))
-    return ", ".join(section.annotation.model_fields) if section else ""
+    if str(loc[0]) not in Config.model_fields:
+        return ""
+    return ", ".join(section_type(str(loc[0])).model_fields)
 
 
 def _format(err: ValidationError, source: str, prefix: tuple = ()) -> str:
@@ -214,6 +228,13 @@ def _format(err: ValidationError, source: str, prefix: tuple = ()) -> str:
     return "\n".join(lines)
 
 
+def section_type(name: str) -> type[Section]:
+    """The section class of ``Config``'s field ``name`` (an optional one's, for ``finetune``)."""
+    annotation = Config.model_fields[name].annotation
+    kinds = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return kinds[0] if kinds else annotation
+
+
 def _sections() -> str:
     return ", ".join(Config.model_fields)
 
@@ -222,14 +243,14 @@ def missing_keys(raw: dict) -> list[str]:
     """Lines naming every section and key of :class:`Config` that ``raw`` leaves out (a
     section that is not a mapping is left to the schema's own message)."""
     lines = []
-    for name, field in Config.model_fields.items():
+    for name in Config.model_fields:
         if name not in raw:
             lines.append(
                 f"  {name}: missing section (a parameters file lists every section: {_sections()})"
             )
             continue
         if isinstance(raw[name], dict):
-            for key, f in field.annotation.model_fields.items():
+            for key, f in section_type(name).model_fields.items():
                 if key not in raw[name]:
                     default = json.dumps(
                         f.default if not isinstance(f.default, tuple) else list(f.default)
@@ -262,8 +283,8 @@ def parse_config(raw: object, source: str = "params", *, complete: bool = False)
             try:
                 if field is None:
                     Config.model_validate({name: value})
-                else:
-                    field.annotation.model_validate(value)
+                elif value is not None or section_type(name) is field.annotation:
+                    section_type(name).model_validate(value)
             except ValidationError as err:
                 prefix = () if field is None else (name,)
                 lines += _format(err, source, prefix).splitlines()[1:]

@@ -401,3 +401,51 @@ class CounterfactualConfig(Section):
         tuple[CounterfactualMethod, ...], AfterValidator(_nonempty), AfterValidator(_distinct)
     ] = ("kfac", "trak", "d-trak", "das", "journey-trak", "feature_cos", "random")
     seed: Seed = 0
+
+
+class FinetuneConfig(Section):
+    """LoRA fine-tuning (beyond the paper; :mod:`~diffusion_attribution.diffusion.lora`).
+
+    A base model is trained with ``base`` on every digit of ``base_classes``; the training set
+    being attributed is ``size`` images of ``classes`` (an equal, seeded draw per class), to
+    which the base is adapted with rank-``rank`` LoRA of scale ``alpha / rank`` on every
+    Linear / Conv2d layer, with ``train``'s settings. Retraining (the LDS subsets and the
+    counterfactual) re-runs only the fine-tuning, from the same base.
+    """
+
+    base_classes: Annotated[
+        tuple[Annotated[int, Field(ge=0, le=9)], ...],
+        AfterValidator(_nonempty),
+        AfterValidator(_distinct),
+    ] = (0, 1, 2, 3, 4)
+    classes: Annotated[
+        tuple[Annotated[int, Field(ge=0, le=9)], ...],
+        AfterValidator(_nonempty),
+        AfterValidator(_distinct),
+    ] = (5, 6, 7, 8, 9)
+    size: PositiveInt = 200
+    rank: PositiveInt = 4
+    alpha: PositiveFloat = 4.0
+    base: TrainConfig = TrainConfig()
+    seed: Seed = 0
+
+    @model_validator(mode="after")
+    def _check_classes(self) -> FinetuneConfig:
+        shared = sorted(set(self.base_classes) & set(self.classes))
+        if shared:
+            raise ValueError(
+                f"finetune.classes: {shared} are also in finetune.base_classes; the fine-tuning "
+                "set must be data the base model has not seen"
+            )
+        if self.size % len(self.classes):
+            raise ValueError(
+                f"finetune.size: {self.size} is not a multiple of the {len(self.classes)} "
+                "classes (an equal draw per class)"
+            )
+        most = min(DIGIT_COUNTS[c] for c in self.classes) * len(self.classes)
+        if self.size > most:
+            raise ValueError(
+                f"finetune.size: {self.size} exceeds {most}, the most an equal draw from the "
+                f"digits of classes {list(self.classes)} can give"
+            )
+        return self

@@ -287,6 +287,42 @@ def load_dataset(
     raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
 
 
+def _classes_only(ds: ImageDataset, ids: Tensor) -> ImageDataset:
+    """The examples ``ids`` of ``ds``, with the class names of the classes they hold."""
+    part = ds.subset(ids)
+    present = sorted(set(part.labels.tolist()))
+    names = {
+        label: name for label, name in zip(ds.labels.unique().tolist(), ds.class_names, strict=True)
+    }
+    return ImageDataset(part.images, part.labels, ds.name, tuple(names[c] for c in present))
+
+
+def finetune_split(
+    ds: ImageDataset,
+    base_classes: Sequence[int],
+    classes: Sequence[int],
+    size: int,
+    seed: int,
+) -> tuple[ImageDataset, ImageDataset]:
+    """The base model's training set (every example of ``base_classes``) and the fine-tuning
+    set (``size / len(classes)`` examples of each of ``classes``, drawn without replacement
+    with ``seed``), both in ``ds``'s order (LoRA fine-tuning,
+    :mod:`~diffusion_attribution.diffusion.lora`)."""
+    if size % len(classes):
+        raise ValueError(f"finetune_split: size {size} is not a multiple of {len(classes)} classes")
+    g = torch.Generator().manual_seed(int(seed))
+    picked = []
+    for c in classes:
+        ids = torch.nonzero(ds.labels == c).flatten()
+        if len(ids) < size // len(classes):
+            raise ValueError(
+                f"finetune_split: class {c} has {len(ids)} examples, need {size // len(classes)}"
+            )
+        picked.append(ids[torch.randperm(len(ids), generator=g)[: size // len(classes)]])
+    base = torch.nonzero(torch.isin(ds.labels, torch.tensor(list(base_classes)))).flatten()
+    return _classes_only(ds, base), _classes_only(ds, torch.cat(picked).sort().values)
+
+
 # --------------------------------------------------------------------------------------
 # plotting
 # --------------------------------------------------------------------------------------

@@ -83,6 +83,10 @@ class RetrainJob:
             :func:`stack_jobs`). It is part of the model's identity: a model's bits depend on
             the stack size (the grouped convolutions' kernels do), not on its partners or its
             place in the stack.
+        lora: ``None``, or LoRA fine-tuning of a base model instead of training from scratch
+            (:func:`~diffusion_attribution.evaluation.lora_retraining.lora_spec`: the base
+            model's file and digest, rank, scale and code digest); trained by
+            :func:`~diffusion_attribution.evaluation.lora_retraining.run_lora_stack`.
     """
 
     name: str
@@ -94,6 +98,7 @@ class RetrainJob:
     train: dict
     output: str
     stack: int = 1
+    lora: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -177,6 +182,7 @@ def make_job(
     out_dir: str | Path,
     data_digest: str | None = None,
     stack: int = 1,
+    lora: dict | None = None,
 ) -> RetrainJob:
     """A job whose output file name carries a fingerprint of everything that defines the model
     (the training set's content, configs, kept ids, seed, the training code and
@@ -192,7 +198,11 @@ def make_job(
     keep = tuple(int(i) for i in keep)
     digest = data_digest or file_digest(data_path)
     parts = (digest, _job_code(), model, diffusion, train, keep, int(seed))
-    fp = fingerprint(*parts, *(("stack", int(stack)) if stack != 1 else ()))
+    # a LoRA job is named by its base's content, not where the file lies
+    tuned = tuple(sorted((k, v) for k, v in (lora or {}).items() if k != "base"))
+    fp = fingerprint(
+        *parts, *(("stack", int(stack)) if stack != 1 else ()), *(("lora", tuned) if lora else ())
+    )
     return RetrainJob(
         name=name,
         data_path=str(data_path),
@@ -203,6 +213,7 @@ def make_job(
         train=train.model_dump(mode="json"),
         output=str(Path(out_dir) / f"{name}-{fp}.pt"),
         stack=int(stack),
+        lora=lora,
     )
 
 
@@ -211,7 +222,7 @@ def _stack_key(job: RetrainJob) -> str:
     settings but the seed, and the same batch size."""
     train = {k: v for k, v in job.train.items() if k != "seed"}
     batch = min(int(job.train["batch_size"]), len(job.keep))
-    return repr((job.data_path, job.model, job.diffusion, sorted(train.items()), batch))
+    return repr((job.data_path, job.model, job.diffusion, sorted(train.items()), batch, job.lora))
 
 
 def stack_jobs(jobs: Sequence[RetrainJob], max_size: int) -> list[RetrainJob]:
@@ -221,12 +232,12 @@ def stack_jobs(jobs: Sequence[RetrainJob], max_size: int) -> list[RetrainJob]:
     ``max_size`` (the last chunk of a group may be smaller); each job is re-made with
     ``stack`` = its chunk's size, which renames its output (the stack size is part of a
     model's identity, :class:`RetrainJob`). :func:`run_jobs` forms the same stacks again from
-    the returned list. ``max_size = 1`` trains every model alone.
+    the returned list. ``max_size = 1`` trains every model alone, as LoRA jobs always are.
     """
     if max_size < 1:
         raise ValueError(f"stack_jobs: max_size must be >= 1, got {max_size}")
     sizes: dict[int, int] = {}
-    for group in _groups(jobs, lambda members: max_size):
+    for group in _groups(jobs, lambda members: 1 if members[0].lora else max_size):
         sizes.update({id(job): len(group) for job in group})
     digests: dict[str, str] = {}
     remade = []
@@ -244,6 +255,7 @@ def stack_jobs(jobs: Sequence[RetrainJob], max_size: int) -> list[RetrainJob]:
                 Path(job.output).parent,
                 digest,
                 stack=sizes[id(job)],
+                lora=job.lora,
             )  # fmt: skip
         )
     return remade
@@ -287,12 +299,13 @@ def subset_jobs(
     out_dir: str | Path,
     *,
     shared: bool = True,
+    lora: dict | None = None,
 ) -> list[list[RetrainJob]]:
     """``jobs[i][k]``: the model of subset i (``masks[i]``, True = kept) with training seed
     ``seeds[k]`` (App. G.4). ``shared=True``: every subset's k-th model has seed ``seeds[k]``
     (shared seeds: module docstring). ``shared=False``: one model per subset, subset i with
     the seed ``seeds[i]`` of its own (``len(seeds) == len(masks)``), the independent-seed
-    design."""
+    design. ``lora``: LoRA fine-tuning instead (:class:`RetrainJob`)."""
     digest = file_digest(data_path)
     if not shared and len(seeds) != len(masks):
         raise ValueError(f"independent seeds: {len(seeds)} seeds for {len(masks)} subsets")
@@ -301,7 +314,7 @@ def subset_jobs(
         keep = torch.nonzero(mask).flatten().tolist()
         return make_job(
             f"subset{i:03d}_{tag}{seed}", data_path, keep, seed, model, diffusion, train,
-            out_dir, digest,
+            out_dir, digest, lora=lora,
         )  # fmt: skip
 
     if not shared:
@@ -318,6 +331,7 @@ def reference_jobs(
     diffusion: DiffusionConfig,
     train: TrainConfig,
     out_dir: str | Path,
+    lora: dict | None = None,
 ) -> list[RetrainJob]:
     """``jobs[k]``: a model on the *full* training set with training seed ``seeds[k]`` for
     ``steps`` steps.
@@ -339,6 +353,7 @@ def reference_jobs(
             ref_train,
             out_dir,
             digest,
+            lora=lora,
         )
         for s in seeds
     ]
@@ -412,6 +427,16 @@ def run_stack(stack: RetrainStack) -> str:
     return stack.output
 
 
+def run_any_stack(stack: RetrainStack) -> str:
+    """:func:`run_stack`, or for LoRA jobs
+    :func:`~diffusion_attribution.evaluation.lora_retraining.run_lora_stack`."""
+    if stack.jobs[0].lora is None:
+        return run_stack(stack)
+    from diffusion_attribution.evaluation.lora_retraining import run_lora_stack  # imports this
+
+    return run_lora_stack(stack)
+
+
 def run_jobs(
     jobs: Sequence[RetrainJob],
     *,
@@ -450,7 +475,7 @@ def run_jobs(
         if Path(stack.output).exists():
             _remove_checkpoints(Path(stack.output))
     run_tasks(
-        run_stack,
+        run_any_stack,
         stacks,
         name="retrain",
         executor=executor,

@@ -38,7 +38,7 @@ from types import SimpleNamespace
 
 import yaml
 
-from diffusion_attribution.core.config import Config
+from diffusion_attribution.core.config import Config, section_type
 from diffusion_attribution.pipeline import report, stages
 
 PACKAGE = "diffusion_attribution"
@@ -110,7 +110,7 @@ def library_deps(module: str) -> frozenset[Path]:
 
 
 def _fields(section: str) -> set[str]:
-    return set(Config.model_fields[section].annotation.model_fields)
+    return set(section_type(section).model_fields)
 
 
 def params_read(path: Path, arg: str = "config") -> set[str]:

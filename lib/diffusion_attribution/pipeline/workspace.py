@@ -50,6 +50,11 @@ class Workspace:
 
     TRAIN_SET = "outputs/data/train.pt"
     MODEL = "outputs/train/model.pt"
+    #: LoRA fine-tuning only (``finetune`` set): the base model's training set, the base
+    #: model, and the adapter model whose LoRA weights are attributed (``MODEL`` is it merged).
+    BASE_SET = "outputs/data/base.pt"
+    BASE_MODEL = "outputs/train/base.pt"
+    LORA_MODEL = "outputs/train/lora.pt"
     SAMPLES = "outputs/sample/samples.pt"
     CURVATURE = "outputs/curvature/{variant}.pt"
     INFLUENCE_SCORES = "outputs/influence/scores.pt"
@@ -69,6 +74,12 @@ class Workspace:
 
     def __repr__(self) -> str:
         return f"Workspace({str(self.root)!r}, device={self.device!r}, threads={self.threads})"
+
+    def lora_model(self) -> Path | None:
+        """The adapter model (``LORA_MODEL``) when the ``train`` stage fine-tuned with LoRA, else
+        ``None``: what :func:`~diffusion_attribution.diffusion.lora.load_attributed` takes."""
+        path = self.path(self.LORA_MODEL)
+        return path if path.exists() else None
 
     def path(self, relative: str | Path) -> Path:
         """``root / relative``, to read."""

@@ -33,9 +33,8 @@ from diffusion_attribution.curvature.partial_sums import (
 from diffusion_attribution.diffusion import ddpm, unet
 from diffusion_attribution.diffusion import measurements as measurements_module
 from diffusion_attribution.diffusion.datasets import ImageDataset
+from diffusion_attribution.diffusion.lora import load_attributed
 from diffusion_attribution.diffusion.measurements import DiffusionLoss
-from diffusion_attribution.diffusion.training import load_checked_model
-from diffusion_attribution.diffusion.unet import kfac_parameters
 from diffusion_attribution.pipeline.schedule import schedule_of
 from diffusion_attribution.pipeline.shards.phases import (
     cache_folder,
@@ -76,8 +75,7 @@ def run_factor_shard(task: FactorShardTask) -> str:
     schedule = schedule_of(DiffusionConfig(**task.diffusion))
     ws = Workspace(task.root, threads=task.threads)
     ws.set_threads()
-    net = load_checked_model(ws.path(ws.MODEL), device=ws.device)
-    params = kfac_parameters(net)
+    net, params = load_attributed(ws.path(ws.MODEL), ws.lora_model(), device=ws.device)
     ids = torch.arange(task.start, task.stop)
     x0 = ImageDataset.load(ws.path(ws.TRAIN_SET)).images[ids]
     # (t, eps) depend only on (seed, example id): a shard draws its own examples' draws

@@ -32,8 +32,7 @@ from diffusion_attribution.core.sections import DiffusionConfig
 from diffusion_attribution.diffusion import ddpm, gradients, unet
 from diffusion_attribution.diffusion import measurements as measurements_module
 from diffusion_attribution.diffusion.datasets import ImageDataset, pixel_levels
-from diffusion_attribution.diffusion.training import load_checked_model
-from diffusion_attribution.diffusion.unet import kfac_parameters
+from diffusion_attribution.diffusion.lora import load_attributed
 from diffusion_attribution.pipeline.attributed import measurements_of
 from diffusion_attribution.pipeline.schedule import schedule_of
 from diffusion_attribution.pipeline.shards.phases import (
@@ -85,8 +84,7 @@ def run_feature_shard(task: FeatureShardTask) -> str:
     fs = FeatureSettings(**task.settings)
     ws = Workspace(task.root, threads=task.threads)
     ws.set_threads()
-    net = load_checked_model(ws.path(ws.MODEL), device=ws.device)
-    params = kfac_parameters(net)
+    net, params = load_attributed(ws.path(ws.MODEL), ws.lora_model(), device=ws.device)
     dataset = ImageDataset.load(ws.path(ws.TRAIN_SET))
     diffusion = DiffusionConfig(**task.diffusion)
     measurements = measurements_of(

@@ -52,8 +52,7 @@ from diffusion_attribution.curvature.kfac import KFAC
 from diffusion_attribution.diffusion import ddpm, gradients, unet
 from diffusion_attribution.diffusion import measurements as measurements_module
 from diffusion_attribution.diffusion.datasets import ImageDataset, pixel_levels
-from diffusion_attribution.diffusion.training import load_checked_model
-from diffusion_attribution.diffusion.unet import kfac_parameters
+from diffusion_attribution.diffusion.lora import load_attributed
 from diffusion_attribution.pipeline.attributed import measurements_of
 from diffusion_attribution.pipeline.schedule import schedule_of
 from diffusion_attribution.pipeline.shards.phases import (
@@ -192,13 +191,13 @@ def _context(task):
     icfg = InfluenceConfig(**task.influence)
     ws = Workspace(task.root, threads=task.threads)
     ws.set_threads()
-    net = load_checked_model(ws.path(ws.MODEL), device=ws.device)
+    net, params = load_attributed(ws.path(ws.MODEL), ws.lora_model(), device=ws.device)
     dataset = ImageDataset.load(ws.path(ws.TRAIN_SET))
     diffusion = DiffusionConfig(**task.diffusion)
     measurements = measurements_of(
         schedule_of(diffusion), diffusion.variance, pixel_levels(dataset.name), icfg.timesteps
     )
-    return icfg, ws, dataset, net, kfac_parameters(net), measurements
+    return icfg, ws, dataset, net, params, measurements
 
 
 def run_query_block(task: QueryBlockTask) -> str:

@@ -25,9 +25,8 @@ from diffusion_attribution.attribution.scores import ScoreKey, ScoreSet
 from diffusion_attribution.core.config import Config
 from diffusion_attribution.diffusion.datasets import ImageDataset, pixel_levels
 from diffusion_attribution.diffusion.ddpm import predicted_x0
+from diffusion_attribution.diffusion.lora import load_attributed
 from diffusion_attribution.diffusion.measurements import JourneyLoss
-from diffusion_attribution.diffusion.training import load_checked_model
-from diffusion_attribution.diffusion.unet import kfac_parameters
 from diffusion_attribution.pipeline.attributed import measurements_of
 from diffusion_attribution.pipeline.schedule import schedule_of
 from diffusion_attribution.pipeline.shards.features import FeatureSettings, sharded_train_features
@@ -156,10 +155,9 @@ def run(config: Config, ws: Workspace) -> StageResult:
     """Compute and save every baseline score matrix; their agreement with K-FAC influence."""
     icfg, tcfg = config.influence, config.trak
     ds = ImageDataset.load(ws.path(ws.TRAIN_SET))
-    net = load_checked_model(ws.path(ws.MODEL), device=ws.device)
+    net, params = load_attributed(ws.path(ws.MODEL), ws.lora_model(), device=ws.device)
     samples = torch.load(ws.path(ws.SAMPLES), weights_only=True)
     queries = samples["images"]
-    params = kfac_parameters(net)
     measurements = measurements_of(
         schedule_of(config.diffusion),
         config.diffusion.variance,

@@ -30,6 +30,7 @@ from diffusion_attribution.diffusion.measurements import DiffusionLoss
 from diffusion_attribution.evaluation import retraining_claims
 from diffusion_attribution.evaluation.ground_truth import measure_models
 from diffusion_attribution.evaluation.lds import random_removal_sets, top_removal_sets
+from diffusion_attribution.evaluation.lora_retraining import lora_spec
 from diffusion_attribution.evaluation.retraining import (
     RetrainJob,
     make_job,
@@ -173,11 +174,14 @@ def run(config: Config, ws: Workspace) -> StageResult:
     digest = file_digest(data_path)
     tcfg = config.train  # the full model's procedure, steps and seed (App. G.6)
     out_dir = ws.folder("outputs/counterfactual/models")
+    finetune = config.finetune  # LoRA: re-run only the fine-tuning, from the shared base
+    lora = finetune and lora_spec(ws.path(ws.BASE_MODEL), finetune.rank, finetune.alpha)
 
     def job(name, keep):
         return make_job(
-            name, data_path, keep, tcfg.seed, config.model, config.diffusion, tcfg, out_dir, digest
-        )
+            name, data_path, keep, tcfg.seed, config.model, config.diffusion, tcfg, out_dir, digest,
+            lora=lora,
+        )  # fmt: skip
 
     jobs, removed = removal_jobs(
         job, chosen, cfcfg.methods, cfcfg.fractions, cfcfg.seed, num_train=N, num_queries=Qc

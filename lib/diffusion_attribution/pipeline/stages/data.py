@@ -10,7 +10,7 @@ import matplotlib.pyplot as plt
 import torch
 
 from diffusion_attribution.core.config import Config
-from diffusion_attribution.diffusion.datasets import load_dataset
+from diffusion_attribution.diffusion.datasets import finetune_split, load_dataset
 from diffusion_attribution.pipeline.figures import show_images
 from diffusion_attribution.pipeline.stages import StageResult
 from diffusion_attribution.pipeline.workspace import Workspace
@@ -24,13 +24,25 @@ METRICS: tuple[str, ...] = ()
 
 
 def run(config: Config, ws: Workspace) -> StageResult:
-    """Load the configured data set and save it to ``outputs/data/train.pt``."""
-    data = config.data
+    """Load the configured data set and save it to ``outputs/data/train.pt``; with LoRA
+    fine-tuning (``finetune``), the fine-tuning set there and the base model's set beside it."""
+    data, finetune = config.data, config.finetune
     # a relative archive path is relative to the workspace (the repository root), not the cwd
     archive = ws.path(data.cifar_archive)
     ds = load_dataset(
         data.dataset, **data.model_dump(exclude={"dataset", "cifar_archive"}), cifar_archive=archive
     )
+    base_note = ""
+    if finetune is not None:
+        base, ds = finetune_split(
+            ds, finetune.base_classes, finetune.classes, finetune.size, finetune.seed
+        )
+        base.save(ws.out(ws.BASE_SET))
+        base_note = (
+            f" It is the LoRA fine-tuning set; the base model is trained on the {len(base)} "
+            f"images of classes {list(finetune.base_classes)}."
+        )
+        print(f"base model's set: {len(base)} images of classes {list(finetune.base_classes)}")
     ds.save(ws.out(ws.TRAIN_SET))
     counts = {
         name: int((ds.labels == label).sum())
@@ -40,7 +52,7 @@ def run(config: Config, ws: Workspace) -> StageResult:
     summary = (
         f"**This run.** Training set `{ds.name}`: N = {len(ds)} images of shape "
         f"{shape}, pixel values in [{ds.images.min():.0f}, {ds.images.max():.0f}], "
-        f"classes {counts}."
+        f"classes {counts}.{base_note}"
     )
     print(f"{ds.name}: {len(ds)} images of shape {shape}, per class: {counts}")
     return StageResult(data={"dataset": ds, "counts": counts}, summary=summary)

@@ -19,8 +19,7 @@ from diffusion_attribution.attribution.scores import ScoreKey, ScoreSet
 from diffusion_attribution.core.config import Config
 from diffusion_attribution.core.sections import MAIN_VARIANT, main_variant
 from diffusion_attribution.diffusion.datasets import ImageDataset, pixel_levels
-from diffusion_attribution.diffusion.training import load_checked_model
-from diffusion_attribution.diffusion.unet import kfac_parameters
+from diffusion_attribution.diffusion.lora import load_attributed
 from diffusion_attribution.evaluation import claims
 from diffusion_attribution.pipeline.attributed import measurements_of
 from diffusion_attribution.pipeline.figures import plot_top_influences
@@ -104,9 +103,8 @@ def run(config: Config, ws: Workspace) -> StageResult:
     """Compute and save every K-FAC score matrix; Fig. 6's agreement and the int8 claim."""
     ccfg, icfg = config.curvature, config.influence
     ds = ImageDataset.load(ws.path(ws.TRAIN_SET))
-    net = load_checked_model(ws.path(ws.MODEL), device=ws.device)
+    net, params = load_attributed(ws.path(ws.MODEL), ws.lora_model(), device=ws.device)
     queries = torch.load(ws.path(ws.SAMPLES), weights_only=True)["images"]
-    params = kfac_parameters(net)
     schedule = schedule_of(config.diffusion)
     measurements = measurements_of(
         schedule, config.diffusion.variance, pixel_levels(ds.name), icfg.timesteps

@@ -43,8 +43,8 @@ from diffusion_attribution.core.config import Config
 from diffusion_attribution.curvature.fit import fit_kfac
 from diffusion_attribution.diffusion.datasets import ImageDataset
 from diffusion_attribution.diffusion.ddpm import NoiseSchedule
+from diffusion_attribution.diffusion.lora import load_attributed
 from diffusion_attribution.diffusion.measurements import DiffusionLoss, SquareNorm
-from diffusion_attribution.diffusion.training import load_checked_model
 from diffusion_attribution.diffusion.unet import kfac_parameters
 from diffusion_attribution.evaluation import claims
 from diffusion_attribution.evaluation.budget import (
@@ -85,6 +85,7 @@ def kfac_by_fit_draws(
     seed: int,
     batch_size: int,
     progress: bool = False,
+    params: Sequence[nn.Parameter] | None = None,
 ) -> tuple[dict[int, Tensor], dict[str, float]]:
     """K-FAC influence scores (Q, N) of the loss, one matrix per number of fit draws: K-FAC of
     the MC Fisher, expand (:func:`~diffusion_attribution.curvature.fit.fit_kfac`), fitted with
@@ -92,8 +93,9 @@ def kfac_by_fit_draws(
     ``curvature`` stage draws them) for each n in ``fit_draws``; the scores of all fits in one
     :func:`~diffusion_attribution.attribution.influence.attribute` call (``train_draws`` /
     ``query_draws`` draws, seed ``seed``). Returns the scores on the CPU and the seconds of
-    each fit and of the scoring."""
-    params = kfac_parameters(model)
+    each fit and of the scoring. ``params``: the attributed parameters (default: every
+    Linear / Conv2d weight)."""
+    params = list(params) if params is not None else kfac_parameters(model)
     device = params[0].device
     loss = DiffusionLoss(schedule)
     ids = torch.arange(len(train_images))
@@ -139,14 +141,16 @@ def trak_by_projection_dim(
     seed: int,
     batch_size: int,
     progress: bool = False,
+    params: Sequence[nn.Parameter] | None = None,
 ) -> tuple[dict[int, ScoreSet], dict[str, float]]:
     """TRAK (loss) and D-TRAK (square norm) scores (Q, N) in float32 over the damping sweep
     ``relative_dampings`` at each projection dimension k in ``dims``
     (:func:`~diffusion_attribution.attribution.baselines.baseline_scores` with
     ``Projector(P, k, seed=projection_seed, kind=projection)``, as the ``baselines`` stage
     projects). Returns one :class:`ScoreSet` per k (on the CPU, meta: ``projection_dim`` and
-    the mean eigenvalues) and the seconds of each k."""
-    params = kfac_parameters(model)
+    the mean eigenvalues) and the seconds of each k. ``params`` as for
+    :func:`kfac_by_fit_draws`."""
+    params = list(params) if params is not None else kfac_parameters(model)
     measurements = {"loss": DiffusionLoss(schedule), "square_norm": SquareNorm(schedule)}
     num_params = sum(p.numel() for p in params)
     sets, seconds = {}, {}
@@ -328,7 +332,7 @@ def run(config: Config, ws: Workspace) -> StageResult:
     measured, masks = gt["subsets"]["loss"], gt["masks"]
     Q = measured.shape[0]
     ds = ImageDataset.load(ws.path(ws.TRAIN_SET))
-    net = load_checked_model(ws.path(ws.MODEL), device=ws.device)
+    net, params = load_attributed(ws.path(ws.MODEL), ws.lora_model(), device=ws.device)
     queries = torch.load(ws.path(ws.SAMPLES), weights_only=True)["images"][:Q]
     schedule = schedule_of(config.diffusion)
     folder = ws.folder("outputs/protocol")
@@ -339,7 +343,7 @@ def run(config: Config, ws: Workspace) -> StageResult:
     kfac = trak = None
     shared = dict(
         train_draws=icfg.train_draws, query_draws=icfg.query_draws, seed=icfg.seed,
-        batch_size=icfg.batch_size, progress=True,
+        batch_size=icfg.batch_size, progress=True, params=params,
     )  # fmt: skip
     if pcfg.fit_draws:
         draws = sorted({*pcfg.fit_draws, ccfg.num_draws})

@@ -22,6 +22,7 @@ from diffusion_attribution.core.config import Config
 from diffusion_attribution.core.io import atomic_save
 from diffusion_attribution.diffusion.datasets import ImageDataset
 from diffusion_attribution.evaluation.lds import subset_masks
+from diffusion_attribution.evaluation.lora_retraining import lora_spec
 from diffusion_attribution.evaluation.retraining import (
     prune,
     reference_jobs,
@@ -54,9 +55,12 @@ def run(config: Config, ws: Workspace) -> StageResult:
     masks = subset_masks(n, rcfg.num_subsets, rcfg.fraction, rcfg.seed)
     subset_train = tcfg.model_copy(update={"steps": rcfg.steps})
     out_dir = ws.folder("outputs/retrain/models")
+    finetune = config.finetune  # LoRA: re-run only the fine-tuning, from the shared base
+    lora = finetune and lora_spec(ws.path(ws.BASE_MODEL), finetune.rank, finetune.alpha)
     jobs = subset_jobs(
-        data_path, masks, rcfg.seeds, config.model, config.diffusion, subset_train, out_dir
-    )
+        data_path, masks, rcfg.seeds, config.model, config.diffusion, subset_train, out_dir,
+        lora=lora,
+    )  # fmt: skip
     indep = subset_jobs(
         data_path,
         masks[: rcfg.independent_subsets],
@@ -66,10 +70,11 @@ def run(config: Config, ws: Workspace) -> StageResult:
         subset_train,
         out_dir,
         shared=False,
+        lora=lora,
     )
     ref_steps = reference_steps(rcfg.steps, rcfg.fraction)
     refs = reference_jobs(
-        data_path, n, rcfg.seeds, ref_steps, config.model, config.diffusion, tcfg, out_dir
+        data_path, n, rcfg.seeds, ref_steps, config.model, config.diffusion, tcfg, out_dir, lora
     )
     # trained in stacks of rcfg.stack_size (part of each model's name); the same order
     planned = iter(stack_jobs([job for row in jobs + indep for job in row] + refs, rcfg.stack_size))

@@ -14,6 +14,12 @@ from diffusion_attribution.core.config import Config
 from diffusion_attribution.core.io import atomic_write_text
 from diffusion_attribution.diffusion.datasets import ImageDataset
 from diffusion_attribution.diffusion.ddpm import diffusion_loss, draw_noise
+from diffusion_attribution.diffusion.lora import (
+    finetune_lora,
+    lora_parameters,
+    merged_unet,
+    save_lora,
+)
 from diffusion_attribution.diffusion.training import (
     build_model,
     fingerprint,
@@ -68,19 +74,25 @@ def run(config: Config, ws: Workspace) -> StageResult:
     print(
         f"U-Net: {num_parameters(net):,} parameters, {n_kfac:,} in Linear/Conv2d layers (covered by K-FAC)"
     )
-    checkpoint = ws.out(
-        f".cache/checkpoints/train-{fingerprint(config.model, config.diffusion, config.train, ds.images)}.pt"
-    )
-    result = train_ddpm(
-        lambda: build_model(config.model, shape),
-        ds.images,
-        schedule,
-        config.train,
-        checkpoint_path=checkpoint,
-        device=ws.device,
-    )
-    save_model(ws.out(ws.MODEL), result.ema_model, config.model, shape)
-    checkpoint.unlink()  # it only serves to resume an interrupted run
+    if config.finetune is None:
+        checkpoint = ws.out(
+            f".cache/checkpoints/train-{fingerprint(config.model, config.diffusion, config.train, ds.images)}.pt"
+        )
+        result = train_ddpm(
+            lambda: build_model(config.model, shape),
+            ds.images,
+            schedule,
+            config.train,
+            checkpoint_path=checkpoint,
+            device=ws.device,
+        )
+        save_model(ws.out(ws.MODEL), result.ema_model, config.model, shape)
+        checkpoint.unlink()  # it only serves to resume an interrupted run
+        extra, note = {}, ""
+    else:
+        result, extra, note = _train_lora(
+            config.model, config.diffusion, config.train, config.finetune, ws, ds.images, schedule
+        )
     losses = pd.Series(result.losses, name="loss")
     atomic_write_text(losses.rename_axis("step").to_csv(), ws.out("outputs/train/losses.csv"))
     steps = config.train.steps
@@ -99,6 +111,7 @@ def run(config: Config, ws: Workspace) -> StageResult:
         "final_running_loss": round(float(losses.tail(100).mean()), 5),
         "train_diffusion_loss_ema": round(float(loss_ema.mean()), 4),
         "train_diffusion_loss_raw": round(float(loss_raw.mean()), 4),
+        **extra,
     }
     ws.write_metrics("train", metrics)
     summary = (
@@ -106,11 +119,65 @@ def run(config: Config, ws: Workspace) -> StageResult:
         f"{metrics['seconds']} s. Running mean of the last 100 mini-batch losses: {metrics['final_running_loss']}. "
         f"Diffusion loss l on the training set (eq. 2, sum over {int(torch.tensor(shape).prod())} pixels, "
         f"{EVAL_DRAWS} draws per image, {'all' if n_eval == len(ds) else f'the first {n_eval}'} images): EMA weights {metrics['train_diffusion_loss_ema']}, raw weights "
-        f"{metrics['train_diffusion_loss_raw']}. Later stages use the EMA weights."
+        f"{metrics['train_diffusion_loss_raw']}. Later stages use the EMA weights.{note}"
     )
     return StageResult(
         metrics=metrics, data={"losses": losses, "dataset": ds.name}, summary=summary
     )
+
+
+def _train_lora(model_cfg, diffusion, train_cfg, finetune, ws: Workspace, images, schedule):
+    """The base model on the base set (``finetune.base``), then its LoRA adaptation to the
+    training set (``train``); saves the base, the adapter model and the merged model (the
+    ``MODEL`` sampling and measuring use). Returns the fine-tuning's result, its metrics and
+    a sentence for the summary."""
+    shape = tuple(images.shape[1:])
+    base_images = ImageDataset.load(ws.path(ws.BASE_SET)).images
+    checkpoint = ws.out(
+        f".cache/checkpoints/base-{fingerprint(model_cfg, diffusion, finetune.base, base_images)}.pt"
+    )
+    base = train_ddpm(
+        lambda: build_model(model_cfg, shape),
+        base_images,
+        schedule,
+        finetune.base,
+        checkpoint_path=checkpoint,
+        device=ws.device,
+        desc="base model",
+    )
+    save_model(ws.out(ws.BASE_MODEL), base.ema_model, model_cfg, shape)
+    checkpoint.unlink()
+    lora_ckpt = ws.out(
+        f".cache/checkpoints/lora-{fingerprint(train_cfg, finetune, base_images, images)}.pt"
+    )
+    result = finetune_lora(
+        base.ema_model,
+        images,
+        schedule,
+        train_cfg,
+        rank=finetune.rank,
+        alpha=finetune.alpha,
+        checkpoint_path=lora_ckpt,
+        device=ws.device,
+    )
+    save_lora(
+        ws.out(ws.LORA_MODEL), result.ema_model, model_cfg, shape, finetune.rank, finetune.alpha
+    )
+    save_model(ws.out(ws.MODEL), merged_unet(result.ema_model, model_cfg, shape), model_cfg, shape)
+    lora_ckpt.unlink()
+    n_lora = sum(p.numel() for p in lora_parameters(result.ema_model))
+    extra = {
+        "base_steps": finetune.base.steps,
+        "base_seconds": round(base.seconds, 1),
+        "lora_parameters": n_lora,
+    }
+    note = (
+        f" The base model was trained for {finetune.base.steps} steps ({base.seconds:.0f} s) on "
+        f"{len(base_images)} images of classes {list(finetune.base_classes)}; the steps above "
+        f"are its rank-{finetune.rank} LoRA fine-tuning on the training set, {n_lora:,} "
+        "trainable LoRA weights, which are the parameters attributed."
+    )
+    return result, extra, note
 
 
 def fig_training_curve(result: StageResult) -> plt.Figure:
