@@ -117,6 +117,8 @@ def editing(old: str, new: str) -> Callable[[dict], str]:
 
 
 SECTIONS = list(Config.model_fields)
+#: A complete LoRA section (the profiles without LoRA have ``finetune: null``).
+FINETUNE = sections.FinetuneConfig().model_dump(mode="json")
 CASES = [
     # unknown keys, at the top level and in every section
     Case("unknown-top-level", setting("bogus", 1), "bogus", "allowed here: data, model"),
@@ -141,6 +143,18 @@ CASES = [
         setting("protocol.draws", [8]),
         "protocol.draws",
         "fit_draws, projection_dims",
+    ),
+    Case(
+        "unknown-finetune",
+        setting("finetune", {**FINETUNE, "ranks": 4}),
+        "finetune.ranks",
+        "base_classes, classes, size",
+    ),
+    Case(
+        "finetune-not-on-digits10",
+        setting("finetune", FINETUNE),
+        "finetune",
+        "set data.dataset: digits10 (got digits2)",
     ),
     # incomplete files
     Case("missing-section", dropping("measure"), "measure", "missing section"),

@@ -1,5 +1,6 @@
 """params.yaml schema: one source of defaults, clear one-message errors naming the key."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from diffusion_attribution.core.config import (
     load_config,
     parse_config,
 )
+from diffusion_attribution.core.sections import FinetuneConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 PROFILES = sorted((ROOT / "configs").glob("*.yaml"))
@@ -40,10 +42,30 @@ def test_profiles_exist_and_spell_out_every_key():
     names = {p.stem for p in PROFILES}
     assert {"smoke", "digits10", "cifar2", "cifar10"} <= names
     full = keys(Config().model_dump())
+    tuned = keys(FinetuneConfig().model_dump(), "finetune.")  # an optional section's keys
     for p in PROFILES:
         raw = yaml.safe_load(p.read_text())
-        assert keys(raw) == full, f"{p.name} must list every key of params.yaml"
+        expected = full | (tuned if raw.get("finetune") is not None else set())
+        assert keys(raw) == expected, f"{p.name} must list every key of params.yaml"
         load_config(p)
+    assert {"digits-lora", "smoke-lora"} <= names
+
+
+def test_finetune_errors_name_their_keys():
+    """The LoRA section: digits-10 only, classes the base has not seen, an equal draw per class
+    that the digits can give; a file without it, and one with ``finetune: null``, train from
+    scratch."""
+    raw = yaml.safe_load((ROOT / "configs" / "smoke-lora.yaml").read_text())
+    assert load_config(ROOT / "params.yaml").finetune is None
+    for change, message in [
+        ({"data": {**raw["data"], "dataset": "digits2"}}, "finetune: LoRA fine-tuning draws"),
+        ({"finetune": {**raw["finetune"], "classes": [4, 5]}}, "finetune.classes: [4]"),
+        ({"finetune": {**raw["finetune"], "size": 21}}, "finetune.size: 21 is not a multiple"),
+        ({"finetune": {**raw["finetune"], "size": 900}}, "finetune.size: 900 exceeds 870"),
+        ({"finetune": {**raw["finetune"], "rank": 0}}, "finetune.rank"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            parse_config({**raw, **change})
 
 
 def test_paper_profiles_follow_the_paper():

@@ -21,7 +21,7 @@ from diffusion_attribution.diffusion.datasets import ImageDataset
 from diffusion_attribution.diffusion.ddpm import NoiseSchedule
 from diffusion_attribution.diffusion.measurements import DiffusionLoss
 from diffusion_attribution.diffusion.training import build_model, load_model, save_model
-from diffusion_attribution.evaluation.lora_retraining import lora_spec
+from diffusion_attribution.evaluation.lora_retraining import lora_spec, run_lora_stack
 from diffusion_attribution.evaluation.retraining import make_job, run_jobs
 from tests.curvature.oracles import (
     SCHEDULE,
@@ -254,7 +254,7 @@ def test_lora_retraining_job_is_the_fine_tuning_on_its_subset(tmp_path, one_thre
         "all", tmp_path / "train.pt", range(12), CFG.seed, MODEL, diffusion, CFG, tmp_path
     )
     assert job.output != plain.output and plain.lora is None
-    run_jobs([job], executor="inline", progress=False)
+    run_jobs([job], executor="inline", progress=False, runner=run_lora_stack)
     expected = lora.merged_unet(finetune(base).ema_model, MODEL, SHAPE)
     got = load_model(job.output)
     for (n, p), q in zip(expected.state_dict().items(), got.state_dict().values(), strict=True):

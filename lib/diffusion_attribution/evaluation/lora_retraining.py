@@ -26,10 +26,10 @@ from diffusion_attribution.diffusion.ddpm import NoiseSchedule
 from diffusion_attribution.diffusion.training import load_checked_model, save_model
 from diffusion_attribution.evaluation.retraining import (
     RetrainStack,
-    _checkpoint_path,
-    _configs,
-    _images,
-    _remove_checkpoints,
+    job_checkpoint,
+    job_configs,
+    job_images,
+    remove_checkpoints,
 )
 
 
@@ -62,15 +62,15 @@ def run_lora_stack(stack: RetrainStack) -> str:
         for job, out in zip(stack.jobs, outputs, strict=True):
             if out.exists():
                 continue
-            model_cfg, diff_cfg, train_cfg = _configs(job)
-            images = _images(job)
+            model_cfg, diff_cfg, train_cfg = job_configs(job)
+            images = job_images(job)
             schedule = NoiseSchedule.linear(
                 diff_cfg.num_timesteps, diff_cfg.beta_start, diff_cfg.beta_end
             )
-            ckpt = _checkpoint_path(
+            ckpt = job_checkpoint(
                 out, model_cfg, diff_cfg, train_cfg, images, sorted(job.lora.items())
             )
-            _remove_checkpoints(out, keep=ckpt)  # one of other settings is never resumed
+            remove_checkpoints(out, keep=ckpt)  # one of other settings is never resumed
             base = load_checked_model(job.lora["base"])
             result = lora.finetune_lora(
                 base, images, schedule, train_cfg, rank=job.lora["rank"],

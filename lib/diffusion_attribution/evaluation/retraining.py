@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,6 +139,14 @@ def _remove_checkpoints(output: Path, keep: Path | None = None) -> None:
 
 def _images(job: RetrainJob) -> torch.Tensor:
     return ImageDataset.load(job.data_path).subset(list(job.keep)).images
+
+
+#: What another kind of job runner (LoRA's,
+#: :func:`~diffusion_attribution.evaluation.lora_retraining.run_lora_stack`) shares with
+#: :func:`run_stack`: a job's configs and subset, its checkpoint's name, the clean-up.
+job_configs, job_images, job_checkpoint, remove_checkpoints = (
+    _configs, _images, _checkpoint_path, _remove_checkpoints,
+)  # fmt: skip
 
 
 def _stack_checkpoint(
@@ -427,16 +435,6 @@ def run_stack(stack: RetrainStack) -> str:
     return stack.output
 
 
-def run_any_stack(stack: RetrainStack) -> str:
-    """:func:`run_stack`, or for LoRA jobs
-    :func:`~diffusion_attribution.evaluation.lora_retraining.run_lora_stack`."""
-    if stack.jobs[0].lora is None:
-        return run_stack(stack)
-    from diffusion_attribution.evaluation.lora_retraining import run_lora_stack  # imports this
-
-    return run_lora_stack(stack)
-
-
 def run_jobs(
     jobs: Sequence[RetrainJob],
     *,
@@ -444,6 +442,7 @@ def run_jobs(
     max_parallel: int | None = None,
     folder: str = ".cache/submitit",
     progress: bool = True,
+    runner: Callable[[RetrainStack], str] | None = None,
 ) -> list[str]:
     """Run every job whose output does not exist yet; returns the outputs in job order.
 
@@ -463,19 +462,22 @@ def run_jobs(
         folder: submitit's folder for pickled jobs, results and per-job logs
             (``<folder>/retrain``).
         progress: print progress lines (done / total, running, ETA).
+        runner: what trains a stack (a module-level function, pickled by name): default
+            :func:`run_stack`; LoRA jobs pass
+            :func:`~diffusion_attribution.evaluation.lora_retraining.run_lora_stack`.
 
     Raises:
         RuntimeError: jobs failed (:class:`~diffusion_attribution.core.jobs.TasksFailed`); the
             message names each one and its submitit log; the other jobs finished.
     """
-    jobs = list(jobs)
+    jobs, runner = list(jobs), runner or run_stack
     # the longest stacks first, so that no worker is left alone with one at the end
     stacks = sorted(_stacks(jobs), key=lambda s: -len(s.jobs) * int(s.jobs[0].train["steps"]))
     for stack in stacks:
         if Path(stack.output).exists():
             _remove_checkpoints(Path(stack.output))
     run_tasks(
-        run_any_stack,
+        runner,
         stacks,
         name="retrain",
         executor=executor,

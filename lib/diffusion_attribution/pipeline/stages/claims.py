@@ -93,7 +93,8 @@ def caveat(influence_metrics: dict) -> str:
     n, p = influence_metrics.get("num_train"), influence_metrics.get("num_parameters")
     if n is None or p is None:
         return "The run's scale is unknown (no training-set size in metrics/influence.json)."
-    size = f"{n:,} training images, a {p / 1e6:.3g} M-parameter U-Net in K-FAC's layers"
+    # the attributed parameters: the U-Net's Linear / Conv2d weights, or their LoRA adapters
+    size = f"{n:,} training images, {p / 1e6:.3g} M attributed parameters"
     if n < PAPER_NUM_TRAIN or p < 0.9 * PAPER_NUM_PARAMETERS:
         return (
             f"This run ({size}) is smaller than the paper's CIFAR benchmarks (CIFAR-2: "

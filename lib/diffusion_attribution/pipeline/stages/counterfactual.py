@@ -30,12 +30,13 @@ from diffusion_attribution.diffusion.measurements import DiffusionLoss
 from diffusion_attribution.evaluation import retraining_claims
 from diffusion_attribution.evaluation.ground_truth import measure_models
 from diffusion_attribution.evaluation.lds import random_removal_sets, top_removal_sets
-from diffusion_attribution.evaluation.lora_retraining import lora_spec
+from diffusion_attribution.evaluation.lora_retraining import lora_spec, run_lora_stack
 from diffusion_attribution.evaluation.retraining import (
     RetrainJob,
     make_job,
     prune,
     run_jobs,
+    run_stack,
     stack_jobs,
 )
 from diffusion_attribution.pipeline.schedule import schedule_of
@@ -154,6 +155,21 @@ def changes(removed: dict, values: dict, ref: torch.Tensor) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _job_maker(model_cfg, diffusion, tcfg, finetune, ws: Workspace, data_path, out_dir):
+    """``job(name, keep)``: a model trained as the full model on the examples ``keep``; and
+    what trains it (LoRA: only the fine-tuning is re-run, from the shared base)."""
+    digest = file_digest(data_path)
+    lora = finetune and lora_spec(ws.path(ws.BASE_MODEL), finetune.rank, finetune.alpha)
+
+    def job(name, keep):
+        return make_job(
+            name, data_path, keep, tcfg.seed, model_cfg, diffusion, tcfg, out_dir, digest,
+            lora=lora,
+        )  # fmt: skip
+
+    return job, run_lora_stack if lora else run_stack
+
+
 def run(config: Config, ws: Workspace) -> StageResult:
     """Train the removal models and the reference (resumable), measure their loss on the samples."""
     cfcfg, mscfg = config.counterfactual, config.measure
@@ -171,18 +187,11 @@ def run(config: Config, ws: Workspace) -> StageResult:
             config.influence.compression,
         ).items()
     }
-    digest = file_digest(data_path)
     tcfg = config.train  # the full model's procedure, steps and seed (App. G.6)
     out_dir = ws.folder("outputs/counterfactual/models")
-    finetune = config.finetune  # LoRA: re-run only the fine-tuning, from the shared base
-    lora = finetune and lora_spec(ws.path(ws.BASE_MODEL), finetune.rank, finetune.alpha)
-
-    def job(name, keep):
-        return make_job(
-            name, data_path, keep, tcfg.seed, config.model, config.diffusion, tcfg, out_dir, digest,
-            lora=lora,
-        )  # fmt: skip
-
+    job, runner = _job_maker(
+        config.model, config.diffusion, tcfg, config.finetune, ws, data_path, out_dir
+    )
     jobs, removed = removal_jobs(
         job, chosen, cfcfg.methods, cfcfg.fractions, cfcfg.seed, num_train=N, num_queries=Qc
     )
@@ -197,7 +206,8 @@ def run(config: Config, ws: Workspace) -> StageResult:
         + ", ".join(f"{m} {key.damping:.3g}" for m, (key, _) in chosen.items())
     )
     start = time.perf_counter()
-    run_jobs(list(jobs.values()), folder=str(ws.folder(".cache/submitit/counterfactual")))
+    folder = str(ws.folder(".cache/submitit/counterfactual"))
+    run_jobs(list(jobs.values()), folder=folder, runner=runner)
     train_seconds = time.perf_counter() - start
     models = {"full": ws.path(ws.MODEL), **{name: j.output for name, j in jobs.items()}}
     loss = {"loss": DiffusionLoss(schedule_of(config.diffusion))}

@@ -22,11 +22,12 @@ from diffusion_attribution.core.config import Config
 from diffusion_attribution.core.io import atomic_save
 from diffusion_attribution.diffusion.datasets import ImageDataset
 from diffusion_attribution.evaluation.lds import subset_masks
-from diffusion_attribution.evaluation.lora_retraining import lora_spec
+from diffusion_attribution.evaluation.lora_retraining import lora_spec, run_lora_stack
 from diffusion_attribution.evaluation.retraining import (
     prune,
     reference_jobs,
     run_jobs,
+    run_stack,
     stack_jobs,
     subset_jobs,
 )
@@ -96,7 +97,11 @@ def run(config: Config, ws: Workspace) -> StageResult:
         f"{len(stale)} stale files moved to {ws.stale_dir('retrain')}"
     )
     start = time.perf_counter()
-    run_jobs(flat, folder=str(ws.folder(".cache/submitit/retrain")))
+    run_jobs(
+        flat,
+        folder=str(ws.folder(".cache/submitit/retrain")),
+        runner=run_lora_stack if lora else run_stack,
+    )
     seconds = time.perf_counter() - start
     trained = len(flat) - existing
     atomic_save(

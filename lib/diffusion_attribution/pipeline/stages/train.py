@@ -11,7 +11,9 @@ import pandas as pd
 import torch
 
 from diffusion_attribution.core.config import Config
+from diffusion_attribution.core.identity import code_digest
 from diffusion_attribution.core.io import atomic_write_text
+from diffusion_attribution.diffusion import lora
 from diffusion_attribution.diffusion.datasets import ImageDataset
 from diffusion_attribution.diffusion.ddpm import diffusion_loss, draw_noise
 from diffusion_attribution.diffusion.lora import (
@@ -147,8 +149,9 @@ def _train_lora(model_cfg, diffusion, train_cfg, finetune, ws: Workspace, images
     )
     save_model(ws.out(ws.BASE_MODEL), base.ema_model, model_cfg, shape)
     checkpoint.unlink()
+    recipe = code_digest(lora)  # a checkpoint of other fine-tuning code is never resumed
     lora_ckpt = ws.out(
-        f".cache/checkpoints/lora-{fingerprint(train_cfg, finetune, base_images, images)}.pt"
+        f".cache/checkpoints/lora-{fingerprint(train_cfg, finetune, base_images, images, recipe)}.pt"
     )
     result = finetune_lora(
         base.ema_model,
