@@ -14,7 +14,7 @@ from torch import nn
 
 from diffusion_attribution.attribution.influence import attribute
 from diffusion_attribution.attribution.scores import ScoreKey
-from diffusion_attribution.core.sections import ModelConfig, TrainConfig
+from diffusion_attribution.core.sections import DiffusionConfig, ModelConfig, TrainConfig
 from diffusion_attribution.curvature.fit import fit_kfac
 from diffusion_attribution.diffusion import lora
 from diffusion_attribution.diffusion.datasets import ImageDataset
@@ -33,6 +33,7 @@ from tests.curvature.oracles import (
     draws,
     make,
 )
+from tests.helpers import TINY_4X4
 
 F64 = torch.float64
 MODEL = ModelConfig(
@@ -152,8 +153,6 @@ def test_lora_influence_predicts_exact_lora_retraining_of_a_quadratic_case():
 def test_merged_unet_computes_the_adapted_model(tiny_unet):
     """Folding ``(alpha / r) B A`` into each base weight gives a plain U-Net computing the
     adapted model (float64, to round-off), which differs from the base."""
-    from tests.helpers import TINY_4X4
-
     base = copy.deepcopy(tiny_unet)
     model = adapted(tiny_unet, rank=3)
     x, t = torch.randn(4, 1, 4, 4, dtype=F64), torch.tensor([1, 3, 7, 10])
@@ -243,8 +242,6 @@ def test_lora_retraining_job_is_the_fine_tuning_on_its_subset(tmp_path, one_thre
     data = ImageDataset(images(), torch.zeros(12, dtype=torch.int64), "digits10", ("5",))
     data.save(tmp_path / "train.pt")
     spec = lora_spec(tmp_path / "base.pt", 2, 2.0)
-    from diffusion_attribution.core.sections import DiffusionConfig
-
     diffusion = DiffusionConfig(num_timesteps=100, beta_start=1e-3, beta_end=0.2)
     job = make_job(
         "all", tmp_path / "train.pt", range(12), CFG.seed, MODEL, diffusion, CFG, tmp_path,
