@@ -51,11 +51,12 @@ __all__ = [
 
 
 class NoisyBatches:
-    """Re-iterable, lazily generated batches ``({"x": x_t, "t": t}, eps.flatten(1))``.
+    """Re-iterable, lazily generated batches ``({"x": x_t, "t": t}, eps.flatten(1))``, with
+    ``"y"``, the class of each row's example, when ``labels`` (N,) are given.
 
-    Every iteration regenerates the same rows in the same order (the draws are given), so the
-    batches are deterministic; at most ``batch_size`` rows exist at a time. Batches are cast
-    to ``dtype`` and moved to ``device`` (curvlinops does not move dict inputs).
+        Every iteration regenerates the same rows in the same order (the draws are given), so the
+        batches are deterministic; at most ``batch_size`` rows exist at a time. Batches are cast
+        to ``dtype`` and moved to ``device`` (curvlinops does not move dict inputs).
     """
 
     def __init__(
@@ -67,8 +68,13 @@ class NoisyBatches:
         batch_size: int,
         dtype: torch.dtype,
         device: torch.device,
+        labels: Tensor | None = None,
     ):
-        check_draws(x0, t, eps, schedule.num_timesteps)
+        n, s = check_draws(x0, t, eps, schedule.num_timesteps)
+        if labels is not None and tuple(labels.shape) != (n,):
+            raise ValueError(f"labels must have shape ({n},), got {tuple(labels.shape)}")
+        # rows are example-major: row r belongs to example r // S
+        self.row_labels = None if labels is None else labels.repeat_interleave(s)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.schedule, self.x0, self.t, self.eps = schedule, x0, t, eps
@@ -83,8 +89,10 @@ class NoisyBatches:
             xt, tt, y = noisy_rows(
                 self.schedule, self.x0, self.t, self.eps, start, start + self.batch_size
             )
-            x = xt.to(self.device, self.dtype)
-            yield {"x": x, "t": tt.to(self.device)}, y.to(self.device, self.dtype)
+            X = {"x": xt.to(self.device, self.dtype), "t": tt.to(self.device)}
+            if self.row_labels is not None:
+                X["y"] = self.row_labels[start : start + self.batch_size].to(self.device)
+            yield X, y.to(self.device, self.dtype)
 
 
 def _batch_size(X: dict[str, Tensor]) -> int:
@@ -92,7 +100,8 @@ def _batch_size(X: dict[str, Tensor]) -> int:
 
 
 class FlatEps(nn.Module):
-    """Wrap an eps-model for curvlinops: ``forward({"x": x_t, "t": t}) = eps_model(x_t, t).flatten(1)``.
+    """Wrap an eps-model for curvlinops: ``forward({"x": x_t, "t": t}) = eps_model(x_t, t).flatten(1)``
+    (``eps_model(x_t, t, y)`` when the batch has classes ``"y"``).
 
     curvlinops calls the model with one argument and needs a 2-D (B, D) output (EK-FAC
     requires it); the wrapped model is registered as submodule ``model``.
@@ -103,6 +112,8 @@ class FlatEps(nn.Module):
         self.model = eps_model
 
     def forward(self, X: dict[str, Tensor]) -> Tensor:
+        if "y" in X:
+            return self.model(X["x"], X["t"], X["y"]).flatten(1)
         return self.model(X["x"], X["t"]).flatten(1)
 
 
@@ -128,6 +139,7 @@ def build_operator(
     separate_weight_and_bias: bool = True,
     progress: bool = False,
     check_deterministic: bool = False,
+    labels: Tensor | None = None,
 ) -> KFACLinearOperator:
     """The (not yet fitted) curvlinops (E)KFAC operator for the rows of ``(x0, t, eps)``.
 
@@ -162,9 +174,8 @@ def build_operator(
     dtypes, devices = {p.dtype for p in params}, {p.device for p in params}
     if len(dtypes) != 1 or len(devices) != 1:
         raise ValueError(f"params must share one dtype and device, got {dtypes}, {devices}")
-    data = NoisyBatches(
-        schedule, x0, t, eps, batch_size, dtype=params[0].dtype, device=params[0].device
-    )
+    dtype, device = params[0].dtype, params[0].device
+    data = NoisyBatches(schedule, x0, t, eps, batch_size, dtype, device, labels=labels)
     cls = EKFACLinearOperator if ekfac else KFACLinearOperator
     return cls(
         FlatEps(model),

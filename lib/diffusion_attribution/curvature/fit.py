@@ -48,6 +48,7 @@ def fit_kfac(
     progress: bool = False,
     backend: Backend = "hooks",
     precision: Precision = "float64",
+    labels: Tensor | None = None,
 ) -> KFAC:
     """Fit K-FAC (or EK-FAC) of the GGN of the diffusion loss over ``N * S`` noisy rows.
 
@@ -69,7 +70,9 @@ def fit_kfac(
     the empirical and type-2 factors agree to float round-off. ``meta["backend"]`` records
     which one ran. ``precision``: the dtype of the eigendecompositions and of every tensor the
     result keeps (:mod:`~diffusion_attribution.curvature.kronecker`); the factors are summed in
-    float64 either way.
+    float64 either way. ``labels`` (N,): each example's class, for a
+    :class:`~diffusion_attribution.diffusion.conditional.ConditionalUNet` (the hooks bind
+    the model to each run of equal labels, curvlinops gets them per row in its input dict).
     """
     if backend not in ("hooks", "curvlinops"):
         raise ValueError(f"backend must be 'hooks' or 'curvlinops', got {backend!r}")
@@ -91,7 +94,7 @@ def fit_kfac(
         "precision": precision,
     }
     if backend == "hooks":
-        kw = dict(batch_size=batch_size, mc_seed=mc_seed, mc_samples=mc_samples)
+        kw = dict(batch_size=batch_size, mc_seed=mc_seed, mc_samples=mc_samples, labels=labels)
         sums = factor_sums(model, params, schedule, x0, t, eps, fisher=fisher, kfac=kfac, **kw)
         result = to_kfac(
             sums, separate_weight_and_bias=separate_weight_and_bias, meta=meta, precision=precision
@@ -116,6 +119,7 @@ def fit_kfac(
                 ekfac=ekfac,
                 separate_weight_and_bias=separate_weight_and_bias,
                 progress=progress,
+                labels=labels,
             )
             result = kfac_from_operator(op, params, meta=meta, precision=precision)
     result.meta["fit_seconds"] = time.perf_counter() - t0

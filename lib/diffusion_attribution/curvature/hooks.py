@@ -64,6 +64,7 @@ from diffusion_attribution.curvature.partial_sums import (
     CorrectionSums,
     FactorSums,
     basis_fingerprint,
+    combine,
 )
 from diffusion_attribution.curvature.patch_covariance import (
     fast_path_applies,
@@ -72,6 +73,7 @@ from diffusion_attribution.curvature.patch_covariance import (
     patch_sums,
 )
 from diffusion_attribution.curvature.rows import check_draws, fitting_mode, noisy_rows
+from diffusion_attribution.diffusion.conditional import bound, class_runs
 from diffusion_attribution.diffusion.ddpm import NoiseSchedule
 
 __all__ = ["correction_sums", "factor_sums", "mc_noise"]
@@ -227,6 +229,7 @@ def factor_sums(
     batch_size: int = 512,
     mc_seed: int = 0,
     mc_samples: int = 1,
+    labels: Tensor | None = None,
 ) -> FactorSums:
     """K-FAC factor sums (:class:`~diffusion_attribution.curvature.partial_sums.FactorSums`)
     over the ``N * S`` rows of examples ``example_offset .. example_offset + N - 1``.
@@ -234,8 +237,16 @@ def factor_sums(
     ``x0`` (N, C, H, W), ``t`` (N, S), ``eps`` (N, S, C, H, W) are the shard's examples and
     their pre-drawn ``(t, eps)``; ``example_offset`` is the global id of ``x0[0]`` (it seeds
     the MC noise). Rows go through the model about ``batch_size`` at a time (whole
-    examples). The model runs in eval mode (restored afterwards).
+    examples). The model runs in eval mode (restored afterwards). ``labels`` (N,): the class
+    of each example, for a :class:`~diffusion_attribution.diffusion.conditional.ConditionalUNet`:
+    the sum over the runs of equal labels (one per class in a class-sorted set) of their sums,
+    each with the model bound to its class and its examples' own ids (so their MC noise).
     """
+    if labels is not None:
+        kw = dict(fisher=fisher, kfac=kfac, batch_size=batch_size, mc_seed=mc_seed)
+        kw["mc_samples"] = mc_samples
+        args = (model, params, schedule, x0, t, eps)
+        return _per_class(factor_sums, args, labels, example_offset, kw)
     _check_settings(fisher, kfac, mc_samples, example_offset)
     params = list(params)
     layers = owning_layers(model, params)
@@ -343,14 +354,20 @@ def correction_sums(
     batch_size: int = 512,
     mc_seed: int | None = None,
     mc_samples: int | None = None,
+    labels: Tensor | None = None,
 ) -> CorrectionSums:
     """EK-FAC correction sums of a shard in the eigenbases of ``basis`` (module docstring).
 
     ``basis`` is the K-FAC of pass 1
     (:func:`~diffusion_attribution.curvature.partial_sums.to_kfac` of the combined sums); its
     blocks fix the bias mode. ``fisher``, ``mc_seed`` and ``mc_samples`` default to
-    ``basis.meta``'s, so the MC noise of pass 2 is that of pass 1.
+    ``basis.meta``'s, so the MC noise of pass 2 is that of pass 1. ``labels``: as in
+    :func:`factor_sums`.
     """
+    if labels is not None:
+        kw = dict(fisher=fisher, batch_size=batch_size, mc_seed=mc_seed, mc_samples=mc_samples)
+        args = (model, params, schedule, x0, t, eps, basis)
+        return _per_class(correction_sums, args, labels, example_offset, kw)
     fisher = basis.meta.get("fisher", "mc") if fisher is None else fisher
     mc_seed = int(basis.meta.get("mc_seed", 0)) if mc_seed is None else mc_seed
     mc_samples = int(basis.meta.get("mc_samples", 1)) if mc_samples is None else mc_samples
@@ -420,6 +437,21 @@ def correction_sums(
         num_rows=t.numel(),
         examples=[(example_offset, example_offset + t.shape[0])],
     )
+
+
+def _per_class(fn, args: tuple, labels: Tensor, example_offset: int, kw: dict):
+    """``combine`` of ``fn`` (:func:`factor_sums` or :func:`correction_sums`) over the runs of
+    equal ``labels``, each with the model bound to its class; ``args`` = (model, params,
+    schedule, x0, t, eps[, basis])."""
+    model, params, schedule, x0, t, eps, *rest = args
+    if tuple(labels.shape) != (x0.shape[0],):
+        raise ValueError(f"labels must have shape ({x0.shape[0]},), got {tuple(labels.shape)}")
+    parts = []
+    for c, rows in class_runs(labels):
+        with bound(model, c):
+            part_args = (model, params, schedule, x0[rows], t[rows], eps[rows], *rest)
+            parts.append(fn(*part_args, example_offset=example_offset + rows.start, **kw))
+    return combine(parts)
 
 
 def _rotated_square_sum(bt: Tensor, x: Tensor, QA: Tensor) -> Tensor:

@@ -50,6 +50,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from tqdm.std import tqdm
 
+from diffusion_attribution.diffusion.conditional import bound, class_groups
 from diffusion_attribution.diffusion.measurements import Measurement
 
 __all__ = ["flatten_params", "gradient_matrix", "per_example_gradients"]
@@ -236,6 +237,7 @@ def per_example_gradients(
     dtype: torch.dtype | None = None,
     progress: bool = False,
     method: Method = "auto",
+    labels: Tensor | None = None,
 ) -> Iterator[tuple[slice, Tensor]]:
     """Yield ``(slice of example ids, (b, P) gradients)`` batch by batch.
 
@@ -246,9 +248,13 @@ def per_example_gradients(
     accumulated with weights chunk size / S, exact because measurements are means over
     draws). ``dtype`` (e.g. ``torch.float64``) casts the model state, ``x0`` and the floating
     draws for the computation. The model's device is used; results stay there. ``method``:
-    see the module docstring.
+    see the module docstring. ``labels`` (N,): the class of each example, for a
+    :class:`~diffusion_attribution.diffusion.conditional.ConditionalUNet` -- each batch is
+    split by class and each part's gradients are taken with the model bound to its class.
     """
     n = x0.shape[0]
+    if labels is not None and tuple(labels.shape) != (n,):
+        raise ValueError(f"labels must have shape ({n},), got {tuple(labels.shape)}")
     num_draws = _check_draws(draws, n)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -272,30 +278,50 @@ def per_example_gradients(
         state.update({k: v.detach() for k, v in model.named_buffers()})
         return {k: (v.to(cast) if v.is_floating_point() else v) for k, v in state.items()}
 
+    def group_gradients(xb: Tensor, rows: slice, ids: Tensor | None) -> dict[str, Tensor]:
+        """{name: (b, *shape)} of the examples ``ids`` of the batch ``rows`` (all: None)."""
+        with _eval_mode(model), torch.enable_grad():
+            state = state_dict()  # re-read each batch: the model may change between yields
+            total: dict[str, Tensor] = {}
+            for c in range(0, num_draws, chunk):
+                cols = slice(c, min(c + chunk, num_draws))
+                d = _slice_draws(draws, rows, cols, cast, device)
+                x = xb
+                if ids is not None:
+                    x, d = xb[ids], {k: v[ids] for k, v in d.items()}
+                weight = scale * (cols.stop - cols.start) / num_draws
+                if layers is not None:
+                    g = _hooks_gradients(model, state, layers, measurement, x, d, weight)
+                else:
+                    g = _vmap_gradients(model, state, names, measurement, x, d, weight)
+                for k, v in g.items():
+                    total[k] = total[k] + v if k in total else v
+        return total
+
+    def flat(total: dict[str, Tensor], b: int, like: Tensor) -> Tensor:
+        return torch.cat(
+            [
+                total[name].reshape(b, -1) if name in total else like.new_zeros(b, p.numel())
+                for name, p in zip(names, params, strict=True)
+            ],
+            1,
+        )
+
     def batches() -> Iterator[tuple[slice, Tensor]]:
         starts = range(0, n, batch_size)
         for start in tqdm(starts, desc="gradients", disable=not progress, mininterval=5):
             rows = slice(start, min(start + batch_size, n))
             xb = x0[rows].to(device=device, dtype=cast)
-            with _eval_mode(model), torch.enable_grad():
-                state = state_dict()  # re-read each batch: the model may change between yields
-                total: dict[str, Tensor] = {}
-                for c in range(0, num_draws, chunk):
-                    cols = slice(c, min(c + chunk, num_draws))
-                    d = _slice_draws(draws, rows, cols, cast, device)
-                    weight = scale * (cols.stop - cols.start) / num_draws
-                    if layers is not None:
-                        g = _hooks_gradients(model, state, layers, measurement, xb, d, weight)
-                    else:
-                        g = _vmap_gradients(model, state, names, measurement, xb, d, weight)
-                    for k, v in g.items():
-                        total[k] = total[k] + v if k in total else v
             b = rows.stop - rows.start
-            flat = [
-                total[name].reshape(b, -1) if name in total else xb.new_zeros(b, p.numel())
-                for name, p in zip(names, params, strict=True)
-            ]
-            yield rows, torch.cat(flat, 1).detach()
+            if labels is None:
+                yield rows, flat(group_gradients(xb, rows, None), b, xb).detach()
+                continue
+            out = xb.new_zeros(b, sum(p.numel() for p in params))
+            for c, ids in class_groups(labels[rows]):
+                with bound(model, c):
+                    ids_d = ids.to(device)
+                    out[ids_d] = flat(group_gradients(xb, rows, ids_d), len(ids), xb).detach()
+            yield rows, out
 
     # Arguments are checked at the call; the work runs only as the caller iterates.
     return batches()
