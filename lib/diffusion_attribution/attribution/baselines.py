@@ -74,6 +74,8 @@ def baseline_scores(
     project_rows: int | None = None,
     progress: bool = False,
     train: Mapping[str, Tensor] | None = None,
+    train_labels: Tensor | None = None,
+    query_labels: Tensor | None = None,
 ) -> ScoreSet:
     """TRAK, D-TRAK, DAS and similarity scores (Q, N) of one model, keyed by :class:`ScoreKey`.
 
@@ -117,6 +119,9 @@ def baseline_scores(
     training features' computation; they must be what
     :func:`~diffusion_attribution.attribution.trak.train_features` gives for these arguments.
 
+    ``train_labels`` (N,) and ``query_labels`` (Q,): the classes, for a class-conditional
+    model; every gradient, residual and feature of an image is then taken given its class.
+
     Returns a :class:`~diffusion_attribution.attribution.scores.ScoreSet` with
     ``meta = {"mean_eigenvalue": {"trak": ..., "d-trak": ..., "das": ...}, "seconds": {"gradients": ...,
     "projection": ..., "scoring": ...}}``.
@@ -134,7 +139,8 @@ def baseline_scores(
         train = {
             method: train_features(
                 model, params, measurements[FEATURE_MEASUREMENTS[method]], train_images,
-                projector, train_draws=train_draws, seed=seed, progress=progress, **kw,
+                projector, train_draws=train_draws, seed=seed, progress=progress,
+                labels=train_labels, **kw,
             )
             for method in methods
         }  # fmt: skip
@@ -146,7 +152,7 @@ def baseline_scores(
         name: _query_features(
             model, params, name, measurements[name], queries, projector, query_draws, seed + 1,
             query_trajectories, dict(batch_size=batch_size, project_rows=project_rows,
-                                     timings=timings),
+                                     timings=timings, labels=query_labels),
         )
         for name in dict.fromkeys([*query_measurements, *own])
     }  # fmt: skip
@@ -158,14 +164,15 @@ def baseline_scores(
     if das:
         residuals = residual_weights(
             model, measurements["loss"], train_images, draws=train_draws, seed=seed,
-            batch_size=batch_size,
+            batch_size=batch_size, labels=train_labels,
         )  # fmt: skip
         scores |= _das_matrices(
             query[OUTPUT_MEAN], train["das"], residuals, eigenvalues["das"], relative_dampings
         )
     scores |= _similarity_matrices(query, train["trak"], queries, train_images, query_measurements)
     if feature_module is not None:
-        scores |= _feature_matrix(model, queries, train_images, feature_module)
+        labels = None if train_labels is None else torch.cat([query_labels, train_labels])
+        scores |= _feature_matrix(model, queries, train_images, feature_module, labels)
     synchronize(device)
     timings["scoring"] = time.perf_counter() - start
     return ScoreSet(scores, {"mean_eigenvalue": eigenvalues, "seconds": timings})
@@ -209,12 +216,12 @@ def _query_features(
 
 
 def _feature_matrix(
-    model: nn.Module, queries: Tensor, train_images: Tensor, module: str
+    model: nn.Module, queries: Tensor, train_images: Tensor, module: str, labels: Tensor | None
 ) -> dict[ScoreKey, Tensor]:
     """The cosine of the model's features at ``module`` of the queries and the training images."""
     device = next(model.parameters()).device
     features = bottleneck_features(
-        model, torch.cat([queries, train_images]).to(device), module=module
+        model, torch.cat([queries, train_images]).to(device), module=module, labels=labels
     )
     return {
         ScoreKey("feature_cos", "none"): feature_cosine(

@@ -55,6 +55,7 @@ import torch
 from torch import Tensor, nn
 
 from diffusion_attribution.attribution.trak import trak_scores_sweep
+from diffusion_attribution.diffusion.conditional import bound, class_groups
 from diffusion_attribution.diffusion.ddpm import EpsModel, q_sample
 from diffusion_attribution.diffusion.measurements import Measurement
 
@@ -94,17 +95,27 @@ def residual_weights(
     draws: int,
     seed: int,
     batch_size: int = 64,
+    labels: Tensor | None = None,
 ) -> Tensor:
     """e_j = sqrt(l(theta, x_j) / D) for every training image (N,) float64: the RMS
     noise-prediction error of the diffusion ``loss`` at the training draws (``draws`` per
-    example with ``seed``, those of TRAK's training features). Forward passes only."""
+    example with ``seed``, those of TRAK's training features). Forward passes only.
+    ``labels`` (N,): the images' classes, for a class-conditional model."""
     device = next(model.parameters()).device
     out = torch.empty(len(images), dtype=torch.float64)
     for start in range(0, len(images), batch_size):
         x = images[start : start + batch_size].to(device)
         ids = torch.arange(start, start + len(x))
-        values = loss(model, x, loss.draw(x, ids, draws, seed))
-        out[start : start + len(x)] = values.double().cpu()
+        d = loss.draw(x, ids, draws, seed)
+        if labels is None:
+            values = loss(model, x, d).double().cpu()
+        else:
+            values = torch.empty(len(x), dtype=torch.float64)
+            for c, sub in class_groups(labels[start : start + len(x)]):
+                with bound(model, c):
+                    part = {k: v[sub] for k, v in d.items()}
+                    values[sub] = loss(model, x[sub.to(device)], part).double().cpu()
+        out[start : start + len(x)] = values
     if not bool((out >= 0).all()):
         raise ValueError("residual_weights: the loss must be a sum of squares (>= 0)")
     return (out / images[0].numel()).sqrt()

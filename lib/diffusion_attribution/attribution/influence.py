@@ -220,6 +220,7 @@ def precondition_queries(
     draw_chunk: int | None = 64,
     progress: bool = False,
     timings: Timings | None = None,
+    query_labels: Tensor | None = None,
 ) -> dict[ScoreKey, Tensor | Quantized]:
     """The query side of :func:`attribute`: for each spec, ``(K + damping I)^{-1} grad m`` of
     every query row, compressed as the spec says (rows on the model's device).
@@ -228,7 +229,9 @@ def precondition_queries(
     (``query_draws`` draws each, seed ``seed + 1``, drawn by query id: ``query_ids``, default
     ``0..Q-1``, so a block of queries gets the same draws as in the whole set) are computed
     once, then preconditioned by every requested curvature and damping (one rotation into
-    each eigenbasis for all dampings of a variant) and compressed.
+    each eigenbasis for all dampings of a variant) and compressed. ``query_labels`` (Q,): the
+    queries' classes, for a class-conditional model (each query's measurement is taken given
+    its class).
     """
     _check_specs(specs, curvatures, measurements)
     timings = Timings() if timings is None else timings
@@ -240,8 +243,9 @@ def precondition_queries(
         start = time.perf_counter()
         draws = m.draw(queries, q_ids, query_draws, seed + 1, trajectories=query_trajectories)
         grads = gradient_matrix(
-            model, params, m, queries, draws, batch_size=batch_size, draw_chunk=draw_chunk
-        )
+            model, params, m, queries, draws, batch_size=batch_size, draw_chunk=draw_chunk,
+            labels=query_labels,
+        )  # fmt: skip
         if progress:
             print(f"query gradients of {name}: {time.perf_counter() - start:.1f} s", flush=True)
         timings.query_gradients += time.perf_counter() - start
@@ -273,6 +277,7 @@ def score_columns(
     draw_chunk: int | None = 64,
     progress: bool = False,
     timings: Timings | None = None,
+    train_labels: Tensor | None = None,
 ) -> dict[ScoreKey, Tensor]:
     """The training side of :func:`attribute`: score columns ``columns`` (default: all) of
     every preconditioned query set, ``(Q, len(columns))`` each.
@@ -281,7 +286,8 @@ def score_columns(
     ``train_draws`` draws each, seed ``seed``) are streamed once for all query sets. Draws
     depend only on (seed, training id), so the columns of a shard equal those columns of the
     whole matrix (up to float round-off of batching): shards computed in separate jobs and
-    concatenated give :func:`attribute`'s scores.
+    concatenated give :func:`attribute`'s scores. ``train_labels`` (N,): the classes of
+    ``train_images``, for a class-conditional model.
     """
     from tqdm.std import tqdm  # only for a progress bar: keeps importing the package cheap
 
@@ -307,6 +313,7 @@ def score_columns(
                 batch_size=batch_size,
                 draw_chunk=draw_chunk,
                 scale=scale,
+                labels=None if train_labels is None else train_labels[ids],
             ):
                 yield slice(start + sl.start, start + sl.stop), g
 

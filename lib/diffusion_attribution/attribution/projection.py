@@ -418,6 +418,7 @@ def featurize(
     draw_chunk: int | None = None,
     progress: bool = False,
     timings: dict[str, float] | None = None,
+    labels: Tensor | None = None,
 ) -> Tensor:
     """Projected per-example gradients (N, k) float32 of ``scale * measurement``, on the
     device of ``params`` (the model's: gradients, sketch and result all stay there).
@@ -431,6 +432,8 @@ def featurize(
     ``project_rows >= N``. ``timings`` (if given) accumulates seconds under ``"gradients"``
     and ``"projection"``. For training
     features pass ``scale=train_gradient_scale(D)`` (lbar = l / D, the influence convention).
+    ``labels`` (N,): the examples' classes, for a class-conditional model
+    (:func:`~diffusion_attribution.diffusion.gradients.per_example_gradients`).
     """
     n = x0.shape[0]
     num_params = sum(p.numel() for p in params)
@@ -467,6 +470,7 @@ def featurize(
         draw_chunk=draw_chunk,
         scale=scale,
         progress=progress,
+        labels=labels,
     )
     it = iter(stream)
     while True:

@@ -74,11 +74,13 @@ def bottleneck_features(
     module: str = "mid2",
     timestep: int = 1,
     batch_size: int = 256,
+    labels: Tensor | None = None,
 ) -> Tensor:
     """(N, F) float32: the output of ``model``'s submodule ``module`` (the U-Net's bottleneck,
     ``mid2`` of :class:`~diffusion_attribution.diffusion.unet.UNet`), flattened, for the clean
     images (N, C, H, W) at ``timestep`` (1: the least noisy step the model was trained on).
-    The model runs in eval mode (restored afterwards)."""
+    The model runs in eval mode (restored afterwards). ``labels`` (N,): the images' classes,
+    given to a class-conditional model with each image."""
     target = dict(model.named_modules()).get(module)
     if target is None:
         raise ValueError(f"the model has no submodule {module!r}")
@@ -90,7 +92,11 @@ def bottleneck_features(
         device = next(model.parameters()).device
         for i in range(0, len(images), batch_size):
             x = images[i : i + batch_size].to(device)
-            model(x, torch.full((len(x),), timestep, dtype=torch.int64, device=device))
+            t = torch.full((len(x),), timestep, dtype=torch.int64, device=device)
+            if labels is None:
+                model(x, t)
+            else:
+                model(x, t, labels[i : i + batch_size].to(device))
     finally:
         handle.remove()
         model.train(was_training)

@@ -303,13 +303,15 @@ def train_features(
     timings: dict[str, float] | None = None,
     progress: bool = False,
     first_id: int = 0,
+    labels: Tensor | None = None,
 ) -> Tensor:
     """Projected gradients (N, k) of ``measurement`` scaled to lbar = l / D (the training side
     of TRAK / D-TRAK), with draws made group by group so memory does not grow with N; on the
     device of ``params`` (:func:`featurize`). ``train_images`` are the examples with ids
     ``first_id, first_id + 1, ...`` of the training set (a shard of it,
     :func:`diffusion_attribution.pipeline.shards.features.sharded_train_features`): draws depend
-    only on (seed, example id), so a shard's rows are those of the whole set's."""
+    only on (seed, example id), so a shard's rows are those of the whole set's. ``labels``
+    (N,): the classes of ``train_images``, for a class-conditional model."""
     n = len(train_images)
     scale = train_gradient_scale(train_images[0].numel())
     num_params = sum(p.numel() for p in params)
@@ -332,6 +334,7 @@ def train_features(
             scale=scale,
             project_rows=project_rows,
             timings=timings,
+            labels=None if labels is None else labels[start:stop],
         )
         if progress and (stop == n or time.perf_counter() - shown >= 5.0):
             print(f"{measurement.name} features: {stop}/{n}", flush=True)

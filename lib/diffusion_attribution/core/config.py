@@ -39,6 +39,7 @@ from pydantic import ValidationError, model_validator
 from diffusion_attribution.core.io import atomic_write_text
 from diffusion_attribution.core.sections import (
     IMAGE_SIZES,
+    ConditionalConfig,
     CounterfactualConfig,
     CurvatureConfig,
     DataConfig,
@@ -74,6 +75,8 @@ class Config(Section):
     protocol: ProtocolConfig = ProtocolConfig()
     #: LoRA fine-tuning of a base model (beyond the paper); ``None``: train from scratch.
     finetune: FinetuneConfig | None = None
+    #: A class-conditional model with guidance (beyond the paper); ``None``: unconditional.
+    conditional: ConditionalConfig | None = None
 
     @model_validator(mode="after")
     def _check_timesteps(self) -> Config:
@@ -104,6 +107,17 @@ class Config(Section):
                 f"finetune: LoRA fine-tuning draws its base and fine-tuning classes from "
                 f"digits10; set data.dataset: digits10 (got {self.data.dataset})"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _check_conditional(self) -> Config:
+        if self.conditional and self.data.dataset not in ("digits10", "cifar10"):
+            raise ValueError(
+                f"conditional: the class-conditional model numbers its classes 0..9; set "
+                f"data.dataset: digits10 or cifar10 (got {self.data.dataset})"
+            )
+        if self.conditional and self.finetune:
+            raise ValueError("conditional: not with finetune (set one of them to null)")
         return self
 
     @model_validator(mode="after")
@@ -229,7 +243,7 @@ def _format(err: ValidationError, source: str, prefix: tuple = ()) -> str:
 
 
 def section_type(name: str) -> type[Section]:
-    """The section class of ``Config``'s field ``name`` (an optional one's, for ``finetune``)."""
+    """The section class of ``Config``'s field ``name`` (an optional one's, for ``finetune`` and ``conditional``)."""
     annotation = Config.model_fields[name].annotation
     kinds = [a for a in typing.get_args(annotation) if a is not type(None)]
     return kinds[0] if kinds else annotation

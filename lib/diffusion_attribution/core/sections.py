@@ -449,3 +449,18 @@ class FinetuneConfig(Section):
                 f"digits of classes {list(self.classes)} can give"
             )
         return self
+
+
+class ConditionalConfig(Section):
+    """A class-conditional model with classifier-free guidance (beyond the paper;
+    :mod:`~diffusion_attribution.diffusion.conditional`).
+
+    The U-Net gets each image's class through a class embedding; training drops the class
+    to the null class with probability ``p_uncond``; the generated samples cycle through the
+    classes (sample ``i`` is of class ``i mod K``) and are drawn with guidance weight
+    ``guidance`` (eq. 6 of Ho & Salimans, 2022; 0 is the plain conditional model). Every
+    measurement of a sample is taken under the conditional model of its class, unguided.
+    """
+
+    p_uncond: Probability = 0.1
+    guidance: Annotated[Float, Field(ge=0)] = 1.0

@@ -32,8 +32,9 @@ from torch import Tensor, nn
 from diffusion_attribution.core.identity import code_digest, file_digest, fingerprint, move_aside
 from diffusion_attribution.core.io import CorruptFileError, atomic_save, check_finite, load
 from diffusion_attribution.core.jobs import run_tasks
-from diffusion_attribution.diffusion import ddpm, training, unet
+from diffusion_attribution.diffusion import conditional, ddpm, training, unet
 from diffusion_attribution.diffusion import measurements as measurement_module
+from diffusion_attribution.diffusion.conditional import bound, class_groups, load_conditional
 from diffusion_attribution.diffusion.ddpm import NoiseSchedule
 from diffusion_attribution.diffusion.measurements import (
     ELBO,
@@ -100,6 +101,35 @@ def measure(
     return out
 
 
+@torch.no_grad()
+def measure_by_class(
+    model: nn.Module,
+    measurements: Mapping[str, Measurement],
+    queries: Tensor,
+    labels: Tensor,
+    num_draws: Mapping[str, int],
+    seed: int,
+    *,
+    trajectories: Tensor | None = None,
+    batch_size: int = 1024,
+) -> dict[str, Tensor]:
+    """:func:`measure` for a class-conditional model: the queries of each class (``labels``,
+    (Q,)) measured with the model bound to their class, i.e. under ``p_theta(x | c)``. A
+    query's draws are those of its row among its class's queries (common to every model, as
+    :func:`measure`'s)."""
+    out = {name: torch.empty(len(queries), dtype=torch.float64) for name in measurements}
+    for c, ids in class_groups(labels):
+        traj = None if trajectories is None else trajectories[:, ids]
+        with bound(model, c):
+            part = measure(
+                model, measurements, queries[ids], num_draws, seed, trajectories=traj,
+                batch_size=batch_size,
+            )  # fmt: skip
+        for name, values in part.items():
+            out[name][ids] = values
+    return out
+
+
 def measurement_code() -> str:
     """:func:`~diffusion_attribution.core.identity.code_digest` of the code that computes a
     measurement (:func:`measure` and :func:`describe` here, the modules ``measurements``,
@@ -115,10 +145,19 @@ def cache_settings(
     seed: int,
     trajectories: Tensor | None = None,
     batch_size: int = 1024,
+    labels: Tensor | None = None,
 ) -> dict[str, object]:
     """What besides the model defines the cached values of a :func:`measure_models` call (the
-    measurements, draws, seed, batch size and hashes of the queries and trajectories), as
-    plain JSON-able values."""
+    measurements, draws, seed, batch size and hashes of the queries and trajectories; with
+    ``labels``, the queries' classes and the code of :func:`measure_by_class`), as plain
+    JSON-able values."""
+    if labels is not None:
+        plain = cache_settings(measurements, queries, num_draws, seed, trajectories, batch_size)
+        return {
+            **plain,
+            "labels": hashlib.sha256(labels.numpy().tobytes()).hexdigest(),
+            "by_class": code_digest(measure_by_class, conditional),
+        }
     return {
         "measurements": {k: describe(m) for k, m in measurements.items()},
         "draws": dict(num_draws),
@@ -166,16 +205,17 @@ def run_measure_task(task: MeasureTask) -> str:
         for label, model_path, cache_path, key in task.models:
             if Path(cache_path).exists():
                 continue
-            model = load_checked_model(model_path, device=os.environ.get("DA_DEVICE", "cpu"))
-            values = measure(
-                model,
-                task.measurements,
-                inputs["queries"],
-                task.num_draws,
-                task.seed,
-                trajectories=inputs["trajectories"],
-                batch_size=task.batch_size,
-            )
+            device = os.environ.get("DA_DEVICE", "cpu")
+            kw = dict(trajectories=inputs["trajectories"], batch_size=task.batch_size)
+            args = (task.measurements, inputs["queries"])
+            if inputs.get("labels") is None:
+                model = load_checked_model(model_path, device=device)
+                values = measure(model, *args, task.num_draws, task.seed, **kw)
+            else:
+                model = load_conditional(model_path, device=device)
+                values = measure_by_class(
+                    model, *args, inputs["labels"], task.num_draws, task.seed, **kw
+                )
             check_finite(values, f"measure: model {label!r} ({model_path})")
             atomic_save({"key": key, "values": values}, cache_path)
     finally:
@@ -218,6 +258,7 @@ def measure_models(
     prune: bool = False,
     stale_dir: str | Path,
     folder: str | Path | None = None,
+    labels: Tensor | None = None,
 ) -> MeasuredModels:
     """:func:`measure` on every model file (``{label: path}``); returns ``{label: {name: (Q,)}}``
     (a :class:`MeasuredModels`, which also says which labels were measured rather than cached).
@@ -236,10 +277,14 @@ def measure_models(
     SLURM job array), several models per task locally (a process start costs seconds), one
     per task on SLURM (``DA_MODELS_PER_TASK`` overrides both); ``folder`` (default: a hidden
     folder beside ``cache_dir``) holds the tasks' shared inputs and submitit's files.
+    ``labels`` (Q,): the queries' classes, for class-conditional models
+    (:func:`measure_by_class`).
     """
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    settings = cache_settings(measurements, queries, num_draws, seed, trajectories, batch_size)
+    settings = cache_settings(
+        measurements, queries, num_draws, seed, trajectories, batch_size, labels=labels
+    )
     stale = sorted(f for f in cache_dir.glob("*.pt") if f.stem not in models) if prune else []
     results: dict[str, dict[str, Tensor]] = {}
     todo = []
@@ -270,7 +315,7 @@ def measure_models(
             queries,
             num_draws,
             seed,
-            trajectories,
+            (trajectories, labels),
             batch_size,
             workers=workers,
             folder=Path(folder) if folder else cache_dir.parent / f".{cache_dir.name}.jobs",
@@ -292,7 +337,7 @@ def _run_measure_tasks(
     queries: Tensor,
     num_draws: Mapping[str, int],
     seed: int,
-    trajectories: Tensor | None,
+    trajectories_and_labels: tuple[Tensor | None, Tensor | None],
     batch_size: int,
     *,
     workers: int | None,
@@ -307,9 +352,14 @@ def _run_measure_tasks(
         1 if executor == "slurm" else math.ceil(len(todo) / (2 * workers))
     )
     folder.mkdir(parents=True, exist_ok=True)
-    inputs = folder / f"inputs_{fingerprint(queries, trajectories)}.pt"
+    trajectories, labels = trajectories_and_labels
+    if labels is None:
+        inputs = folder / f"inputs_{fingerprint(queries, trajectories)}.pt"
+    else:
+        inputs = folder / f"inputs_{fingerprint(queries, trajectories, labels)}.pt"
     if not inputs.exists():
-        atomic_save({"queries": queries, "trajectories": trajectories}, inputs)
+        saved = {"queries": queries, "trajectories": trajectories}
+        atomic_save(saved if labels is None else {**saved, "labels": labels}, inputs)
     tasks = []
     for i in range(0, len(todo), per):
         group = todo[i : i + per]
