@@ -111,13 +111,13 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _check_conditional(self) -> Config:
-        if self.conditional and self.data.dataset not in ("digits10", "cifar10"):
-            raise ValueError(
-                f"conditional: the class-conditional model numbers its classes 0..9; set "
-                f"data.dataset: digits10 or cifar10 (got {self.data.dataset})"
-            )
         if self.conditional and self.finetune:
             raise ValueError("conditional: not with finetune (set one of them to null)")
+        if self.conditional and (self.protocol.fit_draws or self.protocol.projection_dims):
+            raise ValueError(
+                "conditional: the protocol's budget study fits unconditional models only; set "
+                "protocol.fit_draws and protocol.projection_dims to []"
+            )
         return self
 
     @model_validator(mode="after")

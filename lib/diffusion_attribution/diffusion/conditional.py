@@ -49,9 +49,14 @@ from diffusion_attribution.diffusion.unet import UNet, UNetConfig
 __all__ = [
     "ConditionalUNet",
     "bound",
+    "build_conditional",
     "class_groups",
+    "class_runs",
     "guided",
+    "is_conditional",
     "load_conditional",
+    "num_classes",
+    "per_class",
     "save_conditional",
     "train_conditional",
 ]
@@ -131,6 +136,19 @@ def class_groups(labels: Tensor) -> Iterator[tuple[int, Tensor]]:
         yield int(c), torch.nonzero(labels == c).flatten()
 
 
+def per_class(model: ConditionalUNet, labels: Tensor, fn) -> Tensor:
+    """``fn(ids)`` (a tensor with ``len(ids)`` rows) for the examples ``ids`` of each class in
+    ``labels``, evaluated with ``model`` bound to that class, put back in the examples' order."""
+    out = None
+    for c, ids in class_groups(labels):
+        with bound(model, c):
+            part = fn(ids)
+        if out is None:
+            out = part.new_empty((len(labels), *part.shape[1:]))
+        out[ids.to(out.device)] = part
+    return out
+
+
 def class_runs(labels: Tensor) -> Iterator[tuple[int, slice]]:
     """``(c, rows)`` for each maximal run of equal consecutive labels, in order (one run per
     class for a class-sorted set)."""
@@ -159,6 +177,12 @@ def guided(model: ConditionalUNet, classes: Tensor, weight: float):
         return (1 + weight) * cond - weight * model(x, t, torch.full_like(y, model.null_class))
 
     return eps
+
+
+def num_classes(ds) -> int:
+    """The number of classes a conditional model of the dataset ``ds`` embeds: its largest
+    class id plus one (class ids are the dataset's own, e.g. 3 and 8 of digits-2)."""
+    return int(ds.labels.max()) + 1
 
 
 def build_conditional(
@@ -243,7 +267,7 @@ def train_conditional(
         raise TypeError("train_conditional: model_fn must build a ConditionalUNet")
     params = list(model.parameters())
     ema = [p.detach().clone() for p in params]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup_steps, cfg.steps))
     gens = {k: torch.Generator().manual_seed(cfg.seed + i) for i, k in enumerate("bnd", 1)}
     n, bs = len(images), min(cfg.batch_size, len(images))

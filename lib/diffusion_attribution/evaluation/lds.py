@@ -251,6 +251,22 @@ def top_removal_sets(scores: Tensor, fraction: float) -> Tensor:
     return scores.argsort(dim=1, descending=True)[:, :n_remove]
 
 
+def same_class_share(
+    scores: Tensor, query_classes: Tensor, train_labels: Tensor, fraction: float
+) -> Tensor:
+    """(Q,) float64: the share of each query's top ``fraction`` of the training set (its
+    :func:`top_removal_sets`) whose class is the query's ``query_classes`` entry. Chance is
+    the share of the training set in that class (:func:`class_share`)."""
+    top = top_removal_sets(scores, fraction)
+    return (train_labels[top] == query_classes[:, None].to(train_labels)).double().mean(1)
+
+
+def class_share(query_classes: Tensor, train_labels: Tensor) -> Tensor:
+    """(Q,) float64: the share of the training set in each query's class (the chance level of
+    :func:`same_class_share`)."""
+    return (train_labels[None, :] == query_classes[:, None].to(train_labels)).double().mean(1)
+
+
 def random_removal_sets(num_train: int, fraction: float, num_queries: int, seed: int) -> Tensor:
     """(Q, n_remove) random training ids per query, n_remove = ceil(fraction * N): the
     control for :func:`top_removal_sets` (removing *some* data also changes the loss)."""

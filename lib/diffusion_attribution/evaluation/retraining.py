@@ -87,6 +87,8 @@ class RetrainJob:
             (:func:`~diffusion_attribution.evaluation.lora_retraining.lora_spec`: the base
             model's file and digest, rank, scale and code digest); trained by
             :func:`~diffusion_attribution.evaluation.lora_retraining.run_lora_stack`.
+        conditional: ``None``, or a class-conditional model instead
+            (:func:`~diffusion_attribution.evaluation.conditional_retraining.conditional_spec`).
     """
 
     name: str
@@ -99,6 +101,7 @@ class RetrainJob:
     output: str
     stack: int = 1
     lora: dict | None = None
+    conditional: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -191,6 +194,7 @@ def make_job(
     data_digest: str | None = None,
     stack: int = 1,
     lora: dict | None = None,
+    conditional: dict | None = None,
 ) -> RetrainJob:
     """A job whose output file name carries a fingerprint of everything that defines the model
     (the training set's content, configs, kept ids, seed, the training code and
@@ -208,9 +212,11 @@ def make_job(
     parts = (digest, _job_code(), model, diffusion, train, keep, int(seed))
     # a LoRA job is named by its base's content, not where the file lies
     tuned = tuple(sorted((k, v) for k, v in (lora or {}).items() if k != "base"))
-    fp = fingerprint(
-        *parts, *(("stack", int(stack)) if stack != 1 else ()), *(("lora", tuned) if lora else ())
-    )
+    # the same arguments as before the conditional recipe existed: no model is renamed
+    extra = ("stack", int(stack)) if stack != 1 else ()
+    extra += ("lora", tuned) if lora else ()
+    extra += ("conditional", tuple(sorted(conditional.items()))) if conditional else ()
+    fp = fingerprint(*parts, *extra)
     return RetrainJob(
         name=name,
         data_path=str(data_path),
@@ -222,6 +228,7 @@ def make_job(
         output=str(Path(out_dir) / f"{name}-{fp}.pt"),
         stack=int(stack),
         lora=lora,
+        conditional=conditional,
     )
 
 
@@ -230,7 +237,8 @@ def _stack_key(job: RetrainJob) -> str:
     settings but the seed, and the same batch size."""
     train = {k: v for k, v in job.train.items() if k != "seed"}
     batch = min(int(job.train["batch_size"]), len(job.keep))
-    return repr((job.data_path, job.model, job.diffusion, sorted(train.items()), batch, job.lora))
+    recipe = (job.lora, job.conditional)
+    return repr((job.data_path, job.model, job.diffusion, sorted(train.items()), batch, recipe))
 
 
 def stack_jobs(jobs: Sequence[RetrainJob], max_size: int) -> list[RetrainJob]:
@@ -245,7 +253,7 @@ def stack_jobs(jobs: Sequence[RetrainJob], max_size: int) -> list[RetrainJob]:
     if max_size < 1:
         raise ValueError(f"stack_jobs: max_size must be >= 1, got {max_size}")
     sizes: dict[int, int] = {}
-    for group in _groups(jobs, lambda members: 1 if members[0].lora else max_size):
+    for group in _groups(jobs, lambda ms: 1 if ms[0].lora or ms[0].conditional else max_size):
         sizes.update({id(job): len(group) for job in group})
     digests: dict[str, str] = {}
     remade = []
@@ -264,6 +272,7 @@ def stack_jobs(jobs: Sequence[RetrainJob], max_size: int) -> list[RetrainJob]:
                 digest,
                 stack=sizes[id(job)],
                 lora=job.lora,
+                conditional=job.conditional,
             )  # fmt: skip
         )
     return remade
@@ -308,12 +317,14 @@ def subset_jobs(
     *,
     shared: bool = True,
     lora: dict | None = None,
+    conditional: dict | None = None,
 ) -> list[list[RetrainJob]]:
     """``jobs[i][k]``: the model of subset i (``masks[i]``, True = kept) with training seed
     ``seeds[k]`` (App. G.4). ``shared=True``: every subset's k-th model has seed ``seeds[k]``
     (shared seeds: module docstring). ``shared=False``: one model per subset, subset i with
     the seed ``seeds[i]`` of its own (``len(seeds) == len(masks)``), the independent-seed
-    design. ``lora``: LoRA fine-tuning instead (:class:`RetrainJob`)."""
+    design. ``lora``, ``conditional``: LoRA fine-tuning or a conditional model
+    (:class:`RetrainJob`)."""
     digest = file_digest(data_path)
     if not shared and len(seeds) != len(masks):
         raise ValueError(f"independent seeds: {len(seeds)} seeds for {len(masks)} subsets")
@@ -322,7 +333,7 @@ def subset_jobs(
         keep = torch.nonzero(mask).flatten().tolist()
         return make_job(
             f"subset{i:03d}_{tag}{seed}", data_path, keep, seed, model, diffusion, train,
-            out_dir, digest, lora=lora,
+            out_dir, digest, lora=lora, conditional=conditional,
         )  # fmt: skip
 
     if not shared:
@@ -340,6 +351,7 @@ def reference_jobs(
     train: TrainConfig,
     out_dir: str | Path,
     lora: dict | None = None,
+    conditional: dict | None = None,
 ) -> list[RetrainJob]:
     """``jobs[k]``: a model on the *full* training set with training seed ``seeds[k]`` for
     ``steps`` steps.
@@ -350,21 +362,10 @@ def reference_jobs(
     model) - m(reference) reflects the removed data, not shorter training or another seed."""
     digest = file_digest(data_path)
     ref_train = train.model_copy(update={"steps": int(steps)})
-    return [
-        make_job(
-            f"reference_seed{s}",
-            data_path,
-            range(num_train),
-            s,
-            model,
-            diffusion,
-            ref_train,
-            out_dir,
-            digest,
-            lora=lora,
-        )
-        for s in seeds
-    ]
+    common, kw = (model, diffusion, ref_train, out_dir, digest), {"lora": lora}
+    kw["conditional"] = conditional
+    everything = range(num_train)
+    return [make_job(f"reference_seed{s}", data_path, everything, s, *common, **kw) for s in seeds]
 
 
 def prune(

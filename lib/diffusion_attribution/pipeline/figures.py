@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import matplotlib.pyplot as plt
 import numpy as np
+import torch
 from torch import Tensor
 
 from diffusion_attribution.diffusion.datasets import image_grid
@@ -173,3 +174,64 @@ def predicted_vs_actual(ax: plt.Axes, predicted: Tensor, actual: Tensor, title: 
     ax.axhline(0, color="k", lw=0.5)
     ax.axvline(0, color="k", lw=0.5)
     ax.set(xlabel="predicted change (K-FAC influence)", ylabel="actual change", title=title)
+
+
+def class_influences(
+    queries: Tensor,
+    classes: Tensor,
+    train_images: Tensor,
+    train_labels: Tensor,
+    scores: Tensor,
+    shares,
+    chance: float,
+    labels: dict[str, str],
+    k: int = 5,
+) -> plt.Figure:
+    """Left: for the first sample of each class (rows), the sample, its ``k`` most positive and
+    ``k`` most negative influences by ``scores`` (each training image titled with its class).
+    Right: per method and removed fraction, the mean share of a sample's top influences that
+    share its class (``shares``: a DataFrame with columns method, fraction, mean, stderr),
+    against ``chance`` (the training set's share of the sample's class)."""
+    rows = [int(torch.nonzero(classes == c)[0]) for c in torch.unique(classes).tolist()]
+    fig = plt.figure(figsize=(15, 0.85 * len(rows) + 1.6))
+    grid = fig.add_gridspec(1, 2, width_ratios=[2.3, 1], wspace=0.12)
+    fig.subplots_adjust(left=0.01, right=0.99, top=1 - 0.5 / fig.get_figheight(), bottom=0.22)
+    widths = [1.0, 0.3] + [1.0] * k + [0.3] + [1.0] * k
+    left = grid[0].subgridspec(len(rows), len(widths), width_ratios=widths, hspace=0.55)
+    cols = [0] + [2 + i for i in range(k)] + [3 + k + i for i in range(k)]
+    heads = {}
+    for r, q in enumerate(rows):
+        order = scores[q].argsort(descending=True)
+        picks = [None, *order[:k].tolist(), *order.flip(0)[:k].tolist()]
+        for col, j in zip(cols, picks, strict=True):
+            ax = fig.add_subplot(left[r, col])
+            img = queries[q] if j is None else train_images[j]
+            ax.imshow(
+                (img.clamp(-1, 1).permute(1, 2, 0).squeeze(-1) + 1) / 2, cmap="gray", vmin=0, vmax=1
+            )
+            ax.axis("off")
+            same = j is not None and int(train_labels[j]) == int(classes[q])
+            text = f"sample: {int(classes[q])}" if j is None else str(int(train_labels[j]))
+            ax.set_title(text, fontsize=7, color="tab:green" if same else "k", pad=2)
+            if r == 0 and col in (0, 2, 3 + k):
+                heads[col] = ax
+    for col, text in ((2, f"top {k} positive influences (green: the sample's class)"),
+                      (3 + k, f"top {k} negative influences")):  # fmt: skip
+        box = heads[col].get_position()
+        fig.text(box.x0, box.y1 + 0.25 / fig.get_figheight(), text, fontsize=9)
+    ax = fig.add_subplot(grid[1])
+    methods = list(dict.fromkeys(shares.method))
+    fractions = sorted(set(shares.fraction))
+    width = 0.8 / len(methods)
+    for j, method in enumerate(methods):
+        for i, frac in enumerate(fractions):
+            row = shares[(shares.method == method) & (shares.fraction == frac)].iloc[0]
+            x = i + (j - (len(methods) - 1) / 2) * width
+            ax.bar(x, row["mean"], width, yerr=row["stderr"], color=f"C{j}",
+                   label=labels.get(method, method) if i == 0 else None)  # fmt: skip
+    ax.axhline(chance, color="k", ls="--", lw=0.8, label="chance (the class's share of the data)")
+    ax.set_xticks(range(len(fractions)), [f"top {f:.0%} of the data" for f in fractions])
+    ax.set(ylim=(0, 1), ylabel="share in the sample's class")
+    ax.set_title("Top influences in the sample's class (mean ± s.e.)", fontsize=10)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2)
+    return fig

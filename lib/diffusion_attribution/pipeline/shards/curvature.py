@@ -33,8 +33,8 @@ from diffusion_attribution.curvature.partial_sums import (
 from diffusion_attribution.diffusion import ddpm, unet
 from diffusion_attribution.diffusion import measurements as measurements_module
 from diffusion_attribution.diffusion.datasets import ImageDataset
-from diffusion_attribution.diffusion.lora import load_attributed
 from diffusion_attribution.diffusion.measurements import DiffusionLoss
+from diffusion_attribution.pipeline.attributed import attributed_model, class_labels
 from diffusion_attribution.pipeline.schedule import schedule_of
 from diffusion_attribution.pipeline.shards.phases import (
     cache_folder,
@@ -75,14 +75,16 @@ def run_factor_shard(task: FactorShardTask) -> str:
     schedule = schedule_of(DiffusionConfig(**task.diffusion))
     ws = Workspace(task.root, threads=task.threads)
     ws.set_threads()
-    net, params = load_attributed(ws.path(ws.MODEL), ws.lora_model(), device=ws.device)
+    net, params = attributed_model(ws)
     ids = torch.arange(task.start, task.stop)
-    x0 = ImageDataset.load(ws.path(ws.TRAIN_SET)).images[ids]
+    dataset = ImageDataset.load(ws.path(ws.TRAIN_SET))
+    x0, labels = dataset.images[ids], class_labels(net, dataset.labels[ids])
     # (t, eps) depend only on (seed, example id): a shard draws its own examples' draws
     draws = DiffusionLoss(schedule).draw(x0, ids, ccfg.num_draws, ccfg.seed)
     device = ws.device
     args = (net, params, schedule, x0.to(device), draws["t"].to(device), draws["eps"].to(device))
     kw = dict(example_offset=task.start, batch_size=ccfg.batch_size, mc_seed=ccfg.seed)
+    kw["labels"] = labels
     if task.kind == "factors":
         sums = hooks.factor_sums(*args, fisher=task.fisher, kfac=task.kfac, **kw)
     elif task.kind == "corrections":

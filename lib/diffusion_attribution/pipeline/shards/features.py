@@ -32,8 +32,11 @@ from diffusion_attribution.core.sections import DiffusionConfig
 from diffusion_attribution.diffusion import ddpm, gradients, unet
 from diffusion_attribution.diffusion import measurements as measurements_module
 from diffusion_attribution.diffusion.datasets import ImageDataset, pixel_levels
-from diffusion_attribution.diffusion.lora import load_attributed
-from diffusion_attribution.pipeline.attributed import measurements_of
+from diffusion_attribution.pipeline.attributed import (
+    attributed_model,
+    class_labels,
+    measurements_of,
+)
 from diffusion_attribution.pipeline.schedule import schedule_of
 from diffusion_attribution.pipeline.shards.phases import (
     cache_folder,
@@ -84,7 +87,7 @@ def run_feature_shard(task: FeatureShardTask) -> str:
     fs = FeatureSettings(**task.settings)
     ws = Workspace(task.root, threads=task.threads)
     ws.set_threads()
-    net, params = load_attributed(ws.path(ws.MODEL), ws.lora_model(), device=ws.device)
+    net, params = attributed_model(ws)
     dataset = ImageDataset.load(ws.path(ws.TRAIN_SET))
     diffusion = DiffusionConfig(**task.diffusion)
     measurements = measurements_of(
@@ -107,6 +110,7 @@ def run_feature_shard(task: FeatureShardTask) -> str:
         batch_size=fs.batch_size,
         first_id=task.start,
         progress=True,
+        labels=class_labels(net, dataset.labels[task.start : task.stop]),
     )
     write_seconds(task.output, time.perf_counter() - start)
     atomic_save({"features": features.cpu(), "start": task.start, "stop": task.stop}, task.output)

@@ -52,8 +52,12 @@ from diffusion_attribution.curvature.kfac import KFAC
 from diffusion_attribution.diffusion import ddpm, gradients, unet
 from diffusion_attribution.diffusion import measurements as measurements_module
 from diffusion_attribution.diffusion.datasets import ImageDataset, pixel_levels
-from diffusion_attribution.diffusion.lora import load_attributed
-from diffusion_attribution.pipeline.attributed import measurements_of
+from diffusion_attribution.pipeline.attributed import (
+    attributed_model,
+    class_labels,
+    measurements_of,
+    sample_labels,
+)
 from diffusion_attribution.pipeline.schedule import schedule_of
 from diffusion_attribution.pipeline.shards.phases import (
     blocks,
@@ -191,7 +195,7 @@ def _context(task):
     icfg = InfluenceConfig(**task.influence)
     ws = Workspace(task.root, threads=task.threads)
     ws.set_threads()
-    net, params = load_attributed(ws.path(ws.MODEL), ws.lora_model(), device=ws.device)
+    net, params = attributed_model(ws)
     dataset = ImageDataset.load(ws.path(ws.TRAIN_SET))
     diffusion = DiffusionConfig(**task.diffusion)
     measurements = measurements_of(
@@ -228,6 +232,7 @@ def run_query_block(task: QueryBlockTask) -> str:
         batch_size=icfg.batch_size,
         timings=timings,
         progress=True,
+        query_labels=class_labels(net, sample_labels(samples, rows)),
     )
     # the timings beside the block (read without loading GBs of queries), then the block
     write_json(timings_path(task.output), asdict(timings))
@@ -258,6 +263,7 @@ def run_score_shard(task: ScoreShardTask) -> str:
         batch_size=icfg.batch_size,
         timings=timings,
         progress=True,
+        train_labels=class_labels(net, dataset.labels),
     )
     del pre
     _save_scores(

@@ -25,9 +25,13 @@ from diffusion_attribution.attribution.scores import ScoreKey, ScoreSet
 from diffusion_attribution.core.config import Config
 from diffusion_attribution.diffusion.datasets import ImageDataset, pixel_levels
 from diffusion_attribution.diffusion.ddpm import predicted_x0
-from diffusion_attribution.diffusion.lora import load_attributed
 from diffusion_attribution.diffusion.measurements import JourneyLoss
-from diffusion_attribution.pipeline.attributed import measurements_of
+from diffusion_attribution.pipeline.attributed import (
+    attributed_model,
+    class_labels,
+    measurements_of,
+    sample_labels,
+)
 from diffusion_attribution.pipeline.schedule import schedule_of
 from diffusion_attribution.pipeline.shards.features import FeatureSettings, sharded_train_features
 from diffusion_attribution.pipeline.stages import StageResult
@@ -155,7 +159,7 @@ def run(config: Config, ws: Workspace) -> StageResult:
     """Compute and save every baseline score matrix; their agreement with K-FAC influence."""
     icfg, tcfg = config.influence, config.trak
     ds = ImageDataset.load(ws.path(ws.TRAIN_SET))
-    net, params = load_attributed(ws.path(ws.MODEL), ws.lora_model(), device=ws.device)
+    net, params = attributed_model(ws)
     samples = torch.load(ws.path(ws.SAMPLES), weights_only=True)
     queries = samples["images"]
     measurements = measurements_of(
@@ -198,6 +202,8 @@ def run(config: Config, ws: Workspace) -> StageResult:
         },
         batch_size=icfg.batch_size,
         progress=True,
+        train_labels=class_labels(net, ds.labels),
+        query_labels=class_labels(net, sample_labels(samples)),
         # the long part, resumable per shard of the training set
         train=sharded_train_features(
             ws,

@@ -21,6 +21,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
+from sklearn.neighbors import KNeighborsClassifier
 
 from diffusion_attribution.attribution.scores import ScoreSet, select
 from diffusion_attribution.core.config import Config
@@ -29,16 +30,21 @@ from diffusion_attribution.diffusion.datasets import ImageDataset
 from diffusion_attribution.diffusion.measurements import DiffusionLoss
 from diffusion_attribution.evaluation import retraining_claims
 from diffusion_attribution.evaluation.ground_truth import measure_models
-from diffusion_attribution.evaluation.lds import random_removal_sets, top_removal_sets
-from diffusion_attribution.evaluation.lora_retraining import lora_spec, run_lora_stack
+from diffusion_attribution.evaluation.lds import (
+    class_share,
+    random_removal_sets,
+    same_class_share,
+    top_removal_sets,
+)
 from diffusion_attribution.evaluation.retraining import (
     RetrainJob,
     make_job,
     prune,
     run_jobs,
-    run_stack,
     stack_jobs,
 )
+from diffusion_attribution.pipeline.attributed import retraining_recipe, sample_labels
+from diffusion_attribution.pipeline.figures import class_influences
 from diffusion_attribution.pipeline.schedule import schedule_of
 from diffusion_attribution.pipeline.stages import StageResult
 from diffusion_attribution.pipeline.workspace import Workspace
@@ -54,7 +60,7 @@ INPUTS = (
 )
 OUTS = ("outputs/counterfactual",)
 PERSIST = ("outputs/counterfactual",)
-FIGURES = ("fig03_counterfactual.png",)
+FIGURES = ("fig03_counterfactual.png", "class_influences.png")
 METRICS = ("metrics/counterfactual.json",)
 
 LABELS = {
@@ -102,6 +108,34 @@ def margins_over_baselines(changes: pd.DataFrame) -> pd.Series:
     wide = changes.pivot_table(index=["fraction", "sample"], columns="method", values="change")
     baselines = [m for m in ("trak", "d-trak") if m in wide]
     return (wide["kfac"] - wide[baselines].max(axis=1)).groupby(level="sample").mean()
+
+
+def sample_classes(samples: dict, ds: ImageDataset) -> tuple[torch.Tensor, str]:
+    """Each generated sample's class and what it is: the class a class-conditional model
+    generated it for, else the class of its 5 nearest training images in pixel space."""
+    labels = sample_labels(samples)
+    if labels is not None:
+        return labels, "the class it was generated for"
+    knn = KNeighborsClassifier(n_neighbors=5).fit(ds.images.flatten(1).numpy(), ds.labels.numpy())
+    predicted = knn.predict(samples["images"].flatten(1).numpy())
+    return torch.as_tensor(predicted, dtype=torch.int64), "its 5-NN class in pixel space"
+
+
+def class_agreement(
+    chosen: dict, classes: torch.Tensor, train_labels: torch.Tensor, fractions: tuple[float, ...]
+) -> tuple[pd.DataFrame, float]:
+    """Per method and fraction: the mean (and standard error over samples) share of a sample's
+    top influences in its class (:func:`~diffusion_attribution.evaluation.lds.same_class_share`,
+    every sample); and the chance level, the training set's mean share of a sample's class."""
+    rows = []
+    for method, (_, scores) in chosen.items():
+        for frac in fractions:
+            share = same_class_share(scores, classes, train_labels, frac)
+            se = float(share.std() / len(share) ** 0.5) if len(share) > 1 else float("nan")
+            rows.append(
+                {"method": method, "fraction": frac, "mean": float(share.mean()), "stderr": se}
+            )
+    return pd.DataFrame(rows), float(class_share(classes, train_labels).mean())
 
 
 def removal_jobs(
@@ -155,27 +189,31 @@ def changes(removed: dict, values: dict, ref: torch.Tensor) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _job_maker(model_cfg, diffusion, tcfg, finetune, ws: Workspace, data_path, out_dir):
+def _job_maker(sections: tuple, ws: Workspace, data_path, out_dir):
     """``job(name, keep)``: a model trained as the full model on the examples ``keep``; and
-    what trains it (LoRA: only the fine-tuning is re-run, from the shared base)."""
+    what trains it (LoRA: only the fine-tuning is re-run, from the shared base). ``sections``:
+    ``model``, ``diffusion``, ``train``, ``finetune`` and ``conditional``."""
+    model_cfg, diffusion, tcfg, finetune, cond = sections
     digest = file_digest(data_path)
-    lora = finetune and lora_spec(ws.path(ws.BASE_MODEL), finetune.rank, finetune.alpha)
+    recipe, runner = retraining_recipe(finetune, cond, ws)
 
     def job(name, keep):
         return make_job(
             name, data_path, keep, tcfg.seed, model_cfg, diffusion, tcfg, out_dir, digest,
-            lora=lora,
+            **recipe,
         )  # fmt: skip
 
-    return job, run_lora_stack if lora else run_stack
+    return job, runner
 
 
 def run(config: Config, ws: Workspace) -> StageResult:
     """Train the removal models and the reference (resumable), measure their loss on the samples."""
     cfcfg, mscfg = config.counterfactual, config.measure
     data_path = ws.path(ws.TRAIN_SET)
-    N, Qc = len(ImageDataset.load(data_path)), cfcfg.num_queries
-    queries = torch.load(ws.path(ws.SAMPLES), weights_only=True)["images"][:Qc]
+    ds = ImageDataset.load(data_path)
+    N, Qc = len(ds), cfcfg.num_queries
+    samples = torch.load(ws.path(ws.SAMPLES), weights_only=True)
+    queries, labels = samples["images"][:Qc], sample_labels(samples, slice(0, Qc))
     scores = ScoreSet.load(ws.path(ws.INFLUENCE_SCORES)) | ScoreSet.load(
         ws.path(ws.BASELINE_SCORES)
     )
@@ -189,9 +227,8 @@ def run(config: Config, ws: Workspace) -> StageResult:
     }
     tcfg = config.train  # the full model's procedure, steps and seed (App. G.6)
     out_dir = ws.folder("outputs/counterfactual/models")
-    job, runner = _job_maker(
-        config.model, config.diffusion, tcfg, config.finetune, ws, data_path, out_dir
-    )
+    sections = (config.model, config.diffusion, tcfg, config.finetune, config.conditional)
+    job, runner = _job_maker(sections, ws, data_path, out_dir)
     jobs, removed = removal_jobs(
         job, chosen, cfcfg.methods, cfcfg.fractions, cfcfg.seed, num_train=N, num_queries=Qc
     )
@@ -220,6 +257,7 @@ def run(config: Config, ws: Workspace) -> StageResult:
         prune=True,
         stale_dir=ws.stale_dir("counterfactual"),
         folder=ws.folder(".cache/jobs/counterfactual-measure"),
+        labels=labels,
     )
     seconds = time.perf_counter() - start
     ref = values["full"]["loss"]
@@ -236,6 +274,14 @@ def run(config: Config, ws: Workspace) -> StageResult:
         "mean_change": {f"{m}@{f:g}": round(float(v), 4) for (f, m), v in means.items()},
         "reference_loss_mean": round(float(ref.mean()), 4),
     }
+    classes, class_kind = sample_classes(samples, ds)
+    first = next(iter(chosen.values()))
+    shares, chance = class_agreement(chosen, classes, ds.labels, cfcfg.fractions)
+    metrics["same_class_share"] = {
+        f"{r.method}@{r.fraction:g}": {"mean": round(r["mean"], 4), "stderr": round(r.stderr, 4)}
+        for _, r in shares.iterrows()
+    }
+    metrics["same_class_chance"] = round(chance, 4)
     methods = list(cfcfg.methods)
     result = None
     if "kfac" in methods and len(set(methods) & {"trak", "d-trak"}):
@@ -263,6 +309,7 @@ def run(config: Config, ws: Workspace) -> StageResult:
         + "; ".join(parts)
         + ". Random removal sets the noise floor of this comparison "
         "(the same seed, but a different training set, changes the training trajectory). "
+        + _class_sentence(shares, chance, class_kind, len(classes))
         + (
             f"{result['evidence']}: the claim of Fig. 3 (K-FAC's top influences matter more) **{result['verdict']}** "
             f"here, with only {Qc} samples (see the dots)."
@@ -281,8 +328,33 @@ def run(config: Config, ws: Workspace) -> StageResult:
             "methods": methods,
             "fractions": list(cfcfg.fractions),
             "num_queries": Qc,
+            # Fig. class_influences shows K-FAC's top influences (the first method's without it)
+            "classes": (samples["images"], classes, ds, chosen.get("kfac", first)[1]),
+            "shares": (shares, chance),
         },
         summary=summary,
+    )
+
+
+def _class_sentence(shares: pd.DataFrame, chance: float, kind: str, num_samples: int) -> str:
+    """The summary's sentence on the class of the top influences."""
+    parts = [
+        f"{LABELS.get(r.method, r.method)} {r['mean']:.0%} (top {r.fraction:.0%})"
+        for _, r in shares.iterrows()
+    ]
+    return (
+        f"The share of a sample's top influences in its class ({kind}; all {num_samples} samples, "
+        f"chance {chance:.0%}): " + ", ".join(parts) + ". "
+    )
+
+
+def fig_class_influences(result: StageResult) -> plt.Figure:
+    """For the first sample of each class, its top positive and negative K-FAC influences;
+    each method's share of same-class top influences against chance."""
+    queries, classes, ds, scores = result.data["classes"]
+    shares, chance = result.data["shares"]
+    return class_influences(
+        queries, classes, ds.images, ds.labels, scores, shares, chance, labels=LABELS
     )
 
 

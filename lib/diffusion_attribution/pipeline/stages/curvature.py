@@ -15,7 +15,7 @@ import torch
 
 from diffusion_attribution.core.config import Config
 from diffusion_attribution.diffusion.datasets import ImageDataset
-from diffusion_attribution.diffusion.lora import load_attributed
+from diffusion_attribution.pipeline.attributed import attributed_model
 from diffusion_attribution.pipeline.shards.curvature import sharded_curvatures
 from diffusion_attribution.pipeline.stages import StageResult
 from diffusion_attribution.pipeline.workspace import Workspace
@@ -33,7 +33,7 @@ def run(config: Config, ws: Workspace) -> StageResult:
     ccfg = config.curvature
     damping = config.influence.damping
     ds = ImageDataset.load(ws.path(ws.TRAIN_SET))
-    net, params = load_attributed(ws.path(ws.MODEL), ws.lora_model(), device=ws.device)
+    net, params = attributed_model(ws)
     print(
         f"{len(ds)} examples x {ccfg.num_draws} draws = {len(ds) * ccfg.num_draws} rows; "
         f"{sum(p.numel() for p in params):,} parameters in {len(params)} tensors"

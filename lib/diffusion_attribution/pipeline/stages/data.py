@@ -43,6 +43,9 @@ def run(config: Config, ws: Workspace) -> StageResult:
             f"images of classes {list(finetune.base_classes)}."
         )
         print(f"base model's set: {len(base)} images of classes {list(finetune.base_classes)}")
+    if config.conditional is not None:  # class by class: the K-FAC fit binds one class per run
+        ds = ds.subset(torch.argsort(ds.labels, stable=True))
+        base_note = " Sorted by class, for the class-conditional model."
     ds.save(ws.out(ws.TRAIN_SET))
     counts = {
         name: int((ds.labels == label).sum())

@@ -19,9 +19,8 @@ from diffusion_attribution.attribution.scores import ScoreKey, ScoreSet
 from diffusion_attribution.core.config import Config
 from diffusion_attribution.core.sections import MAIN_VARIANT, main_variant
 from diffusion_attribution.diffusion.datasets import ImageDataset, pixel_levels
-from diffusion_attribution.diffusion.lora import load_attributed
 from diffusion_attribution.evaluation import claims
-from diffusion_attribution.pipeline.attributed import measurements_of
+from diffusion_attribution.pipeline.attributed import attributed_model, measurements_of
 from diffusion_attribution.pipeline.figures import plot_top_influences
 from diffusion_attribution.pipeline.schedule import schedule_of
 from diffusion_attribution.pipeline.shards.influence import sharded_attribute
@@ -103,7 +102,7 @@ def run(config: Config, ws: Workspace) -> StageResult:
     """Compute and save every K-FAC score matrix; Fig. 6's agreement and the int8 claim."""
     ccfg, icfg = config.curvature, config.influence
     ds = ImageDataset.load(ws.path(ws.TRAIN_SET))
-    net, params = load_attributed(ws.path(ws.MODEL), ws.lora_model(), device=ws.device)
+    net, params = attributed_model(ws)
     queries = torch.load(ws.path(ws.SAMPLES), weights_only=True)["images"]
     schedule = schedule_of(config.diffusion)
     measurements = measurements_of(

@@ -29,6 +29,7 @@ from diffusion_attribution.evaluation.ground_truth import (
     stack,
 )
 from diffusion_attribution.evaluation.lds import lds_upper_bound, seed_reproducibility
+from diffusion_attribution.pipeline.attributed import sample_labels
 from diffusion_attribution.pipeline.schedule import schedule_of
 from diffusion_attribution.pipeline.stages import StageResult
 from diffusion_attribution.pipeline.workspace import Workspace
@@ -107,6 +108,7 @@ def run(config: Config, ws: Workspace) -> StageResult:
     start = time.perf_counter()
     cache = ws.folder("outputs/measure/cache")
     common = dict(trajectories=trajectories, batch_size=mcfg.batch_size)
+    common["labels"] = sample_labels(samples, slice(0, Q))
     results = measure_models(
         models,
         measurements,

@@ -43,7 +43,6 @@ from diffusion_attribution.core.config import Config
 from diffusion_attribution.curvature.fit import fit_kfac
 from diffusion_attribution.diffusion.datasets import ImageDataset
 from diffusion_attribution.diffusion.ddpm import NoiseSchedule
-from diffusion_attribution.diffusion.lora import load_attributed
 from diffusion_attribution.diffusion.measurements import DiffusionLoss, SquareNorm
 from diffusion_attribution.diffusion.unet import kfac_parameters
 from diffusion_attribution.evaluation import claims
@@ -53,6 +52,7 @@ from diffusion_attribution.evaluation.budget import (
     budget_metrics,
     extremes_difference,
 )
+from diffusion_attribution.pipeline.attributed import attributed_model
 from diffusion_attribution.pipeline.schedule import schedule_of
 from diffusion_attribution.pipeline.stages import StageResult
 from diffusion_attribution.pipeline.workspace import Workspace, write_json
@@ -332,7 +332,7 @@ def run(config: Config, ws: Workspace) -> StageResult:
     measured, masks = gt["subsets"]["loss"], gt["masks"]
     Q = measured.shape[0]
     ds = ImageDataset.load(ws.path(ws.TRAIN_SET))
-    net, params = load_attributed(ws.path(ws.MODEL), ws.lora_model(), device=ws.device)
+    net, params = attributed_model(ws)
     queries = torch.load(ws.path(ws.SAMPLES), weights_only=True)["images"][:Q]
     schedule = schedule_of(config.diffusion)
     folder = ws.folder("outputs/protocol")

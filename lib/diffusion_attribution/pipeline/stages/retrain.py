@@ -22,15 +22,14 @@ from diffusion_attribution.core.config import Config
 from diffusion_attribution.core.io import atomic_save
 from diffusion_attribution.diffusion.datasets import ImageDataset
 from diffusion_attribution.evaluation.lds import subset_masks
-from diffusion_attribution.evaluation.lora_retraining import lora_spec, run_lora_stack
 from diffusion_attribution.evaluation.retraining import (
     prune,
     reference_jobs,
     run_jobs,
-    run_stack,
     stack_jobs,
     subset_jobs,
 )
+from diffusion_attribution.pipeline.attributed import retraining_recipe
 from diffusion_attribution.pipeline.stages import StageResult
 from diffusion_attribution.pipeline.workspace import Workspace
 
@@ -56,11 +55,11 @@ def run(config: Config, ws: Workspace) -> StageResult:
     masks = subset_masks(n, rcfg.num_subsets, rcfg.fraction, rcfg.seed)
     subset_train = tcfg.model_copy(update={"steps": rcfg.steps})
     out_dir = ws.folder("outputs/retrain/models")
-    finetune = config.finetune  # LoRA: re-run only the fine-tuning, from the shared base
-    lora = finetune and lora_spec(ws.path(ws.BASE_MODEL), finetune.rank, finetune.alpha)
+    # LoRA re-runs only the fine-tuning from the shared base; a conditional profile its model
+    recipe, runner = retraining_recipe(config.finetune, config.conditional, ws)
     jobs = subset_jobs(
         data_path, masks, rcfg.seeds, config.model, config.diffusion, subset_train, out_dir,
-        lora=lora,
+        **recipe,
     )  # fmt: skip
     indep = subset_jobs(
         data_path,
@@ -71,12 +70,13 @@ def run(config: Config, ws: Workspace) -> StageResult:
         subset_train,
         out_dir,
         shared=False,
-        lora=lora,
+        **recipe,
     )
     ref_steps = reference_steps(rcfg.steps, rcfg.fraction)
     refs = reference_jobs(
-        data_path, n, rcfg.seeds, ref_steps, config.model, config.diffusion, tcfg, out_dir, lora
-    )
+        data_path, n, rcfg.seeds, ref_steps, config.model, config.diffusion, tcfg, out_dir,
+        **recipe,
+    )  # fmt: skip
     # trained in stacks of rcfg.stack_size (part of each model's name); the same order
     planned = iter(stack_jobs([job for row in jobs + indep for job in row] + refs, rcfg.stack_size))
     jobs = [[next(planned) for _ in row] for row in jobs]
@@ -100,7 +100,7 @@ def run(config: Config, ws: Workspace) -> StageResult:
     run_jobs(
         flat,
         folder=str(ws.folder(".cache/submitit/retrain")),
-        runner=run_lora_stack if lora else run_stack,
+        runner=runner,
     )
     seconds = time.perf_counter() - start
     trained = len(flat) - existing

@@ -6,6 +6,8 @@ seeded; resumes from its last checkpoint when interrupted.
 
 from __future__ import annotations
 
+import functools
+
 import matplotlib.pyplot as plt
 import pandas as pd
 import torch
@@ -13,7 +15,14 @@ import torch
 from diffusion_attribution.core.config import Config
 from diffusion_attribution.core.identity import code_digest
 from diffusion_attribution.core.io import atomic_write_text
-from diffusion_attribution.diffusion import lora
+from diffusion_attribution.diffusion import conditional, lora
+from diffusion_attribution.diffusion.conditional import (
+    build_conditional,
+    num_classes,
+    per_class,
+    save_conditional,
+    train_conditional,
+)
 from diffusion_attribution.diffusion.datasets import ImageDataset
 from diffusion_attribution.diffusion.ddpm import diffusion_loss, draw_noise
 from diffusion_attribution.diffusion.lora import (
@@ -71,12 +80,20 @@ def run(config: Config, ws: Workspace) -> StageResult:
     ds = ImageDataset.load(ws.path(ws.TRAIN_SET))
     shape = tuple(ds.images.shape[1:])
     schedule = schedule_of(config.diffusion)
-    net = build_model(config.model, shape)
+    k = num_classes(ds)
+    net = (
+        build_conditional(config.model, shape, k)
+        if config.conditional
+        else build_model(config.model, shape)
+    )
     n_kfac = sum(p.numel() for p in kfac_parameters(net))
     print(
         f"U-Net: {num_parameters(net):,} parameters, {n_kfac:,} in Linear/Conv2d layers (covered by K-FAC)"
     )
-    if config.finetune is None:
+    if config.conditional is not None:
+        sections = (config.model, config.diffusion, config.train, config.conditional)
+        result, extra, note = _train_conditional(*sections, ws, ds, schedule)
+    elif config.finetune is None:
         checkpoint = ws.out(
             f".cache/checkpoints/train-{fingerprint(config.model, config.diffusion, config.train, ds.images)}.pt"
         )
@@ -104,8 +121,16 @@ def run(config: Config, ws: Workspace) -> StageResult:
         n_eval, EVAL_DRAWS, shape, schedule.num_timesteps, seed=EVAL_SEED
     )
     eval_images = ds.images[:n_eval]
-    loss_ema = _train_set_loss(result.ema_model, schedule, eval_images, t_draws, eps_draws)
-    loss_raw = _train_set_loss(result.model, schedule, eval_images, t_draws, eps_draws)
+
+    def train_set_loss(model):
+        if config.conditional is None:
+            return _train_set_loss(model, schedule, eval_images, t_draws, eps_draws)
+        return per_class(  # each image's loss given its class
+            model, ds.labels[:n_eval],
+            lambda ids: _train_set_loss(model, schedule, eval_images[ids], t_draws[ids], eps_draws[ids]),
+        )  # fmt: skip
+
+    loss_ema, loss_raw = train_set_loss(result.ema_model), train_set_loss(result.model)
     metrics = {
         "steps": steps,
         "seconds": round(result.seconds, 1),
@@ -181,6 +206,30 @@ def _train_lora(model_cfg, diffusion, train_cfg, finetune, ws: Workspace, images
         "trainable LoRA weights, which are the parameters attributed."
     )
     return result, extra, note
+
+
+def _train_conditional(
+    model_cfg, diffusion, train_cfg, cc, ws: Workspace, ds: ImageDataset, schedule
+):
+    """The class-conditional model with condition dropout (``cc``, the ``conditional``
+    section) on the training set and its classes; saves its EMA weights as the ``MODEL``.
+    Returns the result, its metrics and a sentence."""
+    shape, k = tuple(ds.images.shape[1:]), num_classes(ds)
+    recipe = code_digest(conditional)  # a checkpoint of other training code is never resumed
+    parts = (model_cfg, diffusion, train_cfg, cc, ds.images, ds.labels, recipe)
+    checkpoint = ws.out(f".cache/checkpoints/conditional-{fingerprint(*parts)}.pt")
+    result = train_conditional(
+        functools.partial(build_conditional, model_cfg, shape, k), ds.images, ds.labels,
+        schedule, train_cfg, cc.p_uncond, checkpoint_path=checkpoint, device=ws.device,
+    )  # fmt: skip
+    save_conditional(ws.out(ws.MODEL), result.ema_model, model_cfg, shape)
+    checkpoint.unlink()
+    note = (
+        f" The model is class-conditional (class ids 0..{k - 1} and the null class; each image's class "
+        f"dropped to the null class with probability {cc.p_uncond:g}, for classifier-free "
+        "guidance); the losses above are each image's given its class."
+    )
+    return result, {"num_classes": k, "p_uncond": cc.p_uncond}, note
 
 
 def fig_training_curve(result: StageResult) -> plt.Figure:
