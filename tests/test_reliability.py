@@ -156,6 +156,18 @@ CASES = [
         "finetune",
         "set data.dataset: digits10 (got digits2)",
     ),
+    Case(
+        "unknown-conditional",
+        setting("conditional", {"p_uncond": 0.1, "guidance": 1.0, "guidanse": 1.0}),
+        "conditional.guidanse",
+        "p_uncond, guidance",
+    ),
+    Case(
+        "conditional-with-the-budget-study",
+        setting("conditional", {"p_uncond": 0.1, "guidance": 1.0}),
+        "conditional",
+        "set protocol.fit_draws and protocol.projection_dims to []",
+    ),
     # incomplete files
     Case("missing-section", dropping("measure"), "measure", "missing section"),
     Case("missing-key", dropping("train.seed"), "train.seed", "the default is 0"),

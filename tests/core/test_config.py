@@ -15,7 +15,7 @@ from diffusion_attribution.core.config import (
     load_config,
     parse_config,
 )
-from diffusion_attribution.core.sections import FinetuneConfig
+from diffusion_attribution.core.sections import ConditionalConfig, FinetuneConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 PROFILES = sorted((ROOT / "configs").glob("*.yaml"))
@@ -42,13 +42,31 @@ def test_profiles_exist_and_spell_out_every_key():
     names = {p.stem for p in PROFILES}
     assert {"smoke", "digits10", "cifar2", "cifar10"} <= names
     full = keys(Config().model_dump())
-    tuned = keys(FinetuneConfig().model_dump(), "finetune.")  # an optional section's keys
+    tuned = keys(FinetuneConfig().model_dump(), "finetune.")  # the optional sections' keys
+    cond = keys(ConditionalConfig().model_dump(), "conditional.")
     for p in PROFILES:
         raw = yaml.safe_load(p.read_text())
         expected = full | (tuned if raw.get("finetune") is not None else set())
+        expected |= cond if raw.get("conditional") is not None else set()
         assert keys(raw) == expected, f"{p.name} must list every key of params.yaml"
         load_config(p)
-    assert {"digits-lora", "smoke-lora"} <= names
+    assert {"digits-lora", "smoke-lora", "digits10-cond", "smoke-cond"} <= names
+
+
+def test_conditional_errors_name_their_keys():
+    """The conditional section: not with LoRA, not with the (unconditional) budget study; its
+    values in range; ``conditional: null`` is the unconditional model."""
+    raw = yaml.safe_load((ROOT / "configs" / "smoke-cond.yaml").read_text())
+    assert load_config(ROOT / "params.yaml").conditional is None
+    lora = yaml.safe_load((ROOT / "configs" / "smoke-lora.yaml").read_text())["finetune"]
+    for change, message in [
+        ({"finetune": lora, "data": {**raw["data"], "dataset": "digits10"}}, "conditional: not with finetune"),
+        ({"protocol": {"fit_draws": [2], "projection_dims": []}}, "conditional: the protocol's budget study"),
+        ({"conditional": {**raw["conditional"], "p_uncond": 1.0}}, "conditional.p_uncond"),
+        ({"conditional": {**raw["conditional"], "guidance": -1}}, "conditional.guidance"),
+    ]:  # fmt: skip
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            parse_config({**raw, **change})
 
 
 def test_finetune_errors_name_their_keys():

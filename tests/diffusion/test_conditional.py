@@ -14,9 +14,16 @@ import copy
 import pytest
 import torch
 
+from diffusion_attribution.attribution.influence import (
+    precondition_queries,
+    score_columns,
+    train_gradient_scale,
+)
+from diffusion_attribution.attribution.scores import ScoreKey
 from diffusion_attribution.core.sections import ModelConfig, TrainConfig
 from diffusion_attribution.curvature.fit import fit_kfac
 from diffusion_attribution.curvature.hooks import correction_sums
+from diffusion_attribution.curvature.kfac import DenseCurvature
 from diffusion_attribution.curvature.partial_sums import apply_corrections
 from diffusion_attribution.diffusion import conditional
 from diffusion_attribution.diffusion.conditional import ConditionalUNet, bound, guided
@@ -25,6 +32,7 @@ from diffusion_attribution.diffusion.gradients import flatten_params, gradient_m
 from diffusion_attribution.diffusion.measurements import make_measurement
 from diffusion_attribution.diffusion.training import build_model, save_model
 from diffusion_attribution.diffusion.unet import kfac_parameters
+from diffusion_attribution.evaluation.ground_truth import cache_settings, measure, measure_by_class
 from tests.curvature.oracles import assert_blocks_equal, rel_fro
 from tests.helpers import TINY_4X4
 
@@ -222,3 +230,76 @@ def test_save_and_load_round_trip_and_name_an_unconditional_file(tmp_path, net):
     assert not conditional.is_conditional(plain)
     with pytest.raises(ValueError, match="unconditional"):
         conditional.load_conditional(plain)
+
+
+def _bound_gradient(net, params, meas, x, draws, c, scale=1.0):
+    """grad of one example's measurement with the model bound to its class c (autograd)."""
+    with bound(net, c):
+        value = scale * meas(net, x[None], {k: v[None] for k, v in draws.items()})[0]
+    grads = torch.autograd.grad(value, params, allow_unused=True, materialize_grads=True)
+    return flatten_params(grads)
+
+
+def test_influence_with_classes_equals_brute_force_given_each_images_class(net):
+    """precondition_queries / score_columns with labels == (1/N) G_q (H + lambda)^{-1} G_t^T
+    with every gradient taken given its image's class (a dense PSD H stands in)."""
+    params = kfac_parameters(net)
+    g = torch.Generator().manual_seed(6)
+    x0 = torch.randn(N, 1, 4, 4, generator=g, dtype=torch.float64)
+    queries = torch.randn(3, 1, 4, 4, generator=g, dtype=torch.float64)
+    q_labels = torch.tensor([1, 0, 2])
+    P = sum(p.numel() for p in params)
+    A = torch.randn(P, P, generator=g, dtype=torch.float64) / P
+    H, lam = A @ A.T, 1e-2
+    loss = make_measurement("loss", SCHEDULE)
+    spec = ScoreKey("kfac", "loss", "dense", lam, "none")
+    pre = precondition_queries(
+        net, params, queries, {"loss": loss}, {"dense": DenseCurvature(H)}, [spec],
+        query_draws=4, seed=0, batch_size=2, query_labels=q_labels,
+    )  # fmt: skip
+    scores = score_columns(
+        net, params, x0, pre, train_measurement=loss, train_draws=S, seed=0, batch_size=4,
+        train_labels=LABELS,
+    )[spec]  # fmt: skip
+    td = loss.draw(x0, torch.arange(N), S, seed=0)
+    qd = loss.draw(queries, torch.arange(3), 4, seed=1)
+    scale = train_gradient_scale(16)
+    Gt = torch.stack(
+        [
+            _bound_gradient(net, params, loss, x0[j], {k: v[j] for k, v in td.items()}, int(LABELS[j]), scale)
+            for j in range(N)
+        ]
+    )  # fmt: skip
+    Gq = torch.stack(
+        [
+            _bound_gradient(net, params, loss, queries[q], {k: v[q] for k, v in qd.items()}, int(q_labels[q]))
+            for q in range(3)
+        ]
+    )  # fmt: skip
+    expected = Gq @ torch.linalg.inv(H + lam * torch.eye(P, dtype=torch.float64)) @ Gt.T / N
+    torch.testing.assert_close(
+        scores.double(), expected, rtol=1e-4, atol=1e-6 * float(expected.abs().max())
+    )
+
+
+def test_ground_truth_by_class_measures_each_query_given_its_class(net, tmp_path):
+    """measure_by_class == measure of each class's queries with the model bound to it; the
+    cache of measure_models keys the classes (other labels: measured again) and an
+    unconditional call's settings do not change."""
+    queries = torch.randn(
+        4, 1, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(8)
+    )
+    labels = torch.tensor([2, 0, 2, 1])
+    measurements = {"loss": make_measurement("loss", SCHEDULE)}
+    got = measure_by_class(net, measurements, queries, labels, {"loss": 5}, seed=3)
+    for c in (0, 1, 2):
+        ids = torch.nonzero(labels == c).flatten()
+        with bound(net, c):
+            alone = measure(net, measurements, queries[ids], {"loss": 5}, seed=3)
+        torch.testing.assert_close(got["loss"][ids], alone["loss"], rtol=0, atol=0)
+    args = (measurements, queries.float(), {"loss": 5}, 3)
+    plain = cache_settings(*args)
+    assert set(plain) == {"measurements", "draws", "seed", "batch", "queries", "trajectories"}
+    with_labels = cache_settings(*args, labels=labels)
+    assert with_labels["labels"] != cache_settings(*args, labels=labels.flip(0))["labels"]
+    assert {k: with_labels[k] for k in plain} == plain

@@ -7,6 +7,7 @@ import torch
 
 from diffusion_attribution.attribution.scores import ScoreKey
 from diffusion_attribution.evaluation.lds import (
+    class_share,
     heldout_damping,
     lds,
     lds_table,
@@ -16,6 +17,7 @@ from diffusion_attribution.evaluation.lds import (
     proxy_sign,
     random_removal_sets,
     retraining_proxy,
+    same_class_share,
     seed_reproducibility,
     spearman_brown,
     subset_masks,
@@ -199,3 +201,15 @@ def test_heldout_damping_never_uses_the_evaluation_fold():
     assert r2.heldout.mean < r2.best_of_sweep.mean
     with pytest.raises(ValueError, match="4 subsets"):
         heldout_damping(scores, measured[:, :3], masks[:3])
+
+
+def test_same_class_share_counts_the_top_fraction_by_hand():
+    scores = torch.tensor([[5.0, 4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0, 5.0]])
+    train = torch.tensor([0, 0, 1, 1, 1])
+    classes = torch.tensor([0, 0])
+    # top 40% = 2 examples: query 0 -> ids 0, 1 (both class 0); query 1 -> ids 4, 3 (none)
+    share = same_class_share(scores, classes, train, 0.4)
+    torch.testing.assert_close(share, torch.tensor([1.0, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(
+        class_share(classes, train), torch.tensor([0.4, 0.4], dtype=torch.float64)
+    )

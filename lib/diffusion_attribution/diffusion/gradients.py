@@ -249,8 +249,11 @@ def per_example_gradients(
     draws). ``dtype`` (e.g. ``torch.float64``) casts the model state, ``x0`` and the floating
     draws for the computation. The model's device is used; results stay there. ``method``:
     see the module docstring. ``labels`` (N,): the class of each example, for a
-    :class:`~diffusion_attribution.diffusion.conditional.ConditionalUNet` -- each batch is
-    split by class and each part's gradients are taken with the model bound to its class.
+    :class:`~diffusion_attribution.diffusion.conditional.ConditionalUNet`; each example's
+    gradient is taken with the model bound to its class. Sorted labels (a class-sorted
+    training set) stream as above, each batch split by class; unsorted ones (samples that
+    cycle through the classes) are computed class by class in full batches and yielded in
+    order from a buffer of all N rows.
     """
     n = x0.shape[0]
     if labels is not None and tuple(labels.shape) != (n,):
@@ -323,7 +326,27 @@ def per_example_gradients(
                     out[ids_d] = flat(group_gradients(xb, rows, ids_d), len(ids), xb).detach()
             yield rows, out
 
+    def by_class() -> Iterator[tuple[slice, Tensor]]:
+        out = None
+        for c, ids in class_groups(labels):
+            part = {k: v[ids] for k, v in draws.items()}
+            kw = dict(batch_size=batch_size, draw_chunk=draw_chunk, scale=scale, dtype=dtype)
+            with bound(model, c):
+                for sl, g in per_example_gradients(
+                    model, params, measurement, x0[ids], part, method=method, **kw
+                ):
+                    if out is None:
+                        out = g.new_empty(n, g.shape[1])
+                    out[ids[sl].to(out.device)] = g
+        for start in tqdm(
+            range(0, n, batch_size), desc="gradients", disable=not progress, mininterval=5
+        ):
+            rows = slice(start, min(start + batch_size, n))
+            yield rows, out[rows]
+
     # Arguments are checked at the call; the work runs only as the caller iterates.
+    if labels is not None and bool((labels[1:] < labels[:-1]).any()):
+        return by_class()
     return batches()
 
 
