@@ -83,22 +83,26 @@ def test_the_class_enters_through_the_time_embedding_and_must_be_given(net, data
     assert kfac_parameters(net)[-1] is net.class_in.weight  # K-FAC covers the embedding
 
 
+@pytest.mark.parametrize("order", ["unsorted", "sorted"])  # buffered by class / streamed
 @pytest.mark.parametrize("method", ["hooks", "vmap"])
 @pytest.mark.parametrize("name", ["loss", "elbo", "square_norm"])
-def test_gradients_with_labels_equal_a_loop_with_each_examples_class(net, data, method, name):
+def test_gradients_with_labels_equal_a_loop_with_each_examples_class(
+    net, data, method, name, order
+):
     x0 = data[0]
+    labels = LABELS if order == "unsorted" else LABELS.sort().values
     meas = make_measurement(name, SCHEDULE, **({"levels": 17} if name == "elbo" else {}))
     draws = meas.draw(x0, torch.arange(N), S, seed=2)
     params = kfac_parameters(net)
     rows = []
     for n in range(N):
-        with bound(net, int(LABELS[n])):
+        with bound(net, int(labels[n])):
             one = {k: v[n : n + 1] for k, v in draws.items()}
             value = meas(net, x0[n : n + 1], one)[0]
         grads = torch.autograd.grad(value, params, allow_unused=True, materialize_grads=True)
         rows.append(flatten_params(grads))
     expected = torch.stack(rows)
-    got = gradient_matrix(net, params, meas, x0, draws, labels=LABELS, batch_size=4, method=method)
+    got = gradient_matrix(net, params, meas, x0, draws, labels=labels, batch_size=4, method=method)
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
     # the class matters: the same examples all taken as class 0 give other gradients
     other = gradient_matrix(net, params, meas, x0, draws, labels=torch.zeros(N, dtype=torch.int64))
