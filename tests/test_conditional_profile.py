@@ -101,7 +101,7 @@ def test_the_class_figure_the_evaluation_and_the_claims_table(cond_run):
     _, ws, results = cond_run
     metrics = json.loads(ws.path("metrics/counterfactual.json").read_text())
     shares = metrics["same_class_share"]
-    assert {"kfac@0.1", "trak@0.1", "das@0.1"} <= set(shares)
+    assert {"kfac@0.1", "trak@0.1", "das@0.1", "retraining@0.1"} <= set(shares)
     assert all(0 <= v["mean"] <= 1 for v in shares.values())
     assert 0 < metrics["same_class_chance"] < 1
     fig = counterfactual.fig_class_influences(results["counterfactual"])

@@ -17,6 +17,7 @@ from diffusion_attribution.evaluation.lds import (
     proxy_sign,
     random_removal_sets,
     retraining_proxy,
+    retraining_scores,
     same_class_share,
     seed_reproducibility,
     spearman_brown,
@@ -213,3 +214,12 @@ def test_same_class_share_counts_the_top_fraction_by_hand():
     torch.testing.assert_close(
         class_share(classes, train), torch.tensor([0.4, 0.4], dtype=torch.float64)
     )
+
+
+def test_retraining_scores_are_the_difference_in_means_by_hand():
+    # 4 subsets of 3 examples; example 2 is in every subset (scores 0)
+    masks = torch.tensor([[1, 0, 1], [0, 1, 1], [1, 1, 1], [0, 0, 1]], dtype=torch.bool)
+    measured = torch.tensor([[1.0, 2.0, 3.0, 6.0]])
+    # example 0: without it {2, 6} -> 4, with it {1, 3} -> 2: +2; example 1: {1, 6} 3.5 - {2, 3} 2.5
+    expected = torch.tensor([[2.0, 1.0, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(retraining_scores(masks, measured), expected)

@@ -33,6 +33,7 @@ from diffusion_attribution.evaluation.ground_truth import measure_models
 from diffusion_attribution.evaluation.lds import (
     class_share,
     random_removal_sets,
+    retraining_scores,
     same_class_share,
     top_removal_sets,
 )
@@ -57,6 +58,7 @@ INPUTS = (
     "outputs/influence",
     "outputs/baselines",
     "outputs/evaluate",
+    "outputs/measure",
 )
 OUTS = ("outputs/counterfactual",)
 PERSIST = ("outputs/counterfactual",)
@@ -71,6 +73,7 @@ LABELS = {
     "journey-trak": "Journey-TRAK*",
     "feature_cos": "U-Net feature cosine",
     "random": "random (control)",
+    "retraining": "exact retraining (LDS subsets)",
 }
 
 
@@ -122,15 +125,19 @@ def sample_classes(samples: dict, ds: ImageDataset) -> tuple[torch.Tensor, str]:
 
 
 def class_agreement(
-    chosen: dict, classes: torch.Tensor, train_labels: torch.Tensor, fractions: tuple[float, ...]
+    scores: dict[str, torch.Tensor],
+    classes: torch.Tensor,
+    train_labels: torch.Tensor,
+    fractions: tuple[float, ...],
 ) -> tuple[pd.DataFrame, float]:
-    """Per method and fraction: the mean (and standard error over samples) share of a sample's
-    top influences in its class (:func:`~diffusion_attribution.evaluation.lds.same_class_share`,
-    every sample); and the chance level, the training set's mean share of a sample's class."""
+    """Per method (``scores``: method -> (Q, N)) and fraction: the mean (and standard error
+    over samples) share of a sample's top influences in its class ``classes`` (Q,)
+    (:func:`~diffusion_attribution.evaluation.lds.same_class_share`); and the chance level,
+    the training set's mean share of a sample's class."""
     rows = []
-    for method, (_, scores) in chosen.items():
+    for method, s in scores.items():
         for frac in fractions:
-            share = same_class_share(scores, classes, train_labels, frac)
+            share = same_class_share(s, classes, train_labels, frac)
             se = float(share.std() / len(share) ** 0.5) if len(share) > 1 else float("nan")
             rows.append(
                 {"method": method, "fraction": frac, "mean": float(share.mean()), "stderr": se}
@@ -276,7 +283,12 @@ def run(config: Config, ws: Workspace) -> StageResult:
     }
     classes, class_kind = sample_classes(samples, ds)
     first = next(iter(chosen.values()))
-    shares, chance = class_agreement(chosen, classes, ds.labels, cfcfg.fractions)
+    # on the samples with a ground truth, beside exact retraining read off the LDS subsets
+    gt = torch.load(ws.path(ws.GROUND_TRUTH), weights_only=True)
+    qm = gt["subsets"]["loss"].shape[0]
+    by_method = {m: s[:qm] for m, (_, s) in chosen.items()}
+    by_method["retraining"] = retraining_scores(gt["masks"], gt["subsets"]["loss"].mean(2))
+    shares, chance = class_agreement(by_method, classes[:qm], ds.labels, cfcfg.fractions)
     metrics["same_class_share"] = {
         f"{r.method}@{r.fraction:g}": {"mean": round(r["mean"], 4), "stderr": round(r.stderr, 4)}
         for _, r in shares.iterrows()
@@ -309,7 +321,7 @@ def run(config: Config, ws: Workspace) -> StageResult:
         + "; ".join(parts)
         + ". Random removal sets the noise floor of this comparison "
         "(the same seed, but a different training set, changes the training trajectory). "
-        + _class_sentence(shares, chance, class_kind, len(classes))
+        + _class_sentence(shares, chance, class_kind, qm)
         + (
             f"{result['evidence']}: the claim of Fig. 3 (K-FAC's top influences matter more) **{result['verdict']}** "
             f"here, with only {Qc} samples (see the dots)."
@@ -329,7 +341,12 @@ def run(config: Config, ws: Workspace) -> StageResult:
             "fractions": list(cfcfg.fractions),
             "num_queries": Qc,
             # Fig. class_influences shows K-FAC's top influences (the first method's without it)
-            "classes": (samples["images"], classes, ds, chosen.get("kfac", first)[1]),
+            "classes": (
+                samples["images"][:qm],
+                classes[:qm],
+                ds,
+                chosen.get("kfac", first)[1][:qm],
+            ),
             "shares": (shares, chance),
         },
         summary=summary,
@@ -343,8 +360,11 @@ def _class_sentence(shares: pd.DataFrame, chance: float, kind: str, num_samples:
         for _, r in shares.iterrows()
     ]
     return (
-        f"The share of a sample's top influences in its class ({kind}; all {num_samples} samples, "
-        f"chance {chance:.0%}): " + ", ".join(parts) + ". "
+        f"The share of a sample's top influences in its class ({kind}; the {num_samples} samples "
+        f"with a ground truth, chance {chance:.0%}; exact retraining: the difference in the mean "
+        "loss of the LDS subset models trained without and with each example): "
+        + ", ".join(parts)
+        + ". "
     )
 
 
