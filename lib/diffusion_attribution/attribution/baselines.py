@@ -116,11 +116,8 @@ def baseline_scores(
 
     ``train`` (method -> (N, k) features, e.g. from
     :func:`diffusion_attribution.pipeline.shards.features.sharded_train_features`) skips the
-    training features' computation; they must be what
-    :func:`~diffusion_attribution.attribution.trak.train_features` gives for these arguments.
-
-    ``train_labels`` (N,) and ``query_labels`` (Q,): the classes, for a class-conditional
-    model; every gradient, residual and feature of an image is then taken given its class.
+    training features' computation; they must be what :func:`~.trak.train_features` gives for
+    these arguments. ``train_labels`` (N,), ``query_labels`` (Q,): the classes, if conditional.
 
     Returns a :class:`~diffusion_attribution.attribution.scores.ScoreSet` with
     ``meta = {"mean_eigenvalue": {"trak": ..., "d-trak": ..., "das": ...}, "seconds": {"gradients": ...,
@@ -171,8 +168,8 @@ def baseline_scores(
         )
     scores |= _similarity_matrices(query, train["trak"], queries, train_images, query_measurements)
     if feature_module is not None:
-        labels = None if train_labels is None else torch.cat([query_labels, train_labels])
-        scores |= _feature_matrix(model, queries, train_images, feature_module, labels)
+        both = None if train_labels is None else torch.cat([query_labels, train_labels])
+        scores |= _feature_matrix(model, queries, train_images, feature_module, both)
     synchronize(device)
     timings["scoring"] = time.perf_counter() - start
     return ScoreSet(scores, {"mean_eigenvalue": eigenvalues, "seconds": timings})

@@ -326,28 +326,30 @@ def per_example_gradients(
                     out[ids_d] = flat(group_gradients(xb, rows, ids_d), len(ids), xb).detach()
             yield rows, out
 
-    def by_class() -> Iterator[tuple[slice, Tensor]]:
-        out = None
-        for c, ids in class_groups(labels):
-            part = {k: v[ids] for k, v in draws.items()}
-            kw = dict(batch_size=batch_size, draw_chunk=draw_chunk, scale=scale, dtype=dtype)
-            with bound(model, c):
-                for sl, g in per_example_gradients(
-                    model, params, measurement, x0[ids], part, method=method, **kw
-                ):
-                    if out is None:
-                        out = g.new_empty(n, g.shape[1])
-                    out[ids[sl].to(out.device)] = g
-        for start in tqdm(
-            range(0, n, batch_size), desc="gradients", disable=not progress, mininterval=5
-        ):
-            rows = slice(start, min(start + batch_size, n))
-            yield rows, out[rows]
-
     # Arguments are checked at the call; the work runs only as the caller iterates.
     if labels is not None and bool((labels[1:] < labels[:-1]).any()):
-        return by_class()
+        kw = dict(batch_size=batch_size, draw_chunk=draw_chunk, scale=scale, dtype=dtype)
+        return _by_class(model, params, measurement, x0, draws, labels, method, kw, progress)
     return batches()
+
+
+def _by_class(model, params, measurement, x0, draws, labels, method, kw, progress):
+    """:func:`per_example_gradients` of unsorted ``labels``: each class's examples in full
+    batches with the model bound to it, then all N rows yielded in order from a buffer."""
+    n, out = x0.shape[0], None
+    for c, ids in class_groups(labels):
+        part = {k: v[ids] for k, v in draws.items()}
+        with bound(model, c):
+            for sl, g in per_example_gradients(
+                model, params, measurement, x0[ids], part, method=method, **kw
+            ):
+                if out is None:
+                    out = g.new_empty(n, g.shape[1])
+                out[ids[sl].to(out.device)] = g
+    size = kw["batch_size"]
+    for start in tqdm(range(0, n, size), desc="gradients", disable=not progress, mininterval=5):
+        rows = slice(start, min(start + size, n))
+        yield rows, out[rows]
 
 
 def gradient_matrix(

@@ -217,13 +217,11 @@ def run(config: Config, ws: Workspace) -> StageResult:
     """Train the removal models and the reference (resumable), measure their loss on the samples."""
     cfcfg, mscfg = config.counterfactual, config.measure
     data_path = ws.path(ws.TRAIN_SET)
-    ds = ImageDataset.load(data_path)
+    ds, samples = ImageDataset.load(data_path), torch.load(ws.path(ws.SAMPLES), weights_only=True)
     N, Qc = len(ds), cfcfg.num_queries
-    samples = torch.load(ws.path(ws.SAMPLES), weights_only=True)
     queries, labels = samples["images"][:Qc], sample_labels(samples, slice(0, Qc))
-    scores = ScoreSet.load(ws.path(ws.INFLUENCE_SCORES)) | ScoreSet.load(
-        ws.path(ws.BASELINE_SCORES)
-    )
+    scores = ScoreSet.load(ws.path(ws.INFLUENCE_SCORES))
+    scores |= ScoreSet.load(ws.path(ws.BASELINE_SCORES))
     chosen = {
         m: scores.one(**q)
         for m, q in chosen_keys(
@@ -281,19 +279,9 @@ def run(config: Config, ws: Workspace) -> StageResult:
         "mean_change": {f"{m}@{f:g}": round(float(v), 4) for (f, m), v in means.items()},
         "reference_loss_mean": round(float(ref.mean()), 4),
     }
-    classes, class_kind = sample_classes(samples, ds)
-    first = next(iter(chosen.values()))
-    # on the samples with a ground truth, beside exact retraining read off the LDS subsets
-    gt = torch.load(ws.path(ws.GROUND_TRUTH), weights_only=True)
-    qm = gt["subsets"]["loss"].shape[0]
-    by_method = {m: s[:qm] for m, (_, s) in chosen.items()}
-    by_method["retraining"] = retraining_scores(gt["masks"], gt["subsets"]["loss"].mean(2))
-    shares, chance = class_agreement(by_method, classes[:qm], ds.labels, cfcfg.fractions)
-    metrics["same_class_share"] = {
-        f"{r.method}@{r.fraction:g}": {"mean": round(r["mean"], 4), "stderr": round(r.stderr, 4)}
-        for _, r in shares.iterrows()
-    }
-    metrics["same_class_chance"] = round(chance, 4)
+    by_class = _class_shares(ws, samples, ds, chosen, cfcfg.fractions)
+    shares, chance, (class_kind, qm) = by_class["shares"], by_class["chance"], by_class["kind"]
+    metrics |= by_class["metrics"]
     methods = list(cfcfg.methods)
     result = None
     if "kfac" in methods and len(set(methods) & {"trak", "d-trak"}):
@@ -340,17 +328,36 @@ def run(config: Config, ws: Workspace) -> StageResult:
             "methods": methods,
             "fractions": list(cfcfg.fractions),
             "num_queries": Qc,
-            # Fig. class_influences shows K-FAC's top influences (the first method's without it)
-            "classes": (
-                samples["images"][:qm],
-                classes[:qm],
-                ds,
-                chosen.get("kfac", first)[1][:qm],
-            ),
+            "classes": by_class["figure"],
             "shares": (shares, chance),
         },
         summary=summary,
     )
+
+
+def _class_shares(ws: Workspace, samples: dict, ds: ImageDataset, chosen: dict, fractions) -> dict:
+    """Each method's same-class shares (and exact retraining's, read off the LDS subsets) on
+    the samples with a ground truth: ``shares``, ``chance``, ``kind`` (what a sample's class
+    is, how many samples) and the class figure's inputs (K-FAC's top influences, or the first
+    method's without K-FAC)."""
+    classes, kind = sample_classes(samples, ds)
+    gt = torch.load(ws.path(ws.GROUND_TRUTH), weights_only=True)
+    qm = gt["subsets"]["loss"].shape[0]
+    by_method = {m: s[:qm] for m, (_, s) in chosen.items()}
+    by_method["retraining"] = retraining_scores(gt["masks"], gt["subsets"]["loss"].mean(2))
+    shares, chance = class_agreement(by_method, classes[:qm], ds.labels, fractions)
+    shown = chosen.get("kfac", next(iter(chosen.values())))[1][:qm]
+    table = {
+        f"{r.method}@{r.fraction:g}": {"mean": round(r["mean"], 4), "stderr": round(r.stderr, 4)}
+        for _, r in shares.iterrows()
+    }
+    return {
+        "metrics": {"same_class_share": table, "same_class_chance": round(chance, 4)},
+        "shares": shares,
+        "chance": chance,
+        "kind": (kind, qm),
+        "figure": (samples["images"][:qm], classes[:qm], ds, shown),
+    }
 
 
 def _class_sentence(shares: pd.DataFrame, chance: float, kind: str, num_samples: int) -> str:
