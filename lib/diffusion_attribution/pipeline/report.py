@@ -170,6 +170,13 @@ FIGURES: dict[str, Figure] = {
         "Change of the sample's loss after retraining without the top influences of each "
         "method; bars: mean over samples, dots: the samples.",
     ),
+    "class_influences.png": Figure(
+        "Classes (beyond the paper)",
+        "Left: for the first sample of each class, its top positive and negative K-FAC "
+        "influences, each titled with its class (green: the sample's). Right: each method's "
+        "share of a sample's top 2% / 10% in the sample's class, and exact retraining's "
+        "(read off the LDS subsets), against chance.",
+    ),
 }
 
 CAVEAT = (
