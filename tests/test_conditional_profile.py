@@ -88,7 +88,7 @@ def test_retrained_models_are_conditional_and_measured_given_the_class(cond_run)
         pixel_levels("digits2"),
         config.influence.timesteps,
     )
-    draws = {k: config.measure.draws for k in ("loss",)}
+    draws = {"loss": config.measure.draws}
     again = measure_by_class(
         load_conditional(ws.path(ws.MODEL)), {"loss": m["loss"]}, samples["images"][:q],
         samples["labels"][:q], draws, config.measure.seed,
