@@ -69,8 +69,7 @@ from diffusion_attribution.curvature.partial_sums import (
 from diffusion_attribution.curvature.patch_covariance import (
     fast_path_applies,
     gram,
-    patch_covariance,
-    patch_sums,
+    input_covariance,
 )
 from diffusion_attribution.curvature.rows import check_draws, fitting_mode, noisy_rows
 from diffusion_attribution.diffusion.conditional import bound, class_runs
@@ -183,10 +182,10 @@ def _model_dtype_device(params: Sequence[Tensor]) -> tuple[torch.dtype, torch.de
 
 def _input_covariance(module: nn.Module, x: Tensor, expand: bool) -> tuple[Tensor, Tensor]:
     """``(cols @ cols.T, cols.sum(1))`` of the layer's input columns; for a stride-1 conv
-    under expand without forming the patches
-    (:mod:`~diffusion_attribution.curvature.patch_covariance`, about 3x fewer flops)."""
-    if expand and isinstance(module, nn.Conv2d) and fast_path_applies(module, x):
-        return patch_covariance(module, x), patch_sums(module, x)
+    under expand from products of input positions, without forming the patches
+    (:mod:`~diffusion_attribution.curvature.patch_covariance`)."""
+    if expand and isinstance(module, nn.Conv2d) and fast_path_applies(module):
+        return input_covariance(module, x)
     cols = input_columns(module, x, expand)
     return gram(cols), cols.sum(1)
 
