@@ -17,7 +17,14 @@ rows (512, the curvature stage's ``curvature.batch_size``), ms per call (best of
 Each row also prints the largest difference of the chosen factor from the patch matrix's,
 relative to its largest entry. The last line sums each column over the layers.
 
-    python benchmarks/bench_patch_covariance.py            # about 30 s
+Then a fit row's parts, in ms per row, on the K-FAC anchor workload's shape (360 images, 8
+draws each, as in ``bench_kronfluence.py``; random images and an untrained model, which do not
+change the cost): the factor sums (``hooks.factor_sums``, MC Fisher, expand), the forward and
+backward passes they make (forward with the hooks, one backward to the layer outputs), and
+the eigendecompositions (``partial_sums.to_kfac``, float64). The input factors are the
+convolutions' share, summed above, plus the Linear layers'.
+
+    python benchmarks/bench_patch_covariance.py            # about a minute
     python benchmarks/bench_patch_covariance.py --threads 2
 """
 
@@ -33,7 +40,9 @@ from torch import Tensor, nn
 from torch.nn.grad import conv2d_weight
 
 from diffusion_attribution.core.sections import ModelConfig
-from diffusion_attribution.curvature.layers import input_columns
+from diffusion_attribution.curvature.hooks import factor_sums
+from diffusion_attribution.curvature.layers import capture, input_columns, owning_layers
+from diffusion_attribution.curvature.partial_sums import to_kfac
 from diffusion_attribution.curvature.patch_covariance import (
     displacement_covariance,
     fast_path_applies,
@@ -41,7 +50,9 @@ from diffusion_attribution.curvature.patch_covariance import (
     input_covariance,
     position_gram_covariance,
 )
+from diffusion_attribution.diffusion.ddpm import NoiseSchedule
 from diffusion_attribution.diffusion.training import build_model
+from diffusion_attribution.diffusion.unet import kfac_parameters
 
 SHAPE = (1, 8, 8)
 
@@ -161,6 +172,37 @@ def main() -> None:
     print(
         f"chosen vs bands: {totals['bands'] / totals['chosen']:.2f}x faster; "
         f"vs the patch matrix {totals['patch matrix'] / totals['chosen']:.2f}x"
+    )
+    print(fit_split(model_cfg, args.batch, args.repeats))
+
+
+def fit_split(model_cfg: ModelConfig, batch: int, repeats: int, n: int = 360, s: int = 8) -> str:
+    """ms per row of the factor sums, of their passes alone, and of the decomposition."""
+    net = build_model(model_cfg, SHAPE)
+    params = kfac_parameters(net)
+    schedule = NoiseSchedule.linear(1000)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(n, *SHAPE, generator=g) * 2 - 1
+    t = torch.randint(1, 1001, (n, s), generator=g)
+    eps = torch.randn(n, s, *SHAPE, generator=g)
+    rows = n * s
+    sums = factor_sums(net, params, schedule, x0, t, eps, batch_size=batch)
+    fit = best_ms(lambda: factor_sums(net, params, schedule, x0, t, eps, batch_size=batch), repeats)
+    layers = owning_layers(net, params)
+    xt, tt = torch.randn(batch, *SHAPE, generator=g), torch.randint(1, 1001, (batch,), generator=g)
+
+    def passes():
+        with capture(layers) as seen:
+            f = net(xt, tt).flatten(1)
+        outs = [seen[ly.name][1] for ly in layers]
+        torch.autograd.grad(f, outs, torch.randn_like(f))
+
+    pass_ms = best_ms(passes, repeats) / batch
+    decompose = best_ms(lambda: to_kfac(sums), max(1, repeats // 2)) / rows
+    return (
+        f"fit row ({rows} rows, batch {batch}, {torch.get_num_threads()} threads): factor sums "
+        f"{fit / rows:.3f} ms, of which the passes {pass_ms:.3f} ms; eigendecompositions "
+        f"{decompose:.3f} ms per row; fit row {fit / rows + decompose:.3f} ms"
     )
 
 
