@@ -20,13 +20,20 @@ Printed per loop: ms per model-step, the speed-up over the previous loop, and th
 arithmetic floor -- FLOPs of one forward + backward (``torch.utils.flop_counter``) divided by
 this machine's one-thread float32 GEMM rate (a 1024^3 ``torch.mm``, best of 5).
 
+With ``--workers W`` every loop runs in W processes at once, one thread each, started together
+(the retraining stages run two such workers on the two cores); the times are the workers'
+mean, and the GEMM rate is measured the same way (W products at once), so the floor is the
+one a worker has while the others run.
+
     python benchmarks/bench_training.py                 # about 2 minutes on one core
     python benchmarks/bench_training.py --stacks 1 4 8 16 --steps 80
+    python benchmarks/bench_training.py --workers 2     # as the retraining stages run
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
 import time
 
 import torch
@@ -102,6 +109,52 @@ def stacked_loop(model_cfg, images, schedule, cfg: TrainConfig, steps: int, m: i
     return time.perf_counter() - start
 
 
+def _setup(path: str):
+    params = yaml.safe_load(open(path))
+    model_cfg = ModelConfig(**params["model"])
+    cfg = TrainConfig(**{**params["train"], "steps": 1000, "warmup_steps": 10})
+    schedule = NoiseSchedule.linear(
+        **{k: params["diffusion"][k] for k in ("num_timesteps", "beta_start", "beta_end")}
+    )
+    images = torch.rand(357, *SHAPE, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    return model_cfg, images, schedule, cfg
+
+
+def timed(path: str, loop: str, steps: int, m: int) -> float:
+    """Seconds per model-step of one loop (``"previous"``, ``"stack"`` with ``m`` models, or
+    ``"gemm"``: seconds of one 1024^3 product), after a warm-up, on one thread."""
+    torch.set_num_threads(1)
+    if loop == "gemm":
+        return 2 * 1024**3 / gemm_rate()
+    model_cfg, images, schedule, cfg = _setup(path)
+    if loop == "previous":
+        previous_loop(model_cfg, images, schedule, cfg, 10)  # warm-up
+        return previous_loop(model_cfg, images, schedule, cfg, steps) / steps
+    stacked_loop(model_cfg, images, schedule, cfg, 5, m)  # warm-up
+    return stacked_loop(model_cfg, images, schedule, cfg, steps, m) / (steps * m)
+
+
+def _worker(barrier, queue, args) -> None:
+    torch.set_num_threads(1)
+    barrier.wait()  # every worker builds its inputs first, then all start at once
+    queue.put(timed(*args))
+
+
+def timed_together(workers: int, *args) -> float:
+    """:func:`timed` in ``workers`` processes at once (spawned, one thread each): their mean."""
+    if workers == 1:
+        return timed(*args)
+    ctx = mp.get_context("spawn")
+    barrier, queue = ctx.Barrier(workers), ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(barrier, queue, args)) for _ in range(workers)]
+    for proc in procs:
+        proc.start()
+    times = [queue.get() for _ in procs]
+    for proc in procs:
+        proc.join()
+    return sum(times) / len(times)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -109,34 +162,27 @@ def main() -> None:
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--steps", type=int, default=60, help="timed steps per loop")
     p.add_argument("--stacks", type=int, nargs="+", default=[1, 8])
+    p.add_argument(
+        "--workers", type=int, default=1, help="processes running each loop at once (1 thread each)"
+    )
     args = p.parse_args()
     torch.set_num_threads(1)
-    params = yaml.safe_load(open(args.params))
-    model_cfg = ModelConfig(**params["model"])
-    cfg = TrainConfig(**{**params["train"], "steps": 1000, "warmup_steps": 10})
-    schedule = NoiseSchedule.linear(
-        **{k: params["diffusion"][k] for k in ("num_timesteps", "beta_start", "beta_end")}
-    )
-    images = torch.rand(357, *SHAPE, generator=torch.Generator().manual_seed(0)) * 2 - 1
-
-    flops, rate = step_flops(model_cfg, cfg.batch_size), gemm_rate()
+    model_cfg, _, _, cfg = _setup(args.params)
+    w = args.workers
+    flops = step_flops(model_cfg, cfg.batch_size)
+    rate = 2 * 1024**3 / timed_together(w, args.params, "gemm", 0, 0)
     floor = flops / rate
     print(
-        f"one model-step: {flops / 1e9:.2f} GFLOP; at this core's one-thread GEMM rate "
-        f"({rate / 1e9:.0f} GFLOP/s) {floor * 1e3:.1f} ms (the floor)"
+        f"one model-step: {flops / 1e9:.2f} GFLOP; at a worker's one-thread GEMM rate "
+        f"({rate / 1e9:.0f} GFLOP/s, {w} worker(s) at once) {floor * 1e3:.1f} ms (the floor)"
     )
-    previous_loop(model_cfg, images, schedule, cfg, 10)  # warm-up
-    old = previous_loop(model_cfg, images, schedule, cfg, args.steps) / args.steps
+    old = timed_together(w, args.params, "previous", args.steps, 1)
     rows = [("previous loop", old)]
     for m in args.stacks:
-        stacked_loop(model_cfg, images, schedule, cfg, 5, m)  # warm-up
-        steps = args.steps
         rows.append(
-            (
-                f"train_stack, M = {m}",
-                stacked_loop(model_cfg, images, schedule, cfg, steps, m) / (steps * m),
-            )
+            (f"train_stack, M = {m}", timed_together(w, args.params, "stack", args.steps, m))
         )
+    print(f"{w} worker(s) at once, one thread each; mean over the workers")
     print(f"{'loop':24s} {'ms / model-step':>16s} {'speed-up':>9s} {'x floor':>8s}")
     for name, sec in rows:
         print(f"{name:24s} {sec * 1e3:16.2f} {old / sec:8.2f}x {sec / floor:7.1f}x")
