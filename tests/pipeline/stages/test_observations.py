@@ -27,6 +27,8 @@ def test_observations_counts_and_claims(world):
     )
     assert list(r.tables["fig11"].index) == ["l_t=10", "l_t=100"]
     assert r.metrics["fig11_upper_beats_diagonal"] == len(upper_beats_diagonal(r.tables["fig11"]))
+    k = len(r.tables["fig11"])  # l_t of k timesteps: k (k - 1) / 2 pairs t < t'
+    assert r.metrics["upper_pairs"] == k * (k - 1) // 2
     assert r.metrics["fig05"]["theta_full"] == pytest.approx(0.0, abs=1e-9)
     ids = [c["id"] for c in r.claims]
     assert ids == ["observation1", "observation2"]

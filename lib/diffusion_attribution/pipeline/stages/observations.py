@@ -133,6 +133,7 @@ def observations(
         "fig12_lds": fig12.round(4).to_dict(),
         "fig11_upper_beats_diagonal": len(upper),
         "fig12_upper_beats_diagonal": len(retrain_upper),
+        "upper_pairs": pairs_upper,  # the (t, t') pairs with t' > t: the claim's "of N pairs"
         "observation2": {k: {kk: round(vv, 4) for kk, vv in v.items()} for k, v in obs2.items()},
         "bootstrap_resamples": RESAMPLES,
         "observation1_advantage": {k: v.as_dict() for k, v in adv.items()},
