@@ -110,6 +110,7 @@ def stacked_loop(model_cfg, images, schedule, cfg: TrainConfig, steps: int, m: i
 
 
 def _setup(path: str):
+    """The model and training sections of ``path``, its noise schedule and the images."""
     params = yaml.safe_load(open(path))
     model_cfg = ModelConfig(**params["model"])
     cfg = TrainConfig(**{**params["train"], "steps": 1000, "warmup_steps": 10})
@@ -135,7 +136,6 @@ def timed(path: str, loop: str, steps: int, m: int) -> float:
 
 
 def _worker(barrier, queue, args) -> None:
-    torch.set_num_threads(1)
     barrier.wait()  # every worker builds its inputs first, then all start at once
     queue.put(timed(*args))
 
